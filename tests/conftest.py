@@ -1,0 +1,89 @@
+"""Tiny checkpoints built and saved locally by the tests, in the same formats as real Hub checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+IMAGE_SIZE = 32
+CORPUS = [
+    "a small red circle to the left of two blue squares",
+    "three green triangles above a large yellow star on a gray background",
+    "a purple square below an orange circle",
+    "one big white star next to a tiny black triangle",
+    "this is a photo of a circle",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from dclip.data.tokenizer import train_clip_tokenizer
+
+    return train_clip_tokenizer(CORPUS * 4, vocab_size=600, model_max_length=24)
+
+
+def tiny_clip_config_kwargs(tokenizer, projection_dim: int = 16) -> dict:
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=IMAGE_SIZE,
+        patch_size=8,
+    )
+    return dict(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tokenizer):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(**tiny_clip_config_kwargs(tokenizer))).eval()
+
+
+@pytest.fixture(scope="session")
+def image_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+@pytest.fixture(scope="session")
+def processor(image_processor, tokenizer):
+    from processing_dclip import DCLIPProcessor
+
+    return DCLIPProcessor(image_processor, tokenizer, max_regions=4, max_spans=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tiny_clip, tokenizer, image_processor):
+    """A CLIP checkpoint folder in the layout of `openai/clip-vit-base-patch32`: weights, config, processor."""
+    from transformers import CLIPProcessor
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    tiny_clip.save_pretrained(path)
+    CLIPProcessor(image_processor, tokenizer).save_pretrained(path)
+    return path
+
+
+def random_images(count: int, seed: int = 0, size: int = 48):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)) for _ in range(count)]

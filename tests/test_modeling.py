@@ -1,0 +1,193 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_images
+from transformers import CLIPModel, pipeline
+
+from configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
+from modeling_dclip import DCLIPModel, DCLIPTeacherModel
+
+
+@pytest.fixture(scope="module")
+def text_inputs(tokenizer):
+    return tokenizer(["two blue squares above a star", ""], padding=True, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def pixel_values():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
+
+
+def test_from_clip_to_clip_reproduces_embeddings(tiny_clip, text_inputs, pixel_values):
+    student = DCLIPModel.from_clip(tiny_clip, distillation_method="dclip").eval()
+    exported = student.to_clip().eval()
+    assert type(exported) is CLIPModel
+    assert student.config.distillation_method == "dclip"
+    with torch.no_grad():
+        source_image = tiny_clip.get_image_features(pixel_values).pooler_output
+        source_text = tiny_clip.get_text_features(**text_inputs).pooler_output
+        for model_image, model_text in (
+            (student.get_image_features(pixel_values), student.get_text_features(**text_inputs)),
+            (exported.get_image_features(pixel_values).pooler_output, exported.get_text_features(**text_inputs).pooler_output),
+        ):
+            assert isinstance(model_image, torch.Tensor) and model_image.shape == (2, 16)
+            torch.testing.assert_close(model_image, source_image, atol=1e-5, rtol=0)
+            torch.testing.assert_close(model_text, source_text, atol=1e-5, rtol=0)
+        source_out = tiny_clip(**text_inputs, pixel_values=pixel_values, return_loss=True)
+        student_out = student(**text_inputs, pixel_values=pixel_values, return_loss=True)
+    for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds", "loss"):
+        torch.testing.assert_close(getattr(student_out, name), getattr(source_out, name), atol=1e-5, rtol=0)
+
+
+def test_from_clip_loads_a_checkpoint_folder(tiny_clip_dir, tiny_clip):
+    student = DCLIPModel.from_clip(str(tiny_clip_dir))
+    assert student.config.base_model_name_or_path == str(tiny_clip_dir)
+    for name, tensor in tiny_clip.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], tensor, atol=0, rtol=0)
+
+
+def test_from_clip_rejects_other_types():
+    with pytest.raises(TypeError, match="checkpoint name, a path or a `CLIPModel`"):
+        DCLIPModel.from_clip(42)
+
+
+def test_fresh_student_initialises_like_clip(tokenizer):
+    from conftest import tiny_clip_config_kwargs
+
+    torch.manual_seed(0)
+    model = DCLIPModel(DCLIPConfig(**tiny_clip_config_kwargs(tokenizer)))
+    std = model.visual_projection.weight.std().item()
+    assert 0.5 * 32**-0.5 < std < 1.5 * 32**-0.5  # CLIP's projection init, not the generic std=1.0
+    assert model.logit_scale.item() == pytest.approx(2.6592)
+
+
+def test_zero_shot_pipeline_same_scores_as_export(tiny_clip, tokenizer, image_processor):
+    student = DCLIPModel.from_clip(tiny_clip).eval()
+    labels = ["circle", "square", "star"]
+    image = random_images(1)[0]
+    results = []
+    for model in (student, student.to_clip().eval()):
+        classifier = pipeline(
+            "zero-shot-image-classification", model=model, tokenizer=tokenizer, image_processor=image_processor
+        )
+        results.append({r["label"]: r["score"] for r in classifier(image, candidate_labels=labels)})
+    assert set(results[0]) == set(labels)
+    for label in labels:
+        assert results[0][label] == pytest.approx(results[1][label], abs=1e-6)
+
+
+# ----- the teacher ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_clip):
+    torch.manual_seed(0)
+    return DCLIPTeacherModel.from_clip(
+        tiny_clip, fusion_hidden_size=32, fusion_num_heads=4, fusion_num_layers=2, max_regions=4, max_spans=4,
+        num_negatives=-1, freeze_vision_tower=False,
+    )
+
+
+def mixed_batch(tokenizer, regions=4, spans=4):
+    """Three samples with 0, 1 and 3 regions, and 0, 1 and 3 spans, padded to `regions` / `spans` slots."""
+    torch.manual_seed(2)
+    region_counts, span_counts = (0, 1, 3), (0, 1, 3)
+    batch = {
+        **tokenizer(["a red circle", "a blue square", "two green stars and a circle"], padding=True, return_tensors="pt"),
+        "pixel_values": torch.randn(3, 3, 32, 32),
+        "region_pixel_values": torch.randn(3, regions, 3, 32, 32),
+        "region_boxes": torch.tensor([[0.1, 0.1, 0.5, 0.6]]).repeat(3, regions, 1),
+        "region_mask": torch.tensor([[i < n for i in range(regions)] for n in region_counts]),
+    }
+    span_ids = tokenizer(["a red circle", "two green stars", "a circle"], padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+    batch["span_input_ids"] = span_ids["input_ids"][None].repeat(3, 1, 1)[:, [0, 1, 2, 0][:spans]][:, :spans]
+    batch["span_attention_mask"] = span_ids["attention_mask"][None].repeat(3, 1, 1)[:, [0, 1, 2, 0][:spans]][:, :spans]
+    batch["span_mask"] = torch.tensor([[i < n for i in range(spans)] for n in span_counts])
+    return batch
+
+
+def test_teacher_mixed_regions_and_padding_invariance(teacher, tokenizer):
+    teacher.eval()
+    batch = mixed_batch(tokenizer, regions=4, spans=4)
+    with torch.no_grad():
+        out = teacher(**batch)
+        # more padding slots, filled with garbage: outputs must not move
+        padded = dict(batch)
+        extra = 3
+        padded["region_pixel_values"] = torch.cat([batch["region_pixel_values"], torch.randn(3, extra, 3, 32, 32)], 1)
+        padded["region_boxes"] = torch.cat([batch["region_boxes"], torch.rand(3, extra, 4)], 1)
+        padded["region_mask"] = torch.cat([batch["region_mask"], torch.zeros(3, extra, dtype=torch.bool)], 1)
+        teacher.config.max_regions = 7
+        try:
+            out_padded = teacher(**padded)
+        finally:
+            teacher.config.max_regions = 4
+    assert out.image_embeds.shape == (3, 16) and torch.isfinite(out.image_embeds).all()
+    torch.testing.assert_close(out_padded.image_embeds, out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_padded.text_embeds, out.text_embeds, atol=1e-5, rtol=0)
+    # zero regions and zero spans: the enriched embeddings are the global ones
+    torch.testing.assert_close(out.image_embeds[0], out.global_image_embeds[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.text_embeds[0], out.global_text_embeds[0], atol=1e-6, rtol=0)
+    # with regions the fusion changes the embedding
+    assert (out.image_embeds[2] - out.global_image_embeds[2]).abs().max() > 1e-4
+
+
+def test_teacher_without_any_region_inputs(teacher, tokenizer):
+    teacher.eval()
+    inputs = tokenizer(["a red circle", "a square"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = teacher(**inputs, pixel_values=torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(out.image_embeds, out.global_image_embeds, atol=1e-6, rtol=0)
+
+
+def test_teacher_gradients_reach_fusion_block(teacher, tokenizer):
+    teacher.train()
+    teacher.zero_grad()
+    out = teacher(**mixed_batch(tokenizer), return_loss=True)
+    out.loss.backward()
+    for name, parameter in teacher.named_parameters():
+        if name.startswith(("fusion_layers.", "image_input_projection", "text_input_projection", "box_embedding")):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    # the text tower is frozen by default, the vision tower was unfrozen for this teacher
+    assert all(p.grad is None for p in teacher.text_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.vision_model.parameters())
+    teacher.zero_grad()
+
+
+def test_teacher_loss_matches_naive_pairwise_loop(teacher, tokenizer):
+    """With num_negatives=-1 the loss is a cross-entropy over every pair, each pair fused on its own."""
+    teacher.eval()
+    batch = mixed_batch(tokenizer)
+    with torch.no_grad():
+        out = teacher(**batch, return_loss=True)
+        image_features, text_features = out.image_features, out.text_features
+        n = 3
+        scores = torch.zeros(n, n)
+        for i in range(n):
+            for j in range(n):
+                img, txt = teacher.fuse(image_features, text_features, torch.tensor([i]), torch.tensor([j]))
+                scores[i, j] = teacher.fusion_logit_scale.exp() * (img * txt).sum()
+        global_logits = teacher.logit_scale.exp() * out.global_text_embeds @ out.global_image_embeds.t()
+        targets = torch.arange(n)
+        expected = (F.cross_entropy(scores, targets) + F.cross_entropy(scores.t(), targets)) / 2
+        expected = expected + (F.cross_entropy(global_logits, targets) + F.cross_entropy(global_logits.t(), targets)) / 2
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pair_logits[:, 0], scores.diagonal(), atol=1e-5, rtol=0)
+
+
+def test_teacher_projects_into_student_space(tiny_clip, tokenizer):
+    teacher = DCLIPTeacherModel.from_clip(tiny_clip, embed_dim=24, fusion_hidden_size=32, fusion_num_heads=4).eval()
+    with torch.no_grad():
+        out = teacher(**mixed_batch(tokenizer))
+    assert out.image_embeds.shape == (3, 24) and out.text_embeds.shape == (3, 24)
+    torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_teacher_config_validation():
+    with pytest.raises(ValueError, match="multiple of `fusion_num_heads`"):
+        DCLIPTeacherConfig(fusion_hidden_size=30, fusion_num_heads=4)
+    with pytest.raises(ValueError, match="max_regions"):
+        DCLIPTeacherConfig(max_regions=0)
+    with pytest.raises(ValueError, match="distillation_method"):
+        DCLIPConfig(distillation_method="kd")
