@@ -1,0 +1,253 @@
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO_ROOT, random_images
+from processing_dclip import DCLIPProcessor, RegionExtractor, SpanExtractor, crop_region, to_rgb_image
+
+
+def pixels(processor, image):
+    return processor(images=image)["pixel_values"]
+
+
+# ----- images -------------------------------------------------------------------------------------------------
+
+
+def test_truncated_image_file_names_the_file(processor, tmp_path):
+    path = tmp_path / "broken.png"
+    random_images(1, size=64)[0].save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"images\[1\]: cannot decode image file '.*broken.png'"):
+        processor(images=[random_images(1)[0], str(path)])
+
+
+def test_missing_image_file_names_the_file(processor, tmp_path):
+    with pytest.raises(ValueError, match=r"images\[0\]: file '.*nope.jpg' does not exist"):
+        processor(images=[str(tmp_path / "nope.jpg")])
+
+
+def test_grayscale_image_is_replicated_to_rgb(processor):
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8), mode="L")
+    result = pixels(processor, gray)
+    assert result.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(result, pixels(processor, gray.convert("RGB")))
+    # the three channels carry the same gray values (up to the per-channel normalisation)
+    mean = torch.tensor(processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(processor.image_processor.image_std)[:, None, None]
+    raw = result[0] * std + mean
+    torch.testing.assert_close(raw[0], raw[1], atol=1e-5, rtol=0)
+
+
+def test_rgba_transparency_is_composited_on_white(processor):
+    transparent_red = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    opaque_red = Image.new("RGBA", (40, 40), (255, 0, 0, 255))
+    torch.testing.assert_close(pixels(processor, transparent_red), pixels(processor, Image.new("RGB", (40, 40), "white")))
+    torch.testing.assert_close(pixels(processor, opaque_red), pixels(processor, Image.new("RGB", (40, 40), (255, 0, 0))))
+
+
+def test_16_bit_image_is_scaled_not_clipped(processor, tmp_path):
+    values = np.random.default_rng(1).integers(0, 256, (40, 40)).astype(np.uint16)
+    sixteen = Image.fromarray(values * 257)  # full 16-bit range
+    path = tmp_path / "sixteen.png"
+    sixteen.save(path)
+    assert Image.open(path).mode.startswith("I")
+    expected = pixels(processor, Image.fromarray(values.astype(np.uint8), mode="L"))
+    torch.testing.assert_close(pixels(processor, str(path)), expected)
+    torch.testing.assert_close(pixels(processor, sixteen), expected)
+
+
+def test_one_pixel_image(processor):
+    tiny = Image.new("RGB", (1, 1), (10, 200, 30))
+    out = processor(images=tiny, return_regions=True)
+    assert out["pixel_values"].shape == (1, 3, 32, 32)
+    assert torch.isfinite(out["pixel_values"]).all()
+    assert out["region_mask"].tolist() == [[True]]
+    assert out["region_source"] == ["whole_image:no_detector"]
+
+
+def test_arrays_and_tensors_are_accepted(processor):
+    image = random_images(1)[0]
+    array = np.array(image)
+    expected = pixels(processor, image)
+    torch.testing.assert_close(pixels(processor, array), expected)
+    torch.testing.assert_close(pixels(processor, torch.from_numpy(array).permute(2, 0, 1)), expected)
+    with pytest.raises(ValueError, match=r"images\[0\]: expected an array of shape"):
+        processor(images=[np.zeros((6, 6, 5), dtype=np.uint8)])
+    with pytest.raises(TypeError, match=r"images\[0\]: expected a path"):
+        processor(images=[123])
+
+
+def test_to_rgb_image_rejects_empty_images():
+    with pytest.raises(ValueError, match="no pixels"):
+        to_rgb_image(Image.new("RGB", (0, 5)), "sample 7")
+
+
+# ----- captions -----------------------------------------------------------------------------------------------
+
+
+def test_empty_caption_gives_bos_eos_and_no_spans(processor, tokenizer):
+    out = processor(text=[""], return_spans=True)
+    assert out["input_ids"].tolist() == [[tokenizer.bos_token_id, tokenizer.eos_token_id]]
+    assert out["span_mask"].shape == (1, 0)
+
+
+def test_long_caption_is_truncated_with_a_warning(processor, tokenizer, caplog):
+    caption = ("a small red circle " * 600)[:10_000]
+    assert len(caption) == 10_000
+    with caplog.at_level(logging.WARNING):
+        out = processor(text=["a star", caption], return_spans=True)
+    limit = tokenizer.model_max_length
+    assert out["input_ids"].shape == (2, limit)
+    assert out["input_ids"][1, -1].item() == tokenizer.eos_token_id
+    assert "text[1] is longer than" in caplog.text
+    assert out["span_mask"].shape[1] <= processor.max_spans
+    assert out["span_input_ids"].shape[-1] <= processor.max_span_length
+
+
+def test_non_string_caption_is_named(processor):
+    with pytest.raises(TypeError, match=r"text\[1\] must be a string"):
+        processor(text=["ok", None])
+
+
+def test_spans_and_given_spans(processor, tokenizer):
+    out = processor(text=["a red circle above two squares", "a star"], spans=[["a red circle"], []])
+    assert out["span_mask"].tolist() == [[True], [False]]
+    expected = tokenizer("a red circle")["input_ids"]
+    assert out["span_input_ids"][0, 0, : len(expected)].tolist() == expected
+    with pytest.raises(ValueError, match="`spans` has 1 entries for 2 captions"):
+        processor(text=["a", "b"], spans=[["a"]])
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("A small red circle to the left of two blue squares.", ["a small red circle", "two blue squares"]),
+        ("three green triangles above a large yellow star on a gray background",
+         ["three green triangles", "a large yellow star", "a gray background"]),
+        ("There are two red squares and a blue circle", ["two red squares", "a blue circle"]),
+        ("a cat, next to the dog", ["a cat", "the dog"]),
+        ("", []),
+        ("the the the", []),
+    ],
+)
+def test_span_extractor(caption, expected):
+    assert SpanExtractor()(caption) == expected
+
+
+def test_span_extractor_limits_and_configuration():
+    assert SpanExtractor(max_spans=1)("a red circle and a blue star") == ["a red circle"]
+    assert SpanExtractor(boundaries=["beyond"])("a circle beyond a star") == ["a circle", "a star"]
+    assert SpanExtractor(boundaries=["beyond"])("a circle above a star") == ["a circle above a star"]
+
+
+# ----- regions ------------------------------------------------------------------------------------------------
+
+
+def test_given_boxes_are_cropped(processor):
+    image = random_images(1, size=64)[0]
+    boxes = [[[0.0, 0.0, 0.5, 0.5], [0.25, 0.5, 1.0, 1.0]]]
+    out = processor(images=[image], region_boxes=boxes)
+    assert out["region_source"] == ["given"]
+    assert out["region_mask"].tolist() == [[True, True]]
+    expected = pixels(processor, crop_region(image, np.array(boxes[0][1])))
+    torch.testing.assert_close(out["region_pixel_values"][0, 1], expected[0])
+    torch.testing.assert_close(out["region_boxes"][0], torch.tensor(boxes[0]))
+
+
+def test_mixed_region_counts_are_padded(processor):
+    images = random_images(3, size=40)
+    out = processor(images=images, region_boxes=[[], [[0, 0, 1, 1]], [[0, 0, 0.5, 0.5]] * 6])
+    assert out["region_mask"].sum(1).tolist() == [0, 1, processor.max_regions]
+    assert out["region_pixel_values"].shape == (3, processor.max_regions, 3, 32, 32)
+    assert out["region_pixel_values"][0].abs().sum() == 0
+
+
+def test_bad_boxes_are_named(processor):
+    with pytest.raises(ValueError, match=r"region_boxes\[0\] must be normalised"):
+        processor(images=random_images(1), region_boxes=[[[0.5, 0.5, 0.2, 0.9]]])
+
+
+class FakeBoxes:
+    def __init__(self, xyxy, conf):
+        self.xyxy, self.conf = torch.tensor(xyxy, dtype=torch.float32), torch.tensor(conf, dtype=torch.float32)
+        self.cls = torch.zeros(len(conf))
+
+
+class FakeDetector:
+    """Stands in for a YOLO model: returns fixed boxes (pixel coordinates) for each image."""
+
+    def __init__(self, per_image):
+        self.per_image, self.calls = per_image, []
+
+    def predict(self, images, **kwargs):
+        self.calls.append(kwargs)
+        return [SimpleNamespace(boxes=FakeBoxes(*boxes)) for boxes in self.per_image[: len(images)]]
+
+
+def test_region_extractor_filters_sorts_and_normalises():
+    extractor = RegionExtractor(detector_path="unused.pt", max_regions=2, min_region_size=0.1)
+    extractor._detector = FakeDetector([
+        ([[0, 0, 50, 25], [10, 10, 12, 12], [50, 50, 100, 100], [0, 0, 100, 100]], [0.5, 0.99, 0.9, 0.3]),
+        ([[1, 1, 3, 3]], [0.9]),  # too small: falls back to the whole image
+    ])
+    images = [Image.new("RGB", (100, 50)), Image.new("RGB", (100, 50))]
+    first, second = extractor(images)
+    assert first.source == "detector"
+    # the 2x2 box is dropped (< 10% of 50 px), then the two most confident remain
+    np.testing.assert_allclose(first.boxes, [[0.5, 1.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]])
+    np.testing.assert_allclose(first.scores, [0.9, 0.5])
+    assert second.source == "whole_image:no_detection"
+    np.testing.assert_allclose(second.boxes, [[0, 0, 1, 1]])
+    assert extractor._detector.calls[0]["max_det"] == 2
+
+
+def test_missing_detector_weights_are_named(processor):
+    broken = DCLIPProcessor(processor.image_processor, processor.tokenizer, detector_path="/no/such/yolo.pt")
+    with pytest.raises(FileNotFoundError, match="/no/such/yolo.pt"):
+        broken(images=random_images(1), return_regions=True)
+
+
+@pytest.fixture(scope="module")
+def untrained_yolo(tmp_path_factory):
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+
+    path = tmp_path_factory.mktemp("yolo") / "untrained.pt"
+    YOLO("yolov8n.yaml", task="detect").save(str(path))
+    return path
+
+
+def test_processor_with_yolo_saves_and_reloads_the_detector(processor, untrained_yolo, tmp_path):
+    with_detector = DCLIPProcessor(
+        processor.image_processor, processor.tokenizer, detector_path=str(untrained_yolo), max_regions=3,
+        detector_image_size=64,
+    )
+    out = with_detector(images=random_images(2, size=64), return_regions=True)
+    assert all(source in ("detector", "whole_image:no_detection") for source in out["region_source"])
+    assert out["region_mask"].sum(1).min() >= 1 and out["region_boxes"].max() <= 1
+    with_detector.save_pretrained(tmp_path)
+    assert (tmp_path / "detector.pt").read_bytes() == untrained_yolo.read_bytes()
+    assert with_detector.detector_path == str(untrained_yolo)  # saving does not change the live object
+    reloaded = DCLIPProcessor.from_pretrained(tmp_path)
+    assert reloaded.detector_path == str(tmp_path / "detector.pt")
+    again = reloaded(images=random_images(2, size=64), return_regions=True)
+    torch.testing.assert_close(again["region_boxes"], out["region_boxes"])
+
+
+def test_remote_code_imports_nothing_heavy():
+    code = (
+        "import sys, configuration_dclip, modeling_dclip, processing_dclip\n"
+        "heavy = [m for m in ('ultralytics', 'dclip', 'datasets', 'faiss', 'cv2') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
