@@ -1,0 +1,108 @@
+"""Train an ultralytics YOLO region detector on a data set with boxes, offline, and measure it."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+
+@dataclass
+class DetectorResult:
+    weights: str  # best weights (ultralytics .pt)
+    map50: float  # box mAP@0.5 on the validation split
+    map50_95: float
+    data_yaml: str
+
+
+def export_yolo_dataset(
+    splits: dict, output_dir: str | os.PathLike, class_names: list[str], class_column: str = "object_shapes",
+    max_samples: dict[str, int] | None = None,
+) -> str:
+    """
+    Write `{"train": Dataset, "val": Dataset}` (columns `image`, `boxes` normalised `x1, y1, x2, y2`, and
+    `class_column`) in the YOLO layout (`images/<split>/*.png`, `labels/<split>/*.txt`) plus `data.yaml`; return
+    the yaml's path. Already exported files are reused.
+    """
+    output_dir = Path(output_dir).resolve()
+    max_samples = max_samples or {}
+    for split, dataset in splits.items():
+        images_dir, labels_dir = output_dir / "images" / split, output_dir / "labels" / split
+        images_dir.mkdir(parents=True, exist_ok=True)
+        labels_dir.mkdir(parents=True, exist_ok=True)
+        count = min(len(dataset), max_samples.get(split, len(dataset)))
+        raw = dataset.select(range(count)).cast_column("image", type(dataset.features["image"])(decode=False))
+        for index, row in enumerate(tqdm(raw, total=count, desc=f"yolo export/{split}", unit="img")):
+            image_path, label_path = images_dir / f"{index:07d}.png", labels_dir / f"{index:07d}.txt"
+            if label_path.exists() and image_path.exists():
+                continue
+            data = row["image"]["bytes"] or Path(row["image"]["path"]).read_bytes()
+            if data[:8] == b"\x89PNG\r\n\x1a\n":
+                image_path.write_bytes(data)
+            else:
+                Image.open(io.BytesIO(data)).convert("RGB").save(image_path)
+            lines = []
+            for box, cls in zip(row["boxes"], row[class_column]):
+                x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in box)
+                lines.append(f"{int(cls)} {(x1 + x2) / 2:.6f} {(y1 + y2) / 2:.6f} {x2 - x1:.6f} {y2 - y1:.6f}")
+            label_path.write_text("\n".join(lines) + "\n")
+    yaml_path = output_dir / "data.yaml"
+    names = "\n".join(f"  {i}: {name}" for i, name in enumerate(class_names))
+    yaml_path.write_text(f"path: {output_dir}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return str(yaml_path)
+
+
+def train_detector(
+    data_yaml: str, output_dir: str | os.PathLike, model_config: str = "yolov8n.yaml", epochs: int = 10,
+    image_size: int = 64, batch_size: int = 64, device: str | None = None, workers: int = 2, seed: int = 0,
+    resume: bool = False, **train_kwargs,
+) -> DetectorResult:
+    """
+    Train YOLO built from `model_config` (a yaml: no weights are downloaded) on `data_yaml`. Offline settings:
+    `amp=False` (the AMP check downloads weights) and `plots=False` (plots download a font).
+    """
+    from ultralytics import YOLO
+
+    output_dir = Path(output_dir).resolve()
+    last = output_dir / "weights" / "last.pt"
+    if resume and last.is_file():
+        model = YOLO(str(last))
+        model.train(resume=True)
+    else:
+        model = YOLO(model_config, task="detect")
+        model.train(
+            data=data_yaml, epochs=epochs, imgsz=image_size, batch=batch_size, device=device or _auto_device(),
+            workers=workers, seed=seed, deterministic=True, amp=False, plots=False, project=str(output_dir.parent),
+            name=output_dir.name, exist_ok=True, verbose=False, **train_kwargs,
+        )
+    best = output_dir / "weights" / "best.pt"
+    metrics = YOLO(str(best)).val(
+        data=data_yaml, imgsz=image_size, batch=batch_size, device=device or _auto_device(), plots=False,
+        verbose=False, project=str(output_dir.parent), name=output_dir.name + "-val", exist_ok=True,
+    )
+    return DetectorResult(str(best), float(metrics.box.map50), float(metrics.box.map), data_yaml)
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def count_accuracy(region_extractor, dataset, batch_size: int = 64) -> float:
+    """Fraction of images on which the detector finds exactly `num_objects` regions."""
+    correct = 0
+    for start in tqdm(range(0, len(dataset), batch_size), desc="detector counts", unit="batch"):
+        rows = dataset[start : start + batch_size]
+        images = [image.convert("RGB") for image in rows["image"]]
+        found = region_extractor(images)
+        correct += sum(
+            int(regions.source == "detector" and len(regions.boxes) == expected)
+            for regions, expected in zip(found, rows["num_objects"])
+        )
+    return correct / max(len(dataset), 1)

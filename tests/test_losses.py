@@ -1,0 +1,95 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dclip.losses import ClipLoss, CosineDistillLoss
+
+
+def normalized(*shape, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
+def naive_clip_loss(images, texts, scale):
+    """Symmetric InfoNCE written out sample by sample."""
+    n = images.shape[0]
+    total = 0.0
+    for i in range(n):
+        image_row = [scale * float(images[i] @ texts[j]) for j in range(n)]
+        text_row = [scale * float(texts[i] @ images[j]) for j in range(n)]
+        for row in (image_row, text_row):
+            total += -row[i] + math.log(sum(math.exp(v) for v in row))
+    return total / (2 * n)
+
+
+def test_clip_loss_matches_naive_loop():
+    images, texts = normalized(6, 8, seed=1), normalized(6, 8, seed=2)
+    logit_scale = torch.tensor(math.log(10.0))
+    loss = ClipLoss()(images, texts, logit_scale)
+    assert loss.item() == pytest.approx(naive_clip_loss(images, texts, 10.0), rel=1e-5)
+
+
+def test_clip_loss_hand_computed_case():
+    # two orthogonal pairs, scale 1: each row is softmax over [1, 0] -> loss = log(1 + e^-1)
+    eye = torch.eye(2)
+    assert ClipLoss()(eye, eye, torch.tensor(0.0)).item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+
+
+def test_cosine_distill_loss_matches_formula_and_stops_teacher_gradient():
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    teacher = torch.tensor([[1.0, 1.0], [0.0, -1.0]], requires_grad=True)
+    loss = CosineDistillLoss()(student, teacher)
+    expected = ((1 - 1 / math.sqrt(2)) + (1 - (-1))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+def _distributed_worker(rank, world_size, store, queue):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    images, texts = normalized(8, 4, seed=1), normalized(8, 4, seed=2)
+    per_rank = 8 // world_size
+    results = {}
+    for name, loss_fn in (("global", ClipLoss()), ("local", ClipLoss(local_loss=True))):
+        local_images = images[rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_(True)
+        local_texts = texts[rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_(True)
+        loss = loss_fn(local_images, local_texts, torch.tensor(math.log(5.0)))
+        loss.backward()
+        results[name] = (loss.item(), local_images.grad.tolist())  # plain lists: no shared memory
+    queue.put((rank, results))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gather_with_gradients(tmp_path):
+    """2 gloo processes: same loss as one process over the global batch; gradients flow through the gather."""
+    world_size = 2
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    processes = [
+        context.Process(target=_distributed_worker, args=(rank, world_size, str(tmp_path / "store"), queue))
+        for rank in range(world_size)
+    ]
+    for process in processes:
+        process.start()
+    results = dict(queue.get() for _ in range(world_size))
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+
+    images = normalized(8, 4, seed=1).requires_grad_(True)
+    texts = normalized(8, 4, seed=2)
+    full = ClipLoss()(images, texts, torch.tensor(math.log(5.0)))
+    full.backward()
+    local_losses = []
+    for rank in range(world_size):
+        loss, grad = results[rank]["global"]
+        assert loss == pytest.approx(full.item(), rel=1e-5)
+        # every rank's loss reaches this rank's features through the gather: world_size x the one-process gradient
+        torch.testing.assert_close(torch.tensor(grad), world_size * images.grad[rank * 4 : (rank + 1) * 4], atol=1e-6, rtol=1e-5)
+        local_losses.append(results[rank]["local"][0])
+    # local losses (own rows against the global batch) average to the global loss
+    assert sum(local_losses) / world_size == pytest.approx(full.item(), rel=1e-5)
