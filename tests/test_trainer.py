@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+from conftest import random_images
+from dclip.trainer import DCLIPTrainer
+from modeling_dclip import DCLIPModel, DCLIPTeacherModel
+
+
+@pytest.fixture(scope="module")
+def student(tiny_clip):
+    return DCLIPModel.from_clip(tiny_clip)
+
+
+@pytest.fixture(scope="module")
+def batch(processor):
+    inputs = processor(text=["a red circle", "two blue squares", "a star", "a green triangle above a circle"],
+                       images=random_images(4, seed=7))
+    return dict(inputs)
+
+
+def make_trainer(student, tmp_path, **kwargs):
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, logging_steps=1)
+    return DCLIPTrainer(model=student, args=args, **kwargs)
+
+
+def test_hybrid_loss_is_the_weighted_sum_of_naive_terms(student, batch, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    teacher_images = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    teacher_texts = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    weights = {"contrastive": 0.7, "cosine_image": 1.3, "cosine_text": 0.4}
+    trainer = make_trainer(student, tmp_path, loss_weights=weights)
+    student.train()
+    loss = trainer.compute_loss(student, {**batch, "teacher_image_embeds": teacher_images, "teacher_text_embeds": teacher_texts})
+
+    with torch.no_grad():
+        out = student(**batch)
+    scale = student.logit_scale.exp().item()
+    n = 4
+    contrastive = 0.0
+    for i in range(n):
+        for own, other in ((out.image_embeds, out.text_embeds), (out.text_embeds, out.image_embeds)):
+            logits = [scale * float(own[i] @ other[j]) for j in range(n)]
+            contrastive += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    contrastive /= 2 * n
+    cos_image = sum(1 - float(F.cosine_similarity(out.image_embeds[i], teacher_images[i], dim=0)) for i in range(n)) / n
+    cos_text = sum(1 - float(F.cosine_similarity(out.text_embeds[i], teacher_texts[i], dim=0)) for i in range(n)) / n
+    expected = 0.7 * contrastive + 1.3 * cos_image + 0.4 * cos_text
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+    trainer.log({"loss": loss.item()})
+    logged = trainer.state.log_history[-1]
+    assert logged["loss_contrastive"] == pytest.approx(contrastive, rel=1e-4)
+    assert logged["loss_cosine_image"] == pytest.approx(cos_image, rel=1e-4)
+
+
+def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip, batch, tmp_path):
+    teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
+    with torch.no_grad():
+        targets = teacher(**batch)
+    weights = {"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0}
+    student.eval()
+    cached = make_trainer(student, tmp_path, loss_weights=weights).compute_loss(
+        student, {**batch, "teacher_image_embeds": targets.image_embeds, "teacher_text_embeds": targets.text_embeds}
+    )
+    online = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, batch)
+    assert online.item() == pytest.approx(cached.item(), rel=1e-6)
+
+
+def test_bad_loss_configuration_is_named(student, tmp_path):
+    with pytest.raises(ValueError, match="unknown loss terms \\['kl'\\]"):
+        make_trainer(student, tmp_path, loss_weights={"kl": 1.0})
+    with pytest.raises(ValueError, match="weight 0"):
+        make_trainer(student, tmp_path, loss_weights={"contrastive": 0.0})
+    trainer = make_trainer(student, tmp_path, loss_weights={"cosine_image": 1.0})
+    with pytest.raises(ValueError, match="teacher_image_embeds"):
+        trainer.compute_loss(student, {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 32, 32)})
