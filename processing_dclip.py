@@ -202,7 +202,9 @@ class RegionExtractor:
         whole = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
         if self.detector is None:
             return [Regions(whole, np.ones(1, np.float32), "whole_image:no_detector") for _ in images]
-        kwargs = {"conf": self.confidence_threshold, "iou": self.iou_threshold, "max_det": self.max_regions}
+        # class-agnostic NMS: a region is a region, whichever class the detector gives it
+        kwargs = {"conf": self.confidence_threshold, "iou": self.iou_threshold, "max_det": self.max_regions,
+                  "agnostic_nms": True}
         if self.detector_image_size:
             kwargs["imgsz"] = self.detector_image_size
         if self.device:

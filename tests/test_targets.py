@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+import torch
+from datasets import load_from_disk
+
+from dclip.data.collator import DCLIPCollator
+from dclip.data.scenes import SceneConfig, generate_scenes
+from dclip.targets import compute_teacher_targets, model_fingerprint, teacher_inputs
+from modeling_dclip import DCLIPTeacherModel
+
+
+@pytest.fixture(scope="module")
+def scenes_on_disk(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scenes")
+    generate_scenes(SceneConfig(num_train=6, num_validation=1, num_test=1, seed=2), num_proc=1)["train"].save_to_disk(path)
+    return load_from_disk(str(path))
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_clip):
+    torch.manual_seed(0)
+    model = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4, max_regions=4, max_spans=4)
+    with torch.no_grad():
+        model.image_output_projection.weight.normal_(std=0.2)
+    return model.eval()
+
+
+def test_targets_are_the_teachers_embeddings_and_cached(scenes_on_disk, teacher, processor):
+    with_targets = compute_teacher_targets(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
+    rows = scenes_on_disk[:6]
+    inputs = teacher_inputs(processor, rows)
+    assert inputs["region_mask"].sum(1).tolist() == [min(n, 4) for n in rows["num_objects"]]  # boxes from the data
+    with torch.no_grad():
+        expected = teacher(**inputs)
+    np.testing.assert_allclose(np.array(with_targets["teacher_image_embeds"]), expected.image_embeds.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.array(with_targets["teacher_text_embeds"]), expected.text_embeds.numpy(), atol=1e-5)
+
+    again = compute_teacher_targets(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
+    assert again._fingerprint == with_targets._fingerprint
+    assert again.cache_files == with_targets.cache_files  # read back from the Arrow cache
+
+
+def test_fingerprint_follows_the_weights(teacher):
+    before = model_fingerprint(teacher)
+    with torch.no_grad():
+        teacher.fusion_logit_scale.add_(1.0)
+    try:
+        assert model_fingerprint(teacher) != before
+    finally:
+        with torch.no_grad():
+            teacher.fusion_logit_scale.sub_(1.0)
+    assert model_fingerprint(teacher) == before
+
+
+def test_collator_batches_student_inputs_and_targets(scenes_on_disk, teacher, processor):
+    with_targets = compute_teacher_targets(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
+    rows = [with_targets[i] for i in range(3)]
+    batch = DCLIPCollator(processor)(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "teacher_image_embeds", "teacher_text_embeds"}
+    torch.testing.assert_close(batch["teacher_image_embeds"][1], torch.tensor(rows[1]["teacher_image_embeds"]))
+    online = DCLIPCollator(processor, with_teacher_inputs=True)(rows)
+    assert online["region_mask"].sum(1).tolist() == [min(r["num_objects"], 4) for r in rows]
+    assert online["span_mask"].sum(1).tolist() == [min(len(r["spans"]), 4) for r in rows]
