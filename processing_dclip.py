@@ -180,11 +180,10 @@ class RegionExtractor:
         self._detector = None
 
     def __deepcopy__(self, memo):
-        # The loaded detector is a cache, not state: copies reload it lazily.
-        return RegionExtractor(
-            self.detector_path, self.max_regions, self.confidence_threshold, self.iou_threshold,
-            self.min_region_size, self.detector_image_size, self.device,
-        )
+        # The loaded detector is a cache, not state: a copy reloads it lazily.
+        copy = RegionExtractor.__new__(RegionExtractor)
+        copy.__dict__.update({**self.__dict__, "_detector": None})
+        return copy
 
     @property
     def detector(self):
@@ -280,9 +279,7 @@ class DCLIPProcessor(ProcessorMixin):
         self.max_spans = max_spans
         self.max_span_length = max_span_length
         self.span_boundaries = list(span_boundaries) if span_boundaries is not None else None
-        self.region_extractor = RegionExtractor(
-            detector_path, max_regions, detector_confidence, detector_iou, min_region_size, detector_image_size
-        )
+        self.set_detector(detector_path)
         self.span_extractor = SpanExtractor(
             max_spans, tuple(span_boundaries) if span_boundaries is not None else DEFAULT_SPAN_BOUNDARIES
         )
