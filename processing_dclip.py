@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,7 +294,9 @@ class DCLIPProcessor(ProcessorMixin):
             if not os.path.isfile(original_path):
                 raise FileNotFoundError(f"Detector weights '{original_path}' not found; cannot save the processor.")
             if os.path.abspath(original_path) != os.path.abspath(target):
-                shutil.copyfile(original_path, target)
+                with open(original_path, "rb") as source, open(target, "wb") as destination:
+                    while chunk := source.read(1 << 20):
+                        destination.write(chunk)
             self.detector_path = DETECTOR_WEIGHTS_NAME  # stored relative to the folder
         try:
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
