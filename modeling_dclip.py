@@ -608,6 +608,13 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         image_embeds, text_embeds = self.fuse(image_features, text_features, image_index.reshape(-1), text_index.reshape(-1))
         return (self.fusion_logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).reshape(shape)
 
+    def _check_cached_features_allowed(self, frozen: bool, tower: str) -> None:
+        if self.training and not frozen:
+            raise ValueError(
+                f"precomputed {tower} features skip the {tower} tower, which this teacher trains "
+                f"(`freeze_{tower}_tower=False`): pass pixels/ids instead."
+            )
+
     def _candidates(self, similarity: torch.Tensor, num_negatives: int) -> torch.LongTensor:
         """For each row: its own index first, then its `num_negatives` most similar other columns."""
         batch = similarity.shape[0]
@@ -628,15 +635,42 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         span_input_ids: torch.LongTensor | None = None,
         span_attention_mask: torch.Tensor | None = None,
         span_mask: torch.BoolTensor | None = None,
+        image_global_features: torch.FloatTensor | None = None,
+        region_features: torch.FloatTensor | None = None,
+        text_global_features: torch.FloatTensor | None = None,
+        span_features: torch.FloatTensor | None = None,
         return_loss: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> DCLIPTeacherOutput | tuple:
-        """Enriched embeddings of each (image, own caption) pair; with `return_loss`, the teacher's training loss."""
-        if input_ids is None or pixel_values is None:
-            raise ValueError("DCLIPTeacherModel.forward needs both `input_ids` and `pixel_values`.")
-        image_features = self.encode_image_side(pixel_values, region_pixel_values, region_boxes, region_mask)
-        text_features = self.encode_text_side(input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask)
+        """
+        Enriched embeddings of each (image, own caption) pair; with `return_loss`, the teacher's training loss.
+
+        The towers' outputs may be given instead of pixels and ids (precomputed once while the towers are frozen):
+        `image_global_features (batch, projection_dim)` with `region_features (batch, regions, projection_dim)`,
+        `region_boxes` and `region_mask`; `text_global_features` with `span_features` and `span_mask`.
+        """
+        if image_global_features is not None:
+            self._check_cached_features_allowed(self.config.freeze_vision_tower, "vision")
+            image_features = DCLIPTeacherImageFeatures(
+                global_embeds=image_global_features, region_embeds=region_features, region_boxes=region_boxes,
+                region_mask=region_mask.bool(),
+            )
+        elif pixel_values is not None:
+            image_features = self.encode_image_side(pixel_values, region_pixel_values, region_boxes, region_mask)
+        else:
+            raise ValueError("DCLIPTeacherModel.forward needs `pixel_values` or `image_global_features`.")
+        if text_global_features is not None:
+            self._check_cached_features_allowed(self.config.freeze_text_tower, "text")
+            text_features = DCLIPTeacherTextFeatures(
+                global_embeds=text_global_features, span_embeds=span_features, span_mask=span_mask.bool()
+            )
+        elif input_ids is not None:
+            text_features = self.encode_text_side(
+                input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask
+            )
+        else:
+            raise ValueError("DCLIPTeacherModel.forward needs `input_ids` or `text_global_features`.")
         image_embeds, text_embeds = self.fuse(image_features, text_features)
         global_image_embeds = _l2_normalize(image_features.global_embeds)
         global_text_embeds = _l2_normalize(text_features.global_embeds)

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from transformers import CLIPImageProcessor, CLIPModel, Trainer, TrainingArguments
 
-from .data.collator import DCLIPCollator
+from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.scenes import SceneConfig, load_scenes, zero_shot_tasks
 from .data.tokenizer import train_clip_tokenizer
 from .evaluation import embed_pairs, retrieval_recall, zero_shot_accuracy
 from .presets import small_clip_config
-from .targets import compute_teacher_targets
+from .targets import (
+    TEACHER_FEATURE_COLUMNS, compute_teacher_features, compute_teacher_targets, fuse_teacher_targets,
+)
 from .trainer import DCLIPTrainer
 
 
@@ -118,8 +120,13 @@ def train_teacher(model_args, data_args, args, training_args, scenes, processor,
         num_negatives=model_args.num_negatives, max_regions=processor.max_regions, max_spans=processor.max_spans,
     )
     stage_args = _stage_arguments(training_args, "teacher", args.teacher_steps, args.teacher_learning_rate)
-    trainer = Trainer(model=teacher, args=stage_args, train_dataset=scenes["train"],
-                      data_collator=_TeacherCollator(processor))
+    if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
+        # frozen towers: encode regions and spans once, then train the fusion block on the cached features
+        features = compute_teacher_features(scenes["train"], teacher, processor, batch_size=256)
+        train, collator = features.select_columns(list(TEACHER_FEATURE_COLUMNS)), TeacherFeatureCollator()
+    else:
+        train, collator = scenes["train"], _TeacherCollator(processor)
+    trainer = Trainer(model=teacher, args=stage_args, train_dataset=train, data_collator=collator)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint and _last_checkpoint(stage_args))
     return _save(teacher, processor, os.path.join(training_args.output_dir, "teacher", "final"))
 
@@ -142,7 +149,10 @@ def distill(model_args, data_args, args, training_args, scenes, processor, base_
     teacher = DCLIPTeacherModel.from_pretrained(teacher_dir)
     train = scenes["train"]
     if not args.online_teacher:
-        train = compute_teacher_targets(train, teacher, processor, batch_size=256)
+        if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:  # the teacher stage's cache
+            train = fuse_teacher_targets(compute_teacher_features(train, teacher, processor, batch_size=256), teacher)
+        else:
+            train = compute_teacher_targets(train, teacher, processor, batch_size=256)
     weights = {"contrastive": args.contrastive_weight, "cosine_image": args.cosine_image_weight,
                "cosine_text": args.cosine_text_weight}
     stage_args = _stage_arguments(training_args, "student", args.distill_steps, args.distill_learning_rate)

@@ -14,13 +14,22 @@ import torch
 from datasets import Dataset
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's config and weights (changes whenever either does)."""
+TOWER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
+TEACHER_FEATURE_COLUMNS = (
+    "image_global_features", "region_features", "region_boxes", "region_mask",
+    "text_global_features", "span_features", "span_mask",
+)
+
+
+def model_fingerprint(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
+    """A hash of a model's config and weights (only the weights under `prefixes`, if given, and then no config)."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None:
+    if config is not None and prefixes is None:
         digest.update(config.to_json_string(use_diff=False).encode())
     for name, tensor in sorted(model.state_dict().items()):
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -77,3 +86,86 @@ def compute_teacher_targets(
         }
 
     return dataset.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc=desc)
+
+
+def _pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad or cut dimension 1 of `(batch, items, ...)` to `length`."""
+    tensor = tensor[:, :length]
+    if tensor.shape[1] < length:
+        padding = tensor.new_zeros(tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:])
+        tensor = torch.cat([tensor, padding], dim=1)
+    return tensor
+
+
+def compute_teacher_features(
+    dataset: Dataset,
+    teacher: torch.nn.Module,
+    processor,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    use_given_boxes: bool = True,
+    use_given_spans: bool = True,
+) -> Dataset:
+    """
+    `dataset` plus the teacher towers' outputs as columns (`TEACHER_FEATURE_COLUMNS`, regions and spans padded to
+    the processor's `max_regions` / `max_spans`), so that the fusion block can be trained and run without the
+    towers. Valid while the towers are frozen; cached by a fingerprint of the data and the towers' weights only.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = teacher.to(device).eval()
+    settings = {
+        "towers": model_fingerprint(teacher, TOWER_PREFIXES),
+        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
+        "boxes": use_given_boxes,
+        "spans": use_given_spans,
+        "data": dataset._fingerprint,
+    }
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def encode(batch: dict) -> dict:
+        inputs = {k: v.to(device) for k, v in teacher_inputs(processor, batch, use_given_boxes, use_given_spans).items()}
+        with torch.no_grad():
+            image = teacher.encode_image_side(
+                inputs["pixel_values"], inputs["region_pixel_values"], inputs["region_boxes"], inputs["region_mask"]
+            )
+            text = teacher.encode_text_side(
+                inputs["input_ids"], inputs["attention_mask"], inputs["span_input_ids"],
+                inputs["span_attention_mask"], inputs["span_mask"],
+            )
+        regions, spans = processor.max_regions, processor.max_spans
+        columns = {
+            "image_global_features": image.global_embeds,
+            "region_features": _pad(image.region_embeds, regions),
+            "region_boxes": _pad(image.region_boxes, regions),
+            "region_mask": _pad(image.region_mask, regions),
+            "text_global_features": text.global_embeds,
+            "span_features": _pad(text.span_embeds, spans),
+            "span_mask": _pad(text.span_mask, spans),
+        }
+        return {k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy() for k, v in columns.items()}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
+                       desc="teacher tower features")
+
+
+def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size: int = 256,
+                         device: str | torch.device | None = None) -> Dataset:
+    """Teacher targets (`teacher_image_embeds`, `teacher_text_embeds`) from `compute_teacher_features` columns:
+    the fusion block only, no tower. Cached by a fingerprint of the data and the whole teacher."""
+    from .data.collator import TeacherFeatureCollator
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = teacher.to(device).eval()
+    collate = TeacherFeatureCollator(return_loss=False)
+    fingerprint = hashlib.sha256(f"{features._fingerprint}-{model_fingerprint(teacher)}".encode()).hexdigest()[:16]
+
+    def fuse(batch: dict) -> dict:
+        rows = [{name: batch[name][i] for name in TEACHER_FEATURE_COLUMNS} for i in range(len(batch["region_mask"]))]
+        with torch.no_grad():
+            out = teacher(**{k: v.to(device) for k, v in collate(rows).items()})
+        return {
+            "teacher_image_embeds": out.image_embeds.float().cpu().numpy(),
+            "teacher_text_embeds": out.text_embeds.float().cpu().numpy(),
+        }
+
+    return features.map(fuse, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc="teacher targets")

@@ -61,3 +61,45 @@ def test_collator_batches_student_inputs_and_targets(scenes_on_disk, teacher, pr
     online = DCLIPCollator(processor, with_teacher_inputs=True)(rows)
     assert online["region_mask"].sum(1).tolist() == [min(r["num_objects"], 4) for r in rows]
     assert online["span_mask"].sum(1).tolist() == [min(len(r["spans"]), 4) for r in rows]
+
+
+def test_cached_tower_features_give_the_same_teacher_outputs(scenes_on_disk, teacher, processor):
+    from dclip.data.collator import TeacherFeatureCollator
+    from dclip.targets import compute_teacher_features
+
+    with_features = compute_teacher_features(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
+    rows = [with_features[i] for i in range(6)]
+    batch = TeacherFeatureCollator(return_loss=False)(rows)
+    assert batch["region_features"].shape == (6, processor.max_regions, 16)
+    with torch.no_grad():
+        from_features = teacher(**batch)
+        from_pixels = teacher(**teacher_inputs(processor, scenes_on_disk[:6]))
+    torch.testing.assert_close(from_features.image_embeds, from_pixels.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_features.text_embeds, from_pixels.text_embeds, atol=1e-5, rtol=0)
+    # training the fusion on cached features: the loss is defined and reaches the fusion block
+    teacher.train()
+    try:
+        loss = teacher(**TeacherFeatureCollator()(rows)).loss
+        loss.backward()
+        assert teacher.fusion_layers[0].image_stream.cross_attn.q_proj.weight.grad.abs().sum() > 0
+    finally:
+        teacher.zero_grad()
+        teacher.eval()
+
+
+def test_cached_features_are_refused_for_a_trainable_tower(tiny_clip):
+    model = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4, freeze_vision_tower=False)
+    model.train()
+    with pytest.raises(ValueError, match="skip the vision tower"):
+        model(image_global_features=torch.zeros(2, 16), region_features=torch.zeros(2, 1, 16),
+              region_boxes=torch.zeros(2, 1, 4), region_mask=torch.ones(2, 1), input_ids=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_fused_targets_from_features_equal_targets_from_pixels(scenes_on_disk, teacher, processor):
+    from dclip.targets import compute_teacher_features, fuse_teacher_targets
+
+    features = compute_teacher_features(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
+    fused = fuse_teacher_targets(features, teacher, batch_size=4, device="cpu")
+    direct = compute_teacher_targets(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
+    for column in ("teacher_image_embeds", "teacher_text_embeds"):
+        np.testing.assert_allclose(np.array(fused[column]), np.array(direct[column]), atol=1e-5)

@@ -37,3 +37,22 @@ class DCLIPCollator:
             if name in rows[0]:
                 batch[name] = torch.from_numpy(np.stack([np.asarray(row[name], dtype=np.float32) for row in rows]))
         return batch
+
+
+class TeacherFeatureCollator:
+    """Batches rows carrying the teacher towers' precomputed outputs (`compute_teacher_features`) for the fusion."""
+
+    def __init__(self, return_loss: bool = True):
+        self.return_loss = return_loss
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from ..targets import TEACHER_FEATURE_COLUMNS
+
+        batch = {}
+        for name in TEACHER_FEATURE_COLUMNS:
+            array = np.stack([np.asarray(row[name]) for row in rows])
+            batch[name] = torch.from_numpy(array if name.endswith("_mask") else array.astype(np.float32))
+        batch["region_mask"], batch["span_mask"] = batch["region_mask"].bool(), batch["span_mask"].bool()
+        if self.return_loss:
+            batch["return_loss"] = True
+        return batch
