@@ -35,10 +35,11 @@ class ModelArguments:
     teacher_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint for the teacher's towers; "
                                                               "default: the student's base CLIP"})
     preset: str = field(default="clip-small", metadata={"help": "size of the base CLIP trained from scratch"})
-    fusion_hidden_size: int = 256
+    # CPU-sized defaults: the teacher's pairwise objective fuses batch x (1 + num_negatives) x 2 pairs per step
+    fusion_hidden_size: int = 128
     fusion_num_layers: int = 2
     fusion_num_heads: int = 4
-    num_negatives: int = 7
+    num_negatives: int = 3
     detector_path: str | None = field(default=None, metadata={"help": "YOLO weights for region extraction "
                                                               "(data without boxes)"})
 
