@@ -49,6 +49,24 @@ def teacher_inputs(processor, batch: dict, use_given_boxes: bool = True, use_giv
     return dict(inputs)
 
 
+def _place_teacher(teacher: torch.nn.Module, device) -> tuple[torch.nn.Module, torch.device]:
+    """The teacher in eval mode on `device` (default: CUDA when there is one)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return teacher.to(device).eval(), device
+
+
+def _map_fingerprint(dataset: Dataset, processor, weights: str, use_given_boxes: bool, use_given_spans: bool) -> str:
+    """Cache key of a teacher `datasets.map` pass: the data, the weights' hash and the processing settings."""
+    settings = {
+        "weights": weights,
+        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
+        "boxes": use_given_boxes,
+        "spans": use_given_spans,
+        "data": dataset._fingerprint,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def compute_teacher_targets(
     dataset: Dataset,
     teacher: torch.nn.Module,
@@ -65,16 +83,8 @@ def compute_teacher_targets(
     Boxes and spans come from the data when it has them (`use_given_*`), else from the processor's detector and span
     extractor. The result is cached by a fingerprint of the data, the teacher's weights and these settings.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = teacher.to(device).eval()
-    settings = {
-        "teacher": model_fingerprint(teacher),
-        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
-        "boxes": use_given_boxes,
-        "spans": use_given_spans,
-        "data": dataset._fingerprint,
-    }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    teacher, device = _place_teacher(teacher, device)
+    fingerprint = _map_fingerprint(dataset, processor, model_fingerprint(teacher), use_given_boxes, use_given_spans)
 
     def embed(batch: dict) -> dict:
         inputs = teacher_inputs(processor, batch, use_given_boxes, use_given_spans)
@@ -111,16 +121,9 @@ def compute_teacher_features(
     the processor's `max_regions` / `max_spans`), so that the fusion block can be trained and run without the
     towers. Valid while the towers are frozen; cached by a fingerprint of the data and the towers' weights only.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = teacher.to(device).eval()
-    settings = {
-        "towers": model_fingerprint(teacher, TOWER_PREFIXES),
-        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
-        "boxes": use_given_boxes,
-        "spans": use_given_spans,
-        "data": dataset._fingerprint,
-    }
-    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    teacher, device = _place_teacher(teacher, device)
+    towers = model_fingerprint(teacher, TOWER_PREFIXES)
+    fingerprint = _map_fingerprint(dataset, processor, "towers:" + towers, use_given_boxes, use_given_spans)
 
     def encode(batch: dict) -> dict:
         inputs = {k: v.to(device) for k, v in teacher_inputs(processor, batch, use_given_boxes, use_given_spans).items()}
@@ -154,8 +157,7 @@ def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size
     the fusion block only, no tower. Cached by a fingerprint of the data and the whole teacher."""
     from .data.collator import TeacherFeatureCollator
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = teacher.to(device).eval()
+    teacher, device = _place_teacher(teacher, device)
     collate = TeacherFeatureCollator(return_loss=False)
     fingerprint = hashlib.sha256(f"{features._fingerprint}-{model_fingerprint(teacher)}".encode()).hexdigest()[:16]
 
