@@ -176,7 +176,8 @@ def evaluate_folder(folder: str, scenes, processor, max_samples: int) -> dict[st
     """Retrieval Recall@K and zero-shot accuracy of a student or base-CLIP folder on the test split."""
     from modeling_dclip import DCLIPModel
 
-    model = DCLIPModel.from_pretrained(folder) if "student" in folder else DCLIPModel.from_clip(folder)
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    model = DCLIPModel.from_pretrained(folder) if model_type == "dclip" else DCLIPModel.from_clip(folder)
     test = scenes["test"].select(range(min(max_samples, len(scenes["test"]))))
     image_embeds, text_embeds = embed_pairs(model, processor, test)
     results = retrieval_recall(image_embeds, text_embeds, torch.arange(len(test)).numpy())
