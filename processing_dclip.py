@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,17 @@ class Regions:
     class_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
+@contextmanager
+def keep_torch_threads():
+    """Restore torch's thread count afterwards: ultralytics sets it to `cpu_count - 1` whenever it picks a device,
+    which would leave the rest of a CPU run on one core fewer (half the cores on a 2-core machine)."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class RegionExtractor:
     """
     Image regions from an ultralytics YOLO detector given by path: top `max_regions` boxes by confidence after NMS,
@@ -208,7 +220,8 @@ class RegionExtractor:
         if self.device:
             kwargs["device"] = self.device
         # ultralytics reads numpy arrays as BGR
-        predictions = self.detector.predict([np.asarray(im)[..., ::-1] for im in images], verbose=False, **kwargs)
+        with keep_torch_threads():
+            predictions = self.detector.predict([np.asarray(im)[..., ::-1] for im in images], verbose=False, **kwargs)
         results = []
         for image, prediction in zip(images, predictions):
             boxes = prediction.boxes.xyxy.cpu().numpy().astype(np.float32)
@@ -466,4 +479,6 @@ class DCLIPProcessor(ProcessorMixin):
 
 DCLIPProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["DCLIPProcessor", "RegionExtractor", "Regions", "SpanExtractor", "crop_region", "to_rgb_image"]
+__all__ = [
+    "DCLIPProcessor", "RegionExtractor", "Regions", "SpanExtractor", "crop_region", "keep_torch_threads", "to_rgb_image",
+]

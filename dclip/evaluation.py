@@ -22,6 +22,21 @@ def embed_pairs(model, processor, dataset, batch_size: int = 256, device: str | 
     return torch.cat(images).numpy(), torch.cat(texts).numpy()
 
 
+def image_groups(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """
+    For a data set of image-caption pairs: `image_rows`, the row of each distinct image (first by `image_id`), and
+    `text_to_image`, the image of each row's caption. Without an `image_id` column every row is its own image.
+    """
+    if "image_id" not in dataset.column_names:
+        rows = np.arange(len(dataset))
+        return rows, rows
+    first: dict = {}
+    text_to_image = np.array([first.setdefault(image_id, len(first)) for image_id in dataset["image_id"]])
+    image_rows = np.zeros(len(first), dtype=np.int64)
+    image_rows[text_to_image[::-1]] = np.arange(len(dataset))[::-1]  # the first row of each image
+    return image_rows, text_to_image
+
+
 def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """
@@ -30,19 +45,47 @@ def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_
     Image->text: a hit when any of the image's captions is in its top K. Text->image: the caption's image in top K.
     """
     similarity = torch.from_numpy(image_embeds) @ torch.from_numpy(text_embeds).t()  # (images, texts)
-    text_to_image = torch.as_tensor(text_to_image)
-    results = {}
+    return recall_from_scores(similarity, similarity.t(), text_to_image, ks)
+
+
+def recall_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch.Tensor, text_to_image,
+                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """
+    Recall@K from a score per (query, candidate): `image_query_scores (images, texts)` ranks captions for each image,
+    `text_query_scores (texts, images)` ranks images for each caption (the two may differ, e.g. after re-ranking).
+    """
+    text_to_image = torch.as_tensor(np.asarray(text_to_image))
+    texts = torch.arange(text_query_scores.shape[0])
     # rank of the true image for each caption = number of images scoring strictly higher
-    true_scores = similarity[text_to_image, torch.arange(similarity.shape[1])]
-    text_ranks = (similarity > true_scores[None, :]).sum(0)
+    true_scores = text_query_scores[texts, text_to_image]
+    text_ranks = (text_query_scores > true_scores[:, None]).sum(1)
     # rank of each image's best-scoring caption among all captions
-    positive = text_to_image[None, :] == torch.arange(similarity.shape[0])[:, None]  # (images, texts)
-    best_positive = similarity.masked_fill(~positive, float("-inf")).max(1).values
-    image_ranks = (similarity > best_positive[:, None]).sum(1)
+    positive = text_to_image[None, :] == torch.arange(image_query_scores.shape[0])[:, None]  # (images, texts)
+    best_positive = image_query_scores.masked_fill(~positive, float("-inf")).max(1).values
+    image_ranks = (image_query_scores > best_positive[:, None]).sum(1)
+    results = {}
     for k in ks:
         results[f"image_retrieval_recall@{k}"] = float((text_ranks < k).float().mean())
         results[f"text_retrieval_recall@{k}"] = float((image_ranks < k).float().mean())
     return results
+
+
+def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int = 4096) -> torch.Tensor:
+    """
+    `scores (queries, candidates)` with each query's `top_k` candidates re-scored by `pair_score(query_index,
+    candidate_index) -> scores` (1-D index tensors) and placed above every other candidate, whose order is kept.
+    """
+    top_k = min(top_k, scores.shape[1])
+    candidates = scores.topk(top_k, dim=1).indices  # (queries, top_k)
+    queries = torch.arange(scores.shape[0])[:, None].expand_as(candidates)
+    flat_queries, flat_candidates = queries.reshape(-1), candidates.reshape(-1)
+    new_scores = torch.cat([
+        pair_score(flat_queries[start : start + batch_size], flat_candidates[start : start + batch_size]).float().cpu()
+        for start in range(0, len(flat_queries), batch_size)
+    ]).reshape(candidates.shape)
+    # shift the rest below the lowest re-scored candidate, keeping their order
+    rest = scores.float() - (scores.max() - new_scores.min() + 1.0)
+    return rest.scatter(1, candidates, new_scores)
 
 
 @torch.no_grad()
@@ -64,3 +107,46 @@ def zero_shot_accuracy(model, processor, dataset, label_column: str, class_names
         predictions = (image_embeds @ class_embeds.t()).argmax(1).cpu()
         correct += int((predictions == torch.as_tensor(rows[label_column])).sum())
     return correct / max(len(dataset), 1)
+
+
+@torch.no_grad()
+def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
+                      image_rows: np.ndarray | None = None, text_to_image: np.ndarray | None = None,
+                      device: str | torch.device | None = None) -> dict[str, float]:
+    """
+    Recall@K of the cross-modal teacher on image-caption pairs, from the towers' cached outputs
+    (`dclip.targets.compute_teacher_features` columns, a row per pair; `image_rows` / `text_to_image` as from
+    `image_groups`, default: row `i` is image `i` and its caption). Fusion scores pairs, not single items, so
+    retrieval is two-stage, as with ITM models: the towers' global similarity shortlists `top_k` candidates per
+    query and the fused pair score re-ranks them. Candidates beyond the shortlist keep their global order.
+    """
+    from modeling_dclip import DCLIPTeacherImageFeatures, DCLIPTeacherTextFeatures
+
+    from .targets import TEACHER_FEATURE_COLUMNS
+
+    device = torch.device(device or next(teacher.parameters()).device)
+    teacher.eval()
+    columns = features.with_format("torch", columns=list(TEACHER_FEATURE_COLUMNS))[:]
+    columns = {name: value.to(device) for name, value in columns.items()}
+    if image_rows is None:
+        image_rows = text_to_image = np.arange(len(features))
+    rows = torch.as_tensor(image_rows, device=device)
+    image_features = DCLIPTeacherImageFeatures(
+        global_embeds=columns["image_global_features"][rows].float(),
+        region_embeds=columns["region_features"][rows].float(),
+        region_boxes=columns["region_boxes"][rows].float(), region_mask=columns["region_mask"][rows].bool(),
+    )
+    text_features = DCLIPTeacherTextFeatures(
+        global_embeds=columns["text_global_features"].float(), span_embeds=columns["span_features"].float(),
+        span_mask=columns["span_mask"].bool(),
+    )
+    image_global = torch.nn.functional.normalize(image_features.global_embeds, dim=-1)
+    text_global = torch.nn.functional.normalize(text_features.global_embeds, dim=-1)
+    similarity = (image_global @ text_global.t()).float().cpu()  # (images, texts)
+
+    def fused(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        return teacher.pair_logits(image_features, text_features, image_index.to(device), text_index.to(device))
+
+    image_query_scores = rerank_scores(similarity, fused, top_k)
+    text_query_scores = rerank_scores(similarity.t(), lambda text, image: fused(image, text), top_k)
+    return recall_from_scores(image_query_scores, text_query_scores, text_to_image, ks)

@@ -1,5 +1,6 @@
-"""The training recipe as stages: `pretrain` (a base CLIP), `teacher` (the cross-modal teacher), `distill` (the
-student with the hybrid loss). Each stage writes a Hub-ready folder: weights, config, processor, remote code."""
+"""The training recipe as stages: `detector` (YOLO regions, embedded data), `pretrain` (a base CLIP, embedded data),
+`teacher` (the cross-modal teacher), `distill` (the student with the hybrid loss), then an evaluation summary.
+Each stage writes a Hub-ready folder: weights, config, processor, remote code."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import CLIPImageProcessor, CLIPModel, Trainer, TrainingArguments
+from datasets import DatasetDict
+from transformers import CLIPImageProcessor, Trainer, TrainingArguments
 
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.scenes import SceneConfig, load_scenes, zero_shot_tasks
 from .data.tokenizer import train_clip_tokenizer
-from .evaluation import embed_pairs, retrieval_recall, zero_shot_accuracy
+from .evaluation import embed_pairs, image_groups, retrieval_recall, teacher_retrieval, zero_shot_accuracy
 from .presets import small_clip_config
 from .targets import (
     TEACHER_FEATURE_COLUMNS, compute_teacher_features, compute_teacher_targets, fuse_teacher_targets,
@@ -25,7 +30,7 @@ from .trainer import DCLIPTrainer
 
 
 logger = logging.getLogger(__name__)
-STAGES = ("pretrain", "teacher", "distill", "all")
+STAGES = ("detector", "pretrain", "teacher", "distill", "evaluate", "all")
 
 
 @dataclass
@@ -40,18 +45,33 @@ class ModelArguments:
     fusion_num_layers: int = 2
     fusion_num_heads: int = 4
     num_negatives: int = 3
-    detector_path: str | None = field(default=None, metadata={"help": "YOLO weights for region extraction "
-                                                              "(data without boxes)"})
+    detector_path: str | None = field(default=None, metadata={"help": "YOLO weights for region extraction; default "
+                                                              "on the embedded data: the `detector` stage's"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student's attention (peft); 0: full "
+                                                "fine-tuning. Adapters are merged into the saved student."})
+    lora_alpha: float = 16.0
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,out_proj",
+                                     metadata={"help": "comma-separated module names for LoRA"})
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "default: the embedded procedural scenes"})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub name or local file/folder of captioned "
+                                                             "images (dclip.data.loaders); default: the embedded "
+                                                             "procedural scenes"})
+    dataset_format: str | None = field(default=None, metadata={"help": "loader format; default: inferred"})
+    image_root: str | None = field(default=None, metadata={"help": "image folder for COCO/Flickr JSON files"})
+    train_split: str = "train"
+    eval_split: str = "test"
     cache_dir: str = "outputs/cache"
     num_train_scenes: int = 20_000
     image_size: int = 64
     vocab_size: int = 1024
+    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
     max_eval_samples: int = 1000
+    use_annotated_regions: bool = field(default=False, metadata={"help": "train the teacher on the data's own "
+                                                                  "boxes and spans, not the detector's and the span "
+                                                                  "extractor's (evaluation always uses the latter)"})
 
 
 @dataclass
@@ -61,6 +81,9 @@ class DistillationArguments:
     contrastive_weight: float = 1.0
     cosine_image_weight: float = 1.0
     cosine_text_weight: float = 1.0
+    detector_epochs: int = field(default=6, metadata={"help": "0: no detector stage (regions: the data's boxes "
+                                                     "with --use_annotated_regions, else the whole image)"})
+    detector_train_samples: int = 5000
     pretrain_steps: int = 300
     teacher_steps: int = 150
     distill_steps: int = 150
@@ -68,6 +91,8 @@ class DistillationArguments:
     teacher_learning_rate: float = 5e-4
     distill_learning_rate: float = 5e-5
     online_teacher: bool = field(default=False, metadata={"help": "run the teacher per batch instead of caching"})
+    eval_top_k: int = field(default=16, metadata={"help": "candidates per query that the teacher's fused score "
+                                                  "re-ranks in retrieval evaluation"})
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -81,7 +106,37 @@ def _stage_arguments(training_args: TrainingArguments, name: str, steps: int, le
     )
 
 
+def _runs(args: DistillationArguments, stage: str) -> bool:
+    return args.stage in (stage, "all")
+
+
+# ----- data and processor ---------------------------------------------------------------------------------------
+
+
+def load_data(data_args: DataArguments, seed: int) -> DatasetDict:
+    """`train` and `eval` splits: the embedded scenes, or a real captioned data set through `dclip.data.loaders`."""
+    if data_args.dataset_name is None:
+        scenes = load_scenes(SceneConfig(num_train=data_args.num_train_scenes, image_size=data_args.image_size,
+                                         seed=seed), cache_dir=data_args.cache_dir)
+        data = DatasetDict(train=scenes["train"], eval=scenes[data_args.eval_split], validation=scenes["validation"],
+                           test=scenes["test"])
+    else:
+        from .data.loaders import load_caption_dataset
+
+        data = DatasetDict()
+        for name, split in (("train", data_args.train_split), ("eval", data_args.eval_split)):
+            dataset, report = load_caption_dataset(data_args.dataset_name, format=data_args.dataset_format,
+                                                   split=split, image_root=data_args.image_root)
+            logger.warning("%s split %r: %s", data_args.dataset_name, split, report)
+            data[name] = dataset
+    if data_args.max_train_samples is not None:
+        data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
+    data["eval"] = data["eval"].select(range(min(data_args.max_eval_samples, len(data["eval"]))))
+    return data
+
+
 def build_default_processor(data_args: DataArguments, scenes, detector_path: str | None = None):
+    """A processor for the embedded data: a BPE tokenizer trained on its captions and a small-image CLIP processor."""
     from processing_dclip import DCLIPProcessor
 
     tokenizer = train_clip_tokenizer(scenes["train"]["caption"][:5000], vocab_size=data_args.vocab_size,
@@ -91,27 +146,129 @@ def build_default_processor(data_args: DataArguments, scenes, detector_path: str
     return DCLIPProcessor(image_processor, tokenizer, detector_path=detector_path, max_regions=4, max_spans=6)
 
 
-def _save(model, processor, folder: str) -> str:
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def build_processor(model_args: ModelArguments, data_args: DataArguments, data, detector_path: str | None,
+                    folder: Path):
+    """
+    The run's processor, saved once in `folder` and read back by every later stage, process and resumed run (a BPE
+    tokenizer trained twice on the same captions can differ in tie-breaks): the student's own (tokenizer, image
+    processor) when it starts from a checkpoint, else the embedded default's.
+    """
+    from processing_dclip import DCLIPProcessor
+
+    if (folder / "processor_config.json").is_file():
+        processor = DCLIPProcessor.from_pretrained(folder)
+        processor.set_detector(detector_path)
+        return processor
+    if model_args.student_model is None:
+        processor = build_default_processor(data_args, data, detector_path)
+    else:
+        clip_processor = DCLIPProcessor.from_pretrained(model_args.student_model)
+        processor = DCLIPProcessor(clip_processor.image_processor, clip_processor.tokenizer,
+                                   detector_path=detector_path, max_regions=4, max_spans=6)
+    saved = folder.with_name(folder.name + ".partial")
+    processor.save_pretrained(saved)
+    shutil.rmtree(folder, ignore_errors=True)
+    saved.rename(folder)
+    return processor
 
 
-def pretrain(model_args, data_args, args, training_args, scenes, processor) -> str:
-    """Train a base CLIP from scratch (contrastive only) on the scenes; return its folder."""
+def _check_teacher_fits(teacher, processor) -> None:
+    crop = processor.image_processor.crop_size or {}
+    image_size = teacher.config.vision_config.image_size
+    if crop and crop.get("height") != image_size:
+        raise ValueError(f"the teacher's vision tower takes {image_size}px images but the student's processor makes "
+                         f"{crop.get('height')}px ones: use a teacher and a student of the same input size.")
+    if teacher.config.text_config.vocab_size < len(processor.tokenizer):
+        raise ValueError(f"the teacher's text tower has {teacher.config.text_config.vocab_size} tokens but the "
+                         f"student's tokenizer {len(processor.tokenizer)}: they must share a tokenizer.")
+
+
+# ----- stages ---------------------------------------------------------------------------------------------------
+
+
+def _wait_for_everyone() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _save(model, processor, folder: str | Path, training_args: TrainingArguments) -> str:
+    """Save from the main process, atomically: a folder that exists is complete (an interrupted save leaves only
+    `<folder>.partial`). Every process returns once it is written."""
+    folder = Path(folder)
+    if training_args.process_index == 0:
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    _wait_for_everyone()
+    return str(folder)
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` in `folder` that was completely written. The Trainer writes
+    `trainer_state.json` last, so a run killed while saving leaves a checkpoint without a readable one: skipped."""
+    folder = Path(folder)
+    steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
+                   if path.is_dir() and path.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s", path)
+            continue
+        return str(path)
+    return None
+
+
+def _train(trainer: Trainer, training_args: TrainingArguments, stage_args: TrainingArguments) -> dict:
+    """`trainer.train()`, from the stage's last complete checkpoint when `--resume_from_checkpoint` is set."""
+    checkpoint = None
+    if training_args.resume_from_checkpoint:
+        checkpoint = last_complete_checkpoint(stage_args.output_dir)
+        if checkpoint:
+            logger.warning("resuming %s from %s", stage_args.output_dir, checkpoint)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return {"resumed_from": checkpoint, "global_step": trainer.state.global_step,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def train_default_detector(args: DistillationArguments, training_args: TrainingArguments, data, output: Path) -> str:
+    """The region detector on the embedded scenes (see `examples/train_detector.py`); return its weights."""
+    from .detector import train_scene_detector
+
+    metrics = train_scene_detector(
+        data, output / "detector", train_samples=args.detector_train_samples, epochs=args.detector_epochs,
+        seed=training_args.seed, resume=bool(training_args.resume_from_checkpoint),
+        device="cpu" if training_args.use_cpu else None,
+    )
+    logger.warning("detector: mAP50 %.3f, right object count %.3f", metrics["map50"], metrics["count_accuracy"])
+    return metrics["weights"]
+
+
+def pretrain(model_args, data_args, training_args, args, data, processor, log: dict) -> str:
+    """Train a base CLIP from scratch (contrastive only) on the training split; return its folder."""
     from modeling_dclip import DCLIPModel
 
     torch.manual_seed(training_args.seed)
     model = DCLIPModel(small_clip_config(processor.tokenizer, data_args.image_size, model_args.preset))
     stage_args = _stage_arguments(training_args, "base_clip", args.pretrain_steps, args.pretrain_learning_rate)
-    trainer = DCLIPTrainer(model=model, args=stage_args, train_dataset=scenes["train"],
+    trainer = DCLIPTrainer(model=model, args=stage_args, train_dataset=data["train"],
                            data_collator=DCLIPCollator(processor), loss_weights={"contrastive": 1.0})
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint and _last_checkpoint(stage_args))
-    return _save(model.to_clip(), processor, os.path.join(training_args.output_dir, "base_clip", "final"))
+    log["pretrain"] = _train(trainer, training_args, stage_args)
+    return _save(model.to_clip(), processor, os.path.join(training_args.output_dir, "base_clip", "final"),
+                 training_args)
 
 
-def train_teacher(model_args, data_args, args, training_args, scenes, processor, base_clip: str) -> str:
-    """Fine-tune the cross-modal teacher (fusion block; towers frozen) on the scenes' regions and spans."""
+def _region_settings(data_args: DataArguments) -> dict:
+    """Where the teacher's training regions and spans come from: the data's annotations, or detector + extractor."""
+    return {"use_given_boxes": data_args.use_annotated_regions, "use_given_spans": data_args.use_annotated_regions}
+
+
+def train_teacher(model_args, data_args, training_args, args, data, processor, base_clip: str, log: dict) -> str:
+    """Fine-tune the cross-modal teacher (fusion block; towers frozen) on the training split's regions and spans."""
     from modeling_dclip import DCLIPTeacherModel
 
     torch.manual_seed(training_args.seed)
@@ -119,17 +276,27 @@ def train_teacher(model_args, data_args, args, training_args, scenes, processor,
         model_args.teacher_model or base_clip, fusion_hidden_size=model_args.fusion_hidden_size,
         fusion_num_layers=model_args.fusion_num_layers, fusion_num_heads=model_args.fusion_num_heads,
         num_negatives=model_args.num_negatives, max_regions=processor.max_regions, max_spans=processor.max_spans,
+        embed_dim=_student_embed_dim(model_args, base_clip),
     )
+    _check_teacher_fits(teacher, processor)
     stage_args = _stage_arguments(training_args, "teacher", args.teacher_steps, args.teacher_learning_rate)
     if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
         # frozen towers: encode regions and spans once, then train the fusion block on the cached features
-        features = compute_teacher_features(scenes["train"], teacher, processor, batch_size=256)
+        with training_args.main_process_first(desc="teacher tower features"):
+            features = compute_teacher_features(data["train"], teacher, processor, batch_size=256,
+                                                **_region_settings(data_args))
         train, collator = features.select_columns(list(TEACHER_FEATURE_COLUMNS)), TeacherFeatureCollator()
     else:
-        train, collator = scenes["train"], _TeacherCollator(processor)
+        train, collator = data["train"], _TeacherCollator(processor)
     trainer = Trainer(model=teacher, args=stage_args, train_dataset=train, data_collator=collator)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint and _last_checkpoint(stage_args))
-    return _save(teacher, processor, os.path.join(training_args.output_dir, "teacher", "final"))
+    log["teacher"] = _train(trainer, training_args, stage_args)
+    return _save(teacher, processor, os.path.join(training_args.output_dir, "teacher", "final"), training_args)
+
+
+def _student_embed_dim(model_args: ModelArguments, base_clip: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_args.student_model or base_clip).projection_dim
 
 
 class _TeacherCollator(DCLIPCollator):
@@ -140,7 +307,17 @@ class _TeacherCollator(DCLIPCollator):
         return {**super().__call__(rows), "return_loss": True}
 
 
-def distill(model_args, data_args, args, training_args, scenes, processor, base_clip: str, teacher_dir: str) -> str:
+def _with_lora(student, model_args: ModelArguments):
+    from peft import LoraConfig, get_peft_model
+
+    targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, target_modules=targets,
+                        lora_dropout=0.0, bias="none")
+    return get_peft_model(student, config)
+
+
+def distill(model_args, data_args, training_args, args, data, processor, base_clip: str, teacher_dir: str,
+            log: dict) -> str:
     """The DCLIP student: initialised from the base CLIP, trained with contrastive + cosine-to-teacher terms."""
     from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 
@@ -148,67 +325,175 @@ def distill(model_args, data_args, args, training_args, scenes, processor, base_
     student = DCLIPModel.from_clip(model_args.student_model or base_clip, distillation_method=args.method,
                                    teacher_name_or_path=teacher_dir)
     teacher = DCLIPTeacherModel.from_pretrained(teacher_dir)
-    train = scenes["train"]
+    train = data["train"]
     if not args.online_teacher:
-        if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:  # the teacher stage's cache
-            train = fuse_teacher_targets(compute_teacher_features(train, teacher, processor, batch_size=256), teacher)
-        else:
-            train = compute_teacher_targets(train, teacher, processor, batch_size=256)
+        with training_args.main_process_first(desc="teacher targets"):
+            if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:  # the teacher stage's cache
+                features = compute_teacher_features(train, teacher, processor, batch_size=256,
+                                                    **_region_settings(data_args))
+                train = fuse_teacher_targets(features, teacher)
+            else:
+                train = compute_teacher_targets(train, teacher, processor, batch_size=256,
+                                                **_region_settings(data_args))
     weights = {"contrastive": args.contrastive_weight, "cosine_image": args.cosine_image_weight,
                "cosine_text": args.cosine_text_weight}
+    if model_args.lora_rank:
+        student = _with_lora(student, model_args)
     stage_args = _stage_arguments(training_args, "student", args.distill_steps, args.distill_learning_rate)
     trainer = DCLIPTrainer(
         model=student, args=stage_args, train_dataset=train, loss_weights=weights,
         teacher=teacher if args.online_teacher else None,
         data_collator=DCLIPCollator(processor, with_teacher_inputs=args.online_teacher),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint and _last_checkpoint(stage_args))
-    return _save(student, processor, os.path.join(training_args.output_dir, "student", "final"))
+    log["distill"] = _train(trainer, training_args, stage_args)
+    if model_args.lora_rank:
+        student = student.merge_and_unload()
+    return _save(student, processor, os.path.join(training_args.output_dir, "student", "final"), training_args)
 
 
-def _last_checkpoint(stage_args: TrainingArguments) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(stage_args.output_dir) if os.path.isdir(stage_args.output_dir) else None
+# ----- evaluation -----------------------------------------------------------------------------------------------
 
 
-def evaluate_folder(folder: str, scenes, processor, max_samples: int) -> dict[str, float]:
-    """Retrieval Recall@K and zero-shot accuracy of a student or base-CLIP folder on the test split."""
+def evaluate_folder(folder: str, data, processor) -> dict[str, float]:
+    """Retrieval Recall@K (and zero-shot accuracy on the embedded data) of a student or base-CLIP folder."""
     from modeling_dclip import DCLIPModel
 
     model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
     model = DCLIPModel.from_pretrained(folder) if model_type == "dclip" else DCLIPModel.from_clip(folder)
-    test = scenes["test"].select(range(min(max_samples, len(scenes["test"]))))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    test = data["eval"]
     image_embeds, text_embeds = embed_pairs(model, processor, test)
-    results = retrieval_recall(image_embeds, text_embeds, torch.arange(len(test)).numpy())
+    image_rows, text_to_image = image_groups(test)
+    results = retrieval_recall(image_embeds[image_rows], text_embeds, text_to_image)
     for column, names in zero_shot_tasks().items():
-        results[f"zeroshot_{column}"] = zero_shot_accuracy(model, processor, test, column, names)
+        if column in test.column_names:
+            results[f"zeroshot_{column}"] = zero_shot_accuracy(model, processor, test, column, names)
     return results
+
+
+def evaluate_teacher(folder: str, data, processor, top_k: int) -> dict[str, float]:
+    """The teacher's retrieval Recall@K: global shortlist, fused re-ranking; regions from the detector (if any)
+    and spans from the extractor, as at test time."""
+    from modeling_dclip import DCLIPTeacherModel
+
+    teacher = DCLIPTeacherModel.from_pretrained(folder).to("cuda" if torch.cuda.is_available() else "cpu")
+    features = compute_teacher_features(data["eval"], teacher, processor, batch_size=256,
+                                        use_given_boxes=False, use_given_spans=False)
+    image_rows, text_to_image = image_groups(data["eval"])
+    return teacher_retrieval(teacher, features, top_k=top_k, image_rows=image_rows, text_to_image=text_to_image)
+
+
+def paper_claims(metrics: dict[str, dict[str, float]]) -> dict[str, float | bool]:
+    """DCLIP's claims, checked on this run: the teacher and the student retrieve better than the base CLIP (Recall@1,
+    both directions), and the student keeps at least 94% of the base CLIP's mean zero-shot accuracy."""
+    base, claims = metrics.get("base_clip"), {}
+    if base is None:
+        return claims
+    directions = ("image_retrieval_recall@1", "text_retrieval_recall@1")
+    for name in ("teacher", "student"):
+        if name in metrics:
+            claims[f"{name}_beats_base_recall@1"] = all(metrics[name][key] > base[key] for key in directions)
+    student = metrics.get("student")
+    if student is not None:
+        base_t2i = base["image_retrieval_recall@1"]
+        claims["student_text_to_image_recall@1_relative_gain"] = (
+            (student["image_retrieval_recall@1"] - base_t2i) / base_t2i if base_t2i else float("nan"))
+        zero_shot = [key for key in base if key.startswith("zeroshot_")]
+        if zero_shot:
+            retention = np.mean([student[k] for k in zero_shot]) / max(np.mean([base[k] for k in zero_shot]), 1e-12)
+            claims["student_zero_shot_retention"] = float(retention)
+            claims["student_keeps_94%_zero_shot"] = bool(retention >= 0.94)
+    return claims
+
+
+# ----- the whole run --------------------------------------------------------------------------------------------
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, args: DistillationArguments,
         training_args: TrainingArguments) -> dict:
-    """Run the chosen stages on the embedded default data; return where each artefact went, and the metrics."""
-    if data_args.dataset_name is not None:
-        raise NotImplementedError("real data sets in train.py come with the rest of issue 4; use dclip.data.loaders")
-    scenes = load_scenes(SceneConfig(num_train=data_args.num_train_scenes, image_size=data_args.image_size,
-                                     seed=training_args.seed), cache_dir=data_args.cache_dir)
+    """Run the chosen stages; return where each artefact went, how each stage trained, and the metrics."""
+    embedded = data_args.dataset_name is None
+    if not embedded and model_args.student_model is None:
+        raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint): a base CLIP is pretrained here "
+                         "only on the embedded default data.")
+    started = time.perf_counter()
     output = Path(training_args.output_dir)
-    processor = build_default_processor(data_args, scenes, model_args.detector_path)
-    artefacts: dict[str, str] = {}
-    base_clip = model_args.student_model or str(output / "base_clip" / "final")
-    if args.stage in ("pretrain", "all") and model_args.student_model is None:
-        artefacts["base_clip"] = base_clip = pretrain(model_args, data_args, args, training_args, scenes, processor)
-    teacher_dir = str(output / "teacher" / "final")
-    if args.stage in ("teacher", "all"):
-        artefacts["teacher"] = teacher_dir = train_teacher(model_args, data_args, args, training_args, scenes,
-                                                           processor, base_clip)
-    if args.stage in ("distill", "all"):
-        artefacts["student"] = distill(model_args, data_args, args, training_args, scenes, processor, base_clip,
-                                       teacher_dir)
-    metrics = {name: evaluate_folder(folder, scenes, processor, data_args.max_eval_samples)
-               for name, folder in artefacts.items() if name in ("base_clip", "student")}
-    summary = {"artefacts": artefacts, "metrics": metrics}
     output.mkdir(parents=True, exist_ok=True)
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    main = training_args.process_index == 0
+    with training_args.main_process_first(desc="data"):  # the others read the main process's caches
+        data = load_data(data_args, training_args.seed)
+    resume = bool(training_args.resume_from_checkpoint)
+    artefacts: dict[str, str] = {}
+    log: dict[str, dict] = {}
+
+    def done(folder: Path) -> bool:  # a finished stage is skipped when resuming
+        return resume and (folder / "config.json").is_file()
+
+    detector_path = model_args.detector_path
+    default_detector = output / "detector" / "run" / "weights" / "best.pt"
+    with training_args.main_process_first(desc="detector and processor"):
+        if detector_path is None and embedded and args.detector_epochs > 0:
+            finished = (output / "detector" / "metrics.json").is_file()  # written once the detector is trained
+            if main and _runs(args, "detector") and not (resume and finished):
+                detector_path = train_default_detector(args, training_args, data, output)
+            elif default_detector.is_file():
+                detector_path = str(default_detector)
+        processor_folder = output / "processor"
+        if main and _runs(args, "pretrain") and not resume and model_args.student_model is None:
+            shutil.rmtree(processor_folder, ignore_errors=True)  # a new base CLIP gets a new tokenizer
+        processor = build_processor(model_args, data_args, data, detector_path, processor_folder)
+    if detector_path is not None:
+        artefacts["detector"] = str(detector_path)
+
+    base_clip = model_args.student_model or str(output / "base_clip" / "final")
+    if _runs(args, "pretrain") and model_args.student_model is None and not done(Path(base_clip)):
+        base_clip = pretrain(model_args, data_args, training_args, args, data, processor, log)
+    teacher_dir = output / "teacher" / "final"
+    if _runs(args, "teacher") and not done(teacher_dir):
+        train_teacher(model_args, data_args, training_args, args, data, processor, base_clip, log)
+    student_dir = output / "student" / "final"
+    if _runs(args, "distill") and not done(student_dir):
+        distill(model_args, data_args, training_args, args, data, processor, base_clip, str(teacher_dir), log)
+    for name, folder in (("base_clip", base_clip), ("teacher", str(teacher_dir)), ("student", str(student_dir))):
+        if (Path(folder) / "config.json").is_file() or (name == "base_clip" and model_args.student_model):
+            artefacts[name] = folder
+
+    metrics: dict[str, dict[str, float]] = {}
+    if args.stage in ("evaluate", "all") and main:
+        for name in ("base_clip", "student"):
+            if name in artefacts:
+                metrics[name] = evaluate_folder(artefacts[name], data, processor)
+        if "teacher" in artefacts:
+            metrics["teacher"] = evaluate_teacher(artefacts["teacher"], data, processor, args.eval_top_k)
+    summary = {"artefacts": artefacts, "training": log, "metrics": metrics, "claims": paper_claims(metrics),
+               "seconds": round(time.perf_counter() - started, 1)}
+    if main:
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The run's artefacts, training times, metrics (a row per model) and claims, as plain text tables."""
+    lines = ["artefacts:"] + [f"  {name:<10} {path}" for name, path in summary["artefacts"].items()]
+    if summary.get("training"):
+        lines.append("training:")
+        for stage, info in summary["training"].items():
+            resumed = f", resumed from {info['resumed_from']}" if info.get("resumed_from") else ""
+            lines.append(f"  {stage:<10} {info['global_step']} steps in {info['seconds']} s{resumed}")
+    metrics = summary.get("metrics") or {}
+    if metrics:
+        columns = sorted({key for values in metrics.values() for key in values},
+                         key=lambda key: (not key.startswith(("image_", "text_")), key))
+        short = {key: key.replace("image_retrieval_recall@", "T2I R@").replace("text_retrieval_recall@", "I2T R@")
+                 .replace("zeroshot_label_", "ZS ") for key in columns}
+        lines.append("metrics (eval split):")
+        lines.append("  " + f"{'model':<10}" + "".join(f"{short[key]:>13}" for key in columns))
+        for name, values in metrics.items():
+            cells = "".join(f"{values[key]:>13.4f}" if key in values else f"{'-':>13}" for key in columns)
+            lines.append(f"  {name:<10}{cells}")
+    if summary.get("claims"):
+        lines.append("claims:")
+        lines += [f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}"
+                  for name, value in summary["claims"].items()]
+    lines.append(f"total: {summary['seconds']} s")
+    return "\n".join(lines)

@@ -1,17 +1,20 @@
-"""Train a base CLIP, the DCLIP teacher, and distil the student, on the embedded default data (work in progress).
+"""Train the region detector, a base CLIP, the DCLIP teacher, and distil the student; print an evaluation summary.
 
-    accelerate launch examples/train.py --output_dir outputs/default
-    python examples/train.py --stage distill --output_dir outputs/default   # one stage, reusing earlier ones
+    accelerate launch examples/train.py                                   # the embedded default, end to end
+    python examples/train.py --stage distill --output_dir outputs/default  # one stage, reusing earlier ones
+    accelerate launch examples/train.py --resume_from_checkpoint true      # after an interruption
+    accelerate launch --multi_gpu --num_processes 8 examples/train.py --dataset_name dataset_coco.json \
+        --image_root coco/ --student_model openai/clip-vit-base-patch32 \
+        --teacher_model openai/clip-vit-large-patch14 --bf16 --per_device_train_batch_size 256
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from dclip.pipeline import DataArguments, DistillationArguments, ModelArguments, run
+from dclip.pipeline import DataArguments, DistillationArguments, ModelArguments, format_summary, run
 
 
 def main() -> None:
@@ -26,9 +29,9 @@ def main() -> None:
             argv += [flag, value]
     model_args, data_args, distill_args, training_args = parser.parse_args_into_dataclasses(argv)
     summary = run(model_args, data_args, distill_args, training_args)
-    for name, folder in summary["artefacts"].items():
-        print(f"{name}: {folder}")
-    print(json.dumps(summary["metrics"], indent=2))
+    if training_args.process_index == 0:
+        print(format_summary(summary))
+        print(f"summary: {training_args.output_dir}/summary.json")
 
 
 if __name__ == "__main__":

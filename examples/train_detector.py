@@ -9,15 +9,12 @@ split; writes `<output_dir>/run/weights/best.pt`, which `DCLIPProcessor(detector
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from dclip.data.scenes import SHAPES, SceneConfig, load_scenes
-from dclip.detector import count_accuracy, export_yolo_dataset, train_detector
-from processing_dclip import RegionExtractor
+from dclip.data.scenes import SceneConfig, load_scenes
+from dclip.detector import train_scene_detector
 
 
 @dataclass
@@ -39,23 +36,13 @@ class DetectorArguments:
 def main() -> None:
     (args,) = HfArgumentParser(DetectorArguments).parse_args_into_dataclasses()
     scenes = load_scenes(SceneConfig(seed=args.seed), cache_dir=args.cache_dir)
-    output = Path(args.output_dir)
-    data_yaml = export_yolo_dataset(
-        {"train": scenes["train"], "val": scenes["validation"]}, output / "data", list(SHAPES),
-        max_samples={"train": args.train_samples, "val": args.val_samples},
+    metrics = train_scene_detector(
+        scenes, args.output_dir, train_samples=args.train_samples, val_samples=args.val_samples,
+        test_samples=args.test_samples, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
+        model_config=args.model_config, device=args.device, seed=args.seed, resume=args.resume,
     )
-    result = train_detector(
-        data_yaml, output / "run", model_config=args.model_config, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, device=args.device, seed=args.seed, resume=args.resume,
-        # scenes are one scale, one image per canvas: mosaic would halve the objects; colour jitter is irrelevant
-        mosaic=0.0, close_mosaic=0, val=False, hsv_h=0.0, hsv_s=0.0, hsv_v=0.2, scale=0.2, translate=0.1,
-    )
-    extractor = RegionExtractor(result.weights, max_regions=8, detector_image_size=args.image_size, device=args.device)
-    test = scenes["test"].select(range(min(args.test_samples, len(scenes["test"]))))
-    metrics = {**asdict(result), "count_accuracy": count_accuracy(extractor, test), "args": asdict(args)}
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"detector: {result.weights}\n  mAP50 (validation) = {result.map50:.3f}, mAP50-95 = {result.map50_95:.3f}\n"
-          f"  right object count (test) = {metrics['count_accuracy']:.3f}")
+    print(f"detector: {metrics['weights']}\n  mAP50 (validation) = {metrics['map50']:.3f}, "
+          f"mAP50-95 = {metrics['map50_95']:.3f}\n  right object count (test) = {metrics['count_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from dclip.evaluation import retrieval_recall, zero_shot_accuracy
+from dclip.evaluation import (
+    image_groups, recall_from_scores, rerank_scores, retrieval_recall, teacher_retrieval, zero_shot_accuracy,
+)
 
 
 def naive_recall(image_embeds, text_embeds, text_to_image, k):
@@ -75,3 +77,90 @@ def test_zero_shot_hand_computed():
     accuracy = zero_shot_accuracy(OneHotModel(), FakeProcessor(), Rows(), "label", ["red", "green", "blue"],
                                   template="a {}.")
     assert accuracy == pytest.approx(3 / 4)
+
+
+def naive_reranked_ranks(scores, pair_score, top_k, truth):
+    """Per query: sort its top_k candidates by pair_score, then the rest by the original score; 0-based rank of
+    the best true candidate (`truth[q]`: the set of true candidates)."""
+    ranks = []
+    for q in range(scores.shape[0]):
+        order = sorted(range(scores.shape[1]), key=lambda c: -float(scores[q, c]))
+        head = sorted(order[:top_k], key=lambda c: -float(pair_score(torch.tensor([q]), torch.tensor([c]))[0]))
+        ranking = head + order[top_k:]
+        ranks.append(min(ranking.index(c) for c in truth[q]))
+    return np.array(ranks)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 7])
+def test_reranked_recall_matches_a_naive_loop(top_k):
+    rng = np.random.default_rng(3)
+    images, per_image = 12, 2
+    text_to_image = np.repeat(np.arange(images), per_image)
+    global_scores = torch.from_numpy(rng.normal(size=(images, images * per_image)).astype(np.float32))
+    fused_table = torch.from_numpy(rng.normal(size=(images, images * per_image)).astype(np.float32))
+    fused_table[text_to_image, np.arange(images * per_image)] += 1.0  # the re-ranker knows something
+
+    def image_query(image, text):
+        return fused_table[image, text]
+
+    def text_query(text, image):
+        return fused_table[image, text]
+
+    image_scores = rerank_scores(global_scores, image_query, top_k, batch_size=5)
+    text_scores = rerank_scores(global_scores.t(), text_query, top_k, batch_size=5)
+    result = recall_from_scores(image_scores, text_scores, text_to_image, ks=(1, 5))
+    image_truth = [set(np.flatnonzero(text_to_image == i)) for i in range(images)]
+    text_truth = [{text_to_image[t]} for t in range(images * per_image)]
+    i2t = naive_reranked_ranks(global_scores, image_query, top_k, image_truth)
+    t2i = naive_reranked_ranks(global_scores.t(), text_query, top_k, text_truth)
+    for k in (1, 5):
+        assert result[f"text_retrieval_recall@{k}"] == pytest.approx((i2t < k).mean())
+        assert result[f"image_retrieval_recall@{k}"] == pytest.approx((t2i < k).mean())
+    plain = recall_from_scores(global_scores, global_scores.t(), text_to_image, ks=(1,))
+    if top_k > 1:  # the re-ranker changed the answer, so the test can tell the two apart
+        assert plain != {key: value for key, value in result.items() if key.endswith("@1")}
+
+
+def test_image_groups_maps_captions_to_first_rows():
+    from datasets import Dataset
+
+    rows, text_to_image = image_groups(Dataset.from_dict({"image_id": ["a", "a", "b", "c", "b"]}))
+    assert rows.tolist() == [0, 2, 3] and text_to_image.tolist() == [0, 0, 1, 2, 1]
+    rows, text_to_image = image_groups(Dataset.from_dict({"caption": ["x", "y"]}))
+    assert rows.tolist() == [0, 1] and text_to_image.tolist() == [0, 1]
+
+
+def test_teacher_retrieval_is_the_fused_score_on_the_shortlist(tiny_clip, processor):
+    from dclip.targets import compute_teacher_features
+    from modeling_dclip import DCLIPTeacherModel
+
+    from conftest import random_images
+    from datasets import Dataset
+
+    captions = ["a red circle", "two blue squares", "a green star", "a triangle above a circle", "a star",
+                "three circles"]
+    data = Dataset.from_dict({"image": random_images(6, seed=4), "caption": captions})
+    torch.manual_seed(0)
+    teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
+    for projection in (teacher.image_output_projection, teacher.text_output_projection):  # a fusion with a say
+        torch.nn.init.normal_(projection.weight, std=1.0)
+    features = compute_teacher_features(data, teacher, processor, batch_size=4)
+    result = teacher_retrieval(teacher, features, top_k=3, ks=(1, 3))
+
+    with torch.no_grad():
+        inputs = processor(text=captions, images=list(data["image"]), return_regions=True, return_spans=True)
+        inputs.pop("region_source")
+        out = teacher(**inputs)
+    image_features, text_features = out.image_features, out.text_features
+    similarity = out.global_image_embeds @ out.global_text_embeds.t()
+
+    def fused(image, text):
+        with torch.no_grad():
+            return teacher.pair_logits(image_features, text_features, image, text)
+
+    truth = [{i} for i in range(6)]
+    i2t = naive_reranked_ranks(similarity, fused, 3, truth)
+    t2i = naive_reranked_ranks(similarity.t(), lambda t, i: fused(i, t), 3, truth)
+    for k in (1, 3):
+        assert result[f"text_retrieval_recall@{k}"] == pytest.approx((i2t < k).mean())
+        assert result[f"image_retrieval_recall@{k}"] == pytest.approx((t2i < k).mean())

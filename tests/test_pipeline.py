@@ -21,7 +21,8 @@ def tiny_run(tmp_path_factory):
     summary = run(
         ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4),
         DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
-        DistillationArguments(pretrain_steps=3, teacher_steps=3, distill_steps=3),
+        DistillationArguments(pretrain_steps=3, teacher_steps=3, distill_steps=3, detector_epochs=1,
+                              detector_train_samples=64),
         training_args,
     )
     return root, summary
@@ -29,14 +30,21 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_writes_a_hub_ready_folder(tiny_run):
     root, summary = tiny_run
-    assert set(summary["artefacts"]) == {"base_clip", "teacher", "student"}
-    for folder in summary["artefacts"].values():
+    assert set(summary["artefacts"]) == {"detector", "base_clip", "teacher", "student"}
+    assert Path(summary["artefacts"]["detector"]).is_file()
+    for name in ("base_clip", "teacher", "student"):
+        folder = summary["artefacts"][name]
         names = {p.name for p in Path(folder).iterdir()}
         assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
     student_config = json.loads(open(f"{summary['artefacts']['student']}/config.json").read())
     assert student_config["distillation_method"] == "dclip"
     assert student_config["teacher_name_or_path"] == summary["artefacts"]["teacher"]
-    assert json.loads(open(root / "out" / "summary.json").read())["metrics"].keys() == {"base_clip", "student"}
+    written = json.loads(open(root / "out" / "summary.json").read())
+    assert written["metrics"].keys() == {"base_clip", "teacher", "student"}
+    assert set(written["training"]) == {"pretrain", "teacher", "distill"}
+    assert all(stage["global_step"] == 3 for stage in written["training"].values())
+    # every stage reads the one processor saved for the run
+    assert (root / "out" / "processor" / "tokenizer.json").is_file()
 
 
 def test_stages_change_what_they_train_and_nothing_else(tiny_run):
@@ -53,9 +61,53 @@ def test_stages_change_what_they_train_and_nothing_else(tiny_run):
 
 def test_metrics_are_probabilities(tiny_run):
     _, summary = tiny_run
-    for metrics in summary["metrics"].values():
-        assert set(metrics) >= {"image_retrieval_recall@1", "text_retrieval_recall@10", "zeroshot_label_shape"}
+    for name, metrics in summary["metrics"].items():
+        assert set(metrics) >= {"image_retrieval_recall@1", "text_retrieval_recall@10"}
+        if name != "teacher":
+            assert "zeroshot_label_shape" in metrics
         assert all(0.0 <= value <= 1.0 for value in metrics.values())
+        assert metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"]
+
+
+def test_claims_are_read_from_the_metrics():
+    from dclip.pipeline import paper_claims
+
+    base = {"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.3, "zeroshot_a": 0.5, "zeroshot_b": 0.7}
+    student = {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.31, "zeroshot_a": 0.5, "zeroshot_b": 0.62}
+    teacher = {"image_retrieval_recall@1": 0.4, "text_retrieval_recall@1": 0.29}
+    claims = paper_claims({"base_clip": base, "student": student, "teacher": teacher})
+    assert claims["student_beats_base_recall@1"] and not claims["teacher_beats_base_recall@1"]
+    assert claims["student_text_to_image_recall@1_relative_gain"] == pytest.approx(0.25)
+    assert claims["student_zero_shot_retention"] == pytest.approx(1.12 / 1.2)
+    assert not claims["student_keeps_94%_zero_shot"]
+
+
+def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path):
+    import shutil
+
+    from transformers import AutoModel
+
+    root, summary = tiny_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
+        save_strategy="no", dataloader_num_workers=0, seed=0,
+    )
+    result = run(
+        ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4, lora_rank=4),
+        DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
+        DistillationArguments(stage="distill", distill_steps=3, distill_learning_rate=1e-2, detector_epochs=1,
+                              detector_train_samples=64),
+        training_args,
+    )
+    base = load_file(f"{summary['artefacts']['base_clip']}/model.safetensors")
+    student = load_file(f"{result['artefacts']['student']}/model.safetensors")
+    assert set(student) == set(base)  # merged: no adapter weights left
+    adapted = ("q_proj", "k_proj", "v_proj", "out_proj")
+    changed = {name for name, tensor in base.items() if (student[name] - tensor).abs().max() > 0}
+    assert changed and all(any(part in name for part in adapted) for name in changed)
+    model = AutoModel.from_pretrained(result["artefacts"]["student"], trust_remote_code=True)
+    assert type(model).__name__ == "DCLIPModel"
 
 
 def test_unknown_stage_is_named():

@@ -1,0 +1,42 @@
+"""Several processes (accelerate, CPU, gloo) give the same loss and the same update as one process over the same
+global batch: the contrastive loss gathers features with gradients, and DDP averages the rest."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+SCRIPT = Path(__file__).with_name("distributed_step.py")
+
+
+def _launch(tmp_path: Path, processes: int, per_device_batch: int, tokenizer_dir: Path) -> dict:
+    output = tmp_path / f"{processes}proc" / "result.pt"
+    output.parent.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu" if processes > 1 else "--cpu",
+               "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(29500 + processes), str(SCRIPT), str(output), str(per_device_batch),
+               str(tokenizer_dir)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(output)
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+def test_two_processes_match_one_process_over_the_same_global_batch(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    one = _launch(tmp_path, 1, per_device_batch=8, tokenizer_dir=tmp_path / "tokenizer")
+    two = _launch(tmp_path, 2, per_device_batch=4, tokenizer_dir=tmp_path / "tokenizer")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    # the SGD step moved the weights, so equal weights after it mean equal gradients
+    moved = max(float((tensor - one["initial"][name]).abs().max()) for name, tensor in one["weights"].items())
+    assert moved > 1e-3
+    for name, tensor in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], tensor, atol=2e-6, rtol=1e-5, msg=name)
