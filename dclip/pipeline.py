@@ -91,6 +91,9 @@ class DistillationArguments:
     teacher_learning_rate: float = 5e-4
     distill_learning_rate: float = 5e-5
     online_teacher: bool = field(default=False, metadata={"help": "run the teacher per batch instead of caching"})
+    cpu_threads: int | None = field(default=None, metadata={"help": "torch threads per process on CPU; default: "
+                                                      "the cores this process may use / processes per machine "
+                                                      "(`accelerate launch` alone would leave 1)"})
     eval_top_k: int = field(default=16, metadata={"help": "candidates per query that the teacher's fused score "
                                                   "re-ranks in retrieval evaluation"})
 
@@ -113,8 +116,10 @@ def _runs(args: DistillationArguments, stage: str) -> bool:
 # ----- data and processor ---------------------------------------------------------------------------------------
 
 
-def load_data(data_args: DataArguments, seed: int) -> DatasetDict:
-    """`train` and `eval` splits: the embedded scenes, or a real captioned data set through `dclip.data.loaders`."""
+def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[str, dict]]:
+    """`train` and `eval` splits (the embedded scenes, or a real captioned data set through `dclip.data.loaders`), and
+    per split what the loader kept and skipped (missing or corrupt images, empty captions)."""
+    reports: dict[str, dict] = {}
     if data_args.dataset_name is None:
         scenes = load_scenes(SceneConfig(num_train=data_args.num_train_scenes, image_size=data_args.image_size,
                                          seed=seed), cache_dir=data_args.cache_dir)
@@ -124,15 +129,18 @@ def load_data(data_args: DataArguments, seed: int) -> DatasetDict:
         from .data.loaders import load_caption_dataset
 
         data = DatasetDict()
+        extra = {"image_root": data_args.image_root} if data_args.image_root else {}
         for name, split in (("train", data_args.train_split), ("eval", data_args.eval_split)):
             dataset, report = load_caption_dataset(data_args.dataset_name, format=data_args.dataset_format,
-                                                   split=split, image_root=data_args.image_root)
+                                                   split=split, **extra)
             logger.warning("%s split %r: %s", data_args.dataset_name, split, report)
             data[name] = dataset
+            reports[name] = {"source": report.source, "rows": report.num_rows, "images": report.num_images,
+                             "skipped": dict(report.skipped)}
     if data_args.max_train_samples is not None:
         data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     data["eval"] = data["eval"].select(range(min(data_args.max_eval_samples, len(data["eval"]))))
-    return data
+    return data, reports
 
 
 def build_default_processor(data_args: DataArguments, scenes, detector_path: str | None = None):
@@ -409,6 +417,17 @@ def paper_claims(metrics: dict[str, dict[str, float]]) -> dict[str, float | bool
 # ----- the whole run --------------------------------------------------------------------------------------------
 
 
+def cpu_threads_per_process(requested: int | None = None) -> int:
+    """`requested`, else this process's usable cores shared among the processes on this machine. `accelerate launch`
+    exports OMP_NUM_THREADS=1 unless given `--cpu`, which would leave a CPU run on one core."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--cpu_threads must be at least 1, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, args: DistillationArguments,
         training_args: TrainingArguments) -> dict:
     """Run the chosen stages; return where each artefact went, how each stage trained, and the metrics."""
@@ -417,11 +436,13 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
         raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint): a base CLIP is pretrained here "
                          "only on the embedded default data.")
     started = time.perf_counter()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads_per_process(args.cpu_threads))
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     main = training_args.process_index == 0
     with training_args.main_process_first(desc="data"):  # the others read the main process's caches
-        data = load_data(data_args, training_args.seed)
+        data, data_reports = load_data(data_args, training_args.seed)
     resume = bool(training_args.resume_from_checkpoint)
     artefacts: dict[str, str] = {}
     log: dict[str, dict] = {}
@@ -465,7 +486,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
                 metrics[name] = evaluate_folder(artefacts[name], data, processor)
         if "teacher" in artefacts:
             metrics["teacher"] = evaluate_teacher(artefacts["teacher"], data, processor, args.eval_top_k)
-    summary = {"artefacts": artefacts, "training": log, "metrics": metrics, "claims": paper_claims(metrics),
+    summary = {"artefacts": artefacts, "data": data_reports, "training": log, "metrics": metrics,
+               "claims": paper_claims(metrics),
                "seconds": round(time.perf_counter() - started, 1)}
     if main:
         (output / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import torch
@@ -55,11 +56,35 @@ def _place_teacher(teacher: torch.nn.Module, device) -> tuple[torch.nn.Module, t
     return teacher.to(device).eval(), device
 
 
+def _file_digest(path: str | None) -> str | None:
+    if path is None or not os.path.isfile(path):
+        return path
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _processor_key(processor) -> str:
+    """The processor's settings, with its detector named by the weights' content rather than their path (the same
+    detector copied elsewhere keeps the cache; other weights at the same path do not)."""
+    if not hasattr(processor, "to_dict"):
+        return repr(processor)
+    settings = processor.to_dict()
+    settings["detector_path"] = _file_digest(getattr(processor, "detector_path", None))
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:  # to_dict leaves the tokenizer out
+        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items())) + str(tokenizer.model_max_length)
+        settings["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()[:16]
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
 def _map_fingerprint(dataset: Dataset, processor, weights: str, use_given_boxes: bool, use_given_spans: bool) -> str:
     """Cache key of a teacher `datasets.map` pass: the data, the weights' hash and the processing settings."""
     settings = {
         "weights": weights,
-        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
+        "processor": _processor_key(processor),
         "boxes": use_given_boxes,
         "spans": use_given_spans,
         "data": dataset._fingerprint,

@@ -13,6 +13,7 @@ from .losses import ClipLoss, CosineDistillLoss
 
 STUDENT_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 TEACHER_TARGETS = ("teacher_image_embeds", "teacher_text_embeds")
+COSINE_TARGETS = {"cosine_image": "teacher_image_embeds", "cosine_text": "teacher_text_embeds"}
 
 
 class DCLIPTrainer(Trainer):
@@ -47,12 +48,12 @@ class DCLIPTrainer(Trainer):
 
     def _teacher_targets(self, inputs: dict) -> dict[str, torch.Tensor]:
         targets = {name: inputs.pop(name) for name in TEACHER_TARGETS if name in inputs}
-        needs = any(name.startswith("cosine") for name in self.loss_weights)
         teacher_inputs = {k: inputs.pop(k) for k in list(inputs) if k.startswith(("region_", "span_"))}
-        if needs and len(targets) < 2:
+        needed = {target for term, target in COSINE_TARGETS.items() if term in self.loss_weights}
+        if needed - set(targets):
             if self.teacher is None:
-                raise ValueError("cosine terms need `teacher_image_embeds` / `teacher_text_embeds` in the batch "
-                                 "or a `teacher` for online targets.")
+                raise ValueError(f"the cosine terms need {sorted(needed - set(targets))} in the batch or a "
+                                 "`teacher` for online targets.")
             with torch.no_grad():
                 out = self.teacher(**{k: inputs[k] for k in STUDENT_INPUTS if k in inputs}, **teacher_inputs)
             targets = {"teacher_image_embeds": out.image_embeds, "teacher_text_embeds": out.text_embeds}
@@ -66,10 +67,10 @@ class DCLIPTrainer(Trainer):
         if "contrastive" in self.loss_weights:
             logit_scale = self.accelerator.unwrap_model(model).logit_scale
             terms["contrastive"] = self.clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
-        if "cosine_image" in self.loss_weights:
-            terms["cosine_image"] = self.cosine_loss(outputs.image_embeds, targets["teacher_image_embeds"])
-        if "cosine_text" in self.loss_weights:
-            terms["cosine_text"] = self.cosine_loss(outputs.text_embeds, targets["teacher_text_embeds"])
+        for term, target in COSINE_TARGETS.items():
+            if term in self.loss_weights:
+                student_embeds = outputs.image_embeds if term == "cosine_image" else outputs.text_embeds
+                terms[term] = self.cosine_loss(student_embeds, targets[target])
         return terms, outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

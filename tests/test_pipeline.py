@@ -113,3 +113,61 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
 def test_unknown_stage_is_named():
     with pytest.raises(ValueError, match="--stage must be one of"):
         DistillationArguments(stage="finetune")
+
+
+def test_real_recipe_on_local_checkpoints_and_an_imagefolder(tiny_clip_dir, tmp_path):
+    """--student_model / --teacher_model / --dataset_name: no pretraining, no detector stage, the checkpoint's own
+    tokenizer and image processor; a corrupt image is skipped and counted, not a crash."""
+    from dclip.data.scenes import SceneConfig, generate_scenes
+
+    scenes = generate_scenes(SceneConfig(num_train=24, num_validation=1, num_test=8, image_size=32, seed=3),
+                             num_proc=1)
+    for split in ("train", "test"):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        lines = []
+        for index, row in enumerate(scenes[split]):
+            row["image"].save(folder / f"{index}.png")
+            lines.append(json.dumps({"file_name": f"{index}.png", "caption": row["caption"]}))
+        if split == "train":
+            (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+            lines.append(json.dumps({"file_name": "broken.png", "caption": "a red circle"}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, report_to=[], use_cpu=True,
+        save_strategy="no", dataloader_num_workers=0, seed=0,
+    )
+    summary = run(
+        ModelArguments(student_model=str(tiny_clip_dir), teacher_model=str(tiny_clip_dir), fusion_hidden_size=32,
+                       fusion_num_heads=4),
+        DataArguments(dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")),
+        DistillationArguments(teacher_steps=2, distill_steps=2),
+        training_args,
+    )
+    assert summary["artefacts"]["base_clip"] == str(tiny_clip_dir) and "detector" not in summary["artefacts"]
+    assert set(summary["training"]) == {"teacher", "distill"}
+    assert summary["data"]["train"]["rows"] == 24 and summary["data"]["train"]["skipped"] == {"corrupt_image": 1}
+    assert set(summary["metrics"]) == {"base_clip", "teacher", "student"}
+    assert not any(key.startswith("zeroshot_") for key in summary["metrics"]["student"])  # no labels in this data
+    student_config = json.loads((Path(summary["artefacts"]["student"]) / "config.json").read_text())
+    assert student_config["base_model_name_or_path"] == str(tiny_clip_dir)
+    teacher_config = json.loads((Path(summary["artefacts"]["teacher"]) / "config.json").read_text())
+    assert teacher_config["embed_dim"] == student_config["projection_dim"]
+
+
+def test_dataset_without_student_checkpoint_is_refused(tmp_path):
+    training_args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="--dataset_name needs --student_model"):
+        run(ModelArguments(), DataArguments(dataset_name="somewhere"), DistillationArguments(), training_args)
+
+
+def test_cpu_threads_are_shared_among_local_processes(monkeypatch):
+    from dclip.pipeline import cpu_threads_per_process
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads_per_process() == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert cpu_threads_per_process() == 8 and cpu_threads_per_process(3) == 3
+    with pytest.raises(ValueError, match="--cpu_threads"):
+        cpu_threads_per_process(0)

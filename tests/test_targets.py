@@ -103,3 +103,20 @@ def test_fused_targets_from_features_equal_targets_from_pixels(scenes_on_disk, t
     direct = compute_teacher_targets(scenes_on_disk, teacher, processor, batch_size=4, device="cpu")
     for column in ("teacher_image_embeds", "teacher_text_embeds"):
         np.testing.assert_allclose(np.array(fused[column]), np.array(direct[column]), atol=1e-5)
+
+
+def test_cache_key_names_the_detector_by_content_and_sees_the_tokenizer(processor, tokenizer, tmp_path):
+    from dclip.data.tokenizer import train_clip_tokenizer
+    from dclip.targets import _processor_key
+    from processing_dclip import DCLIPProcessor
+
+    (tmp_path / "a.pt").write_bytes(b"weights one")
+    (tmp_path / "copy.pt").write_bytes(b"weights one")
+    (tmp_path / "b.pt").write_bytes(b"weights two")
+    keys = {}
+    for name in ("a.pt", "copy.pt", "b.pt"):
+        with_detector = DCLIPProcessor(processor.image_processor, tokenizer, detector_path=str(tmp_path / name))
+        keys[name] = _processor_key(with_detector)
+    assert keys["a.pt"] == keys["copy.pt"] != keys["b.pt"]
+    other_tokenizer = train_clip_tokenizer(["a completely different corpus"] * 4, vocab_size=600, model_max_length=24)
+    assert _processor_key(DCLIPProcessor(processor.image_processor, other_tokenizer)) != _processor_key(processor)

@@ -78,3 +78,20 @@ def test_bad_loss_configuration_is_named(student, tmp_path):
     trainer = make_trainer(student, tmp_path, loss_weights={"cosine_image": 1.0})
     with pytest.raises(ValueError, match="teacher_image_embeds"):
         trainer.compute_loss(student, {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 32, 32)})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip, batch, tmp_path):
+    weights = {"contrastive": 1.0, "cosine_image": 1.0}
+    teacher_images = F.normalize(torch.randn(4, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    gradients = []
+    for checkpointing in (False, True):
+        student = DCLIPModel.from_clip(tiny_clip).train()
+        if checkpointing:
+            student.gradient_checkpointing_enable()
+            assert student.text_model.encoder.gradient_checkpointing and student.vision_model.encoder.gradient_checkpointing
+        trainer = make_trainer(student, tmp_path, loss_weights=weights)
+        trainer.compute_loss(student, {**batch, "teacher_image_embeds": teacher_images}).backward()
+        gradients.append({name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 10
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
