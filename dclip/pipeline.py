@@ -86,10 +86,10 @@ class DistillationArguments:
     detector_train_samples: int = 5000
     pretrain_steps: int = 300
     teacher_steps: int = 150
-    distill_steps: int = 150
+    distill_steps: int = 300
     pretrain_learning_rate: float = 1e-3
     teacher_learning_rate: float = 5e-4
-    distill_learning_rate: float = 5e-5
+    distill_learning_rate: float = 2e-4
     online_teacher: bool = field(default=False, metadata={"help": "run the teacher per batch instead of caching"})
     cpu_threads: int | None = field(default=None, metadata={"help": "torch threads per process on CPU; default: "
                                                       "the cores this process may use / processes per machine "
@@ -509,9 +509,9 @@ def format_summary(summary: dict) -> str:
         short = {key: key.replace("image_retrieval_recall@", "T2I R@").replace("text_retrieval_recall@", "I2T R@")
                  .replace("zeroshot_label_", "ZS ") for key in columns}
         lines.append("metrics (eval split):")
-        lines.append("  " + f"{'model':<10}" + "".join(f"{short[key]:>13}" for key in columns))
+        lines.append("  " + f"{'model':<10}" + "".join(f"{short[key]:>16}" for key in columns))
         for name, values in metrics.items():
-            cells = "".join(f"{values[key]:>13.4f}" if key in values else f"{'-':>13}" for key in columns)
+            cells = "".join(f"{values[key]:>16.4f}" if key in values else f"{'-':>16}" for key in columns)
             lines.append(f"  {name:<10}{cells}")
     if summary.get("claims"):
         lines.append("claims:")
