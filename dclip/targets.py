@@ -72,6 +72,8 @@ def _processor_key(processor) -> str:
     if not hasattr(processor, "to_dict"):
         return repr(processor)
     settings = processor.to_dict()
+    for part in (settings, settings.get("image_processor") or {}):  # written by save_pretrained, not a setting
+        part.pop("auto_map", None)
     settings["detector_path"] = _file_digest(getattr(processor, "detector_path", None))
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:  # to_dict leaves the tokenizer out

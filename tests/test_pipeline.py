@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
@@ -171,3 +172,16 @@ def test_cpu_threads_are_shared_among_local_processes(monkeypatch):
     assert cpu_threads_per_process() == 8 and cpu_threads_per_process(3) == 3
     with pytest.raises(ValueError, match="--cpu_threads"):
         cpu_threads_per_process(0)
+
+
+def test_student_folder_runs_in_the_zero_shot_pipeline(tiny_run):
+    from transformers import pipeline
+
+    _, summary = tiny_run
+    classifier = pipeline("zero-shot-image-classification", model=summary["artefacts"]["student"],
+                          trust_remote_code=True)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    scores = classifier(image, candidate_labels=["red circle", "blue square", "green star"])
+    assert {score["label"] for score in scores} == {"red circle", "blue square", "green star"}
+    assert sum(score["score"] for score in scores) == pytest.approx(1.0, abs=1e-5)
+    assert type(classifier.model).__name__ == "DCLIPModel"

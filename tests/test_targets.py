@@ -120,3 +120,11 @@ def test_cache_key_names_the_detector_by_content_and_sees_the_tokenizer(processo
     assert keys["a.pt"] == keys["copy.pt"] != keys["b.pt"]
     other_tokenizer = train_clip_tokenizer(["a completely different corpus"] * 4, vocab_size=600, model_max_length=24)
     assert _processor_key(DCLIPProcessor(processor.image_processor, other_tokenizer)) != _processor_key(processor)
+
+
+def test_cache_key_survives_save_and_reload(processor, tmp_path):
+    from dclip.targets import _processor_key
+    from processing_dclip import DCLIPProcessor
+
+    processor.save_pretrained(tmp_path)
+    assert _processor_key(DCLIPProcessor.from_pretrained(tmp_path)) == _processor_key(processor)
