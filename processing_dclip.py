@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,15 +148,15 @@ class Regions:
     class_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
-@contextmanager
-def keep_torch_threads():
+class keep_torch_threads:  # noqa: N801 (used as a context manager, like torch.no_grad)
     """Restore torch's thread count afterwards: ultralytics sets it to `cpu_count - 1` whenever it picks a device,
     which would leave the rest of a CPU run on one core fewer (half the cores on a 2-core machine)."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+
+    def __enter__(self) -> None:
+        self.threads = torch.get_num_threads()
+
+    def __exit__(self, *exc_info) -> None:
+        torch.set_num_threads(self.threads)
 
 
 class RegionExtractor:
