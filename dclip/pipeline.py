@@ -302,9 +302,10 @@ def train_teacher(model_args, data_args, training_args, args, data, processor, b
 
 
 def _student_embed_dim(model_args: ModelArguments, base_clip: str) -> int:
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
 
-    return AutoConfig.from_pretrained(model_args.student_model or base_clip).projection_dim
+    # a CLIP or a DCLIP student, local or on the Hub, without loading remote code
+    return PretrainedConfig.get_config_dict(model_args.student_model or base_clip)[0]["projection_dim"]
 
 
 class _TeacherCollator(DCLIPCollator):
@@ -366,7 +367,9 @@ def evaluate_folder(folder: str, data, processor) -> dict[str, float]:
     """Retrieval Recall@K (and zero-shot accuracy on the embedded data) of a student or base-CLIP folder."""
     from modeling_dclip import DCLIPModel
 
-    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    from transformers import PretrainedConfig
+
+    model_type = PretrainedConfig.get_config_dict(folder)[0].get("model_type")  # a local folder or a Hub name
     model = DCLIPModel.from_pretrained(folder) if model_type == "dclip" else DCLIPModel.from_clip(folder)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     test = data["eval"]
