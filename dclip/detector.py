@@ -79,8 +79,10 @@ def _train_detector(data_yaml, output_dir, model_config, epochs, image_size, bat
     from ultralytics import YOLO
 
     output_dir = Path(output_dir).resolve()
-    last = output_dir / "weights" / "last.pt"
-    if resume and last.is_file():
+    last, best = output_dir / "weights" / "last.pt", output_dir / "weights" / "best.pt"
+    if resume and last.is_file() and not _unfinished(last) and best.is_file():
+        pass  # training had finished (stopped during validation): validate the weights there are
+    elif resume and last.is_file():
         model = YOLO(str(last))
         model.train(resume=True)
     else:
@@ -91,12 +93,32 @@ def _train_detector(data_yaml, output_dir, model_config, epochs, image_size, bat
             workers=workers, seed=seed, deterministic=True, amp=False, plots=False, project=str(output_dir.parent),
             name=output_dir.name, exist_ok=True, verbose=False, **train_kwargs,
         )
-    best = output_dir / "weights" / "best.pt"
     metrics = YOLO(str(best)).val(
         data=data_yaml, imgsz=image_size, batch=batch_size, device=device or _auto_device(), plots=False,
         verbose=False, project=str(output_dir.parent), name=output_dir.name + "-val", exist_ok=True,
     )
     return DetectorResult(str(best), float(metrics.box.map50), float(metrics.box.map), data_yaml)
+
+
+def import_ultralytics_as_one_process() -> None:
+    """
+    Import ultralytics as a single process even inside a distributed launch. ultralytics reads WORLD_SIZE / RANK at
+    import and then calls `torch.distributed` barriers and broadcasts of its own (settings, trainer, sampler), which
+    would pair with the pipeline's barriers on other ranks. Detection and detector training here are one process's
+    work, so every rank imports it with WORLD_SIZE=1 before anything else does.
+    """
+    import sys
+
+    if "ultralytics" in sys.modules or os.environ.get("WORLD_SIZE", "1") == "1":
+        return
+    saved = os.environ["WORLD_SIZE"]
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        import ultralytics.utils  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        os.environ["WORLD_SIZE"] = saved
 
 
 def train_scene_detector(
@@ -131,6 +153,15 @@ def train_scene_detector(
     metrics = {**asdict(result), "count_accuracy": count_accuracy(extractor, test), "settings": settings}
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _unfinished(checkpoint: Path) -> bool:
+    """An ultralytics checkpoint written mid-training (it keeps its epoch and optimizer; a finished one does not).
+    Our own run's file, so unpickling it is safe."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    return state.get("epoch", -1) >= 0 and state.get("optimizer") is not None
 
 
 def _use_all_cores(trainer) -> None:

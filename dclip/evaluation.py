@@ -32,8 +32,7 @@ def image_groups(dataset) -> tuple[np.ndarray, np.ndarray]:
         return rows, rows
     first: dict = {}
     text_to_image = np.array([first.setdefault(image_id, len(first)) for image_id in dataset["image_id"]])
-    image_rows = np.zeros(len(first), dtype=np.int64)
-    image_rows[text_to_image[::-1]] = np.arange(len(dataset))[::-1]  # the first row of each image
+    image_rows = np.unique(text_to_image, return_index=True)[1]  # the first row of each image
     return image_rows, text_to_image
 
 
@@ -76,6 +75,8 @@ def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int 
     candidate_index) -> scores` (1-D index tensors) and placed above every other candidate, whose order is kept.
     """
     top_k = min(top_k, scores.shape[1])
+    if top_k <= 0:
+        return scores.float()
     candidates = scores.topk(top_k, dim=1).indices  # (queries, top_k)
     queries = torch.arange(scores.shape[0])[:, None].expand_as(candidates)
     flat_queries, flat_candidates = queries.reshape(-1), candidates.reshape(-1)

@@ -21,6 +21,7 @@ from transformers import CLIPImageProcessor, Trainer, TrainingArguments
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.scenes import SceneConfig, load_scenes, zero_shot_tasks
 from .data.tokenizer import train_clip_tokenizer
+from .detector import import_ultralytics_as_one_process
 from .evaluation import embed_pairs, image_groups, retrieval_recall, teacher_retrieval, zero_shot_accuracy
 from .presets import small_clip_config
 from .targets import (
@@ -159,11 +160,15 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, data, 
     """
     The run's processor, saved once in `folder` and read back by every later stage, process and resumed run (a BPE
     tokenizer trained twice on the same captions can differ in tie-breaks): the student's own (tokenizer, image
-    processor) when it starts from a checkpoint, else the embedded default's.
+    processor) when it starts from a checkpoint, else the embedded default's. A saved one made for another student
+    or data set is rebuilt.
     """
     from processing_dclip import DCLIPProcessor
 
-    if (folder / "processor_config.json").is_file():
+    source = {"student_model": model_args.student_model, "dataset_name": data_args.dataset_name,
+              "image_size": data_args.image_size, "vocab_size": data_args.vocab_size}
+    source_file = folder / "dclip_source.json"
+    if source_file.is_file() and json.loads(source_file.read_text()) == source:
         processor = DCLIPProcessor.from_pretrained(folder)
         processor.set_detector(detector_path)
         return processor
@@ -174,7 +179,9 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, data, 
         processor = DCLIPProcessor(clip_processor.image_processor, clip_processor.tokenizer,
                                    detector_path=detector_path, max_regions=4, max_spans=6)
     saved = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(saved, ignore_errors=True)
     processor.save_pretrained(saved)
+    (saved / "dclip_source.json").write_text(json.dumps(source))
     shutil.rmtree(folder, ignore_errors=True)
     saved.rename(folder)
     return processor
@@ -290,7 +297,7 @@ def train_teacher(model_args, data_args, training_args, args, data, processor, b
     stage_args = _stage_arguments(training_args, "teacher", args.teacher_steps, args.teacher_learning_rate)
     if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
         # frozen towers: encode regions and spans once, then train the fusion block on the cached features
-        with training_args.main_process_first(desc="teacher tower features"):
+        with training_args.main_process_first(local=False, desc="teacher tower features"):
             features = compute_teacher_features(data["train"], teacher, processor, batch_size=256,
                                                 **_region_settings(data_args))
         train, collator = features.select_columns(list(TEACHER_FEATURE_COLUMNS)), TeacherFeatureCollator()
@@ -336,7 +343,7 @@ def distill(model_args, data_args, training_args, args, data, processor, base_cl
     teacher = DCLIPTeacherModel.from_pretrained(teacher_dir)
     train = data["train"]
     if not args.online_teacher:
-        with training_args.main_process_first(desc="teacher targets"):
+        with training_args.main_process_first(local=False, desc="teacher targets"):
             if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:  # the teacher stage's cache
                 features = compute_teacher_features(train, teacher, processor, batch_size=256,
                                                     **_region_settings(data_args))
@@ -444,7 +451,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
     output = Path(training_args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     main = training_args.process_index == 0
-    with training_args.main_process_first(desc="data"):  # the others read the main process's caches
+    import_ultralytics_as_one_process()
+    with training_args.main_process_first(local=False, desc="data"):  # the others read the main process's caches
         data, data_reports = load_data(data_args, training_args.seed)
     resume = bool(training_args.resume_from_checkpoint)
     artefacts: dict[str, str] = {}
@@ -453,9 +461,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
     def done(folder: Path) -> bool:  # a finished stage is skipped when resuming
         return resume and (folder / "config.json").is_file()
 
+    if not resume and main:  # a fresh run: nothing of an earlier run in these folders may pass for this one's
+        for stage, folder in (("detector", "detector"), ("pretrain", "base_clip"), ("teacher", "teacher"),
+                              ("distill", "student")):
+            if _runs(args, stage) and (stage != "detector" or (embedded and model_args.detector_path is None)):
+                shutil.rmtree(output / folder, ignore_errors=True)
+    _wait_for_everyone()
     detector_path = model_args.detector_path
     default_detector = output / "detector" / "run" / "weights" / "best.pt"
-    with training_args.main_process_first(desc="detector and processor"):
+    with training_args.main_process_first(local=False, desc="detector and processor"):
         if detector_path is None and embedded and args.detector_epochs > 0:
             finished = (output / "detector" / "metrics.json").is_file()  # written once the detector is trained
             if main and _runs(args, "detector") and not (resume and finished):

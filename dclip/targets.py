@@ -77,7 +77,10 @@ def _processor_key(processor) -> str:
     settings["detector_path"] = _file_digest(getattr(processor, "detector_path", None))
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:  # to_dict leaves the tokenizer out
-        vocabulary = json.dumps(sorted(tokenizer.get_vocab().items())) + str(tokenizer.model_max_length)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        # the model part only (vocabulary and merges): padding / truncation state changes as the tokenizer is used
+        model = json.loads(backend.to_str())["model"] if backend is not None else sorted(tokenizer.get_vocab().items())
+        vocabulary = json.dumps(model, sort_keys=True) + str(tokenizer.model_max_length)
         settings["tokenizer"] = hashlib.sha256(vocabulary.encode()).hexdigest()[:16]
     return json.dumps(settings, sort_keys=True, default=str)
 

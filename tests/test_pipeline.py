@@ -90,6 +90,9 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
 
     root, summary = tiny_run
     shutil.copytree(root / "out", tmp_path / "out")
+    stale = tmp_path / "out" / "student" / "checkpoint-999"  # an earlier run's: a fresh run must not resume it
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text("{}")
     training_args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
         save_strategy="no", dataloader_num_workers=0, seed=0,
@@ -101,6 +104,7 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
                               detector_train_samples=64),
         training_args,
     )
+    assert not stale.exists() and result["training"]["distill"]["global_step"] == 3
     base = load_file(f"{summary['artefacts']['base_clip']}/model.safetensors")
     student = load_file(f"{result['artefacts']['student']}/model.safetensors")
     assert set(student) == set(base)  # merged: no adapter weights left
@@ -185,3 +189,28 @@ def test_student_folder_runs_in_the_zero_shot_pipeline(tiny_run):
     assert {score["label"] for score in scores} == {"red circle", "blue square", "green star"}
     assert sum(score["score"] for score in scores) == pytest.approx(1.0, abs=1e-5)
     assert type(classifier.model).__name__ == "DCLIPModel"
+
+
+def test_saved_processor_is_reused_only_for_the_same_source(tmp_path):
+    from dclip.data.scenes import SceneConfig, generate_scenes
+    from dclip.pipeline import build_processor
+
+    data = generate_scenes(SceneConfig(num_train=40, num_validation=1, num_test=1, image_size=32, seed=1), num_proc=1)
+    folder = tmp_path / "processor"
+    first = build_processor(ModelArguments(), DataArguments(image_size=32, vocab_size=600), data, None, folder)
+    again = build_processor(ModelArguments(), DataArguments(image_size=32, vocab_size=600), data, None, folder)
+    assert again.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    other = build_processor(ModelArguments(), DataArguments(image_size=64, vocab_size=600), data, None, folder)
+    assert other.image_processor.crop_size["height"] == 64  # not the saved 32 px one
+
+
+def test_ultralytics_is_imported_as_one_process_under_a_distributed_launch():
+    import subprocess
+    import sys
+
+    script = ("import os; from dclip.detector import import_ultralytics_as_one_process as f; f(); "
+              "import ultralytics.utils as u; print(u.RANK, u.LOCAL_RANK, os.environ['WORLD_SIZE'])")
+    env = {**__import__("os").environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["-1", "-1", "2"]
