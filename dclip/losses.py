@@ -6,6 +6,8 @@ Features are expected L2-normalised. In a distributed run, contrastive terms gat
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -29,9 +31,9 @@ def gather_features(features: torch.Tensor, gather_with_grad: bool = True) -> to
     if world_size == 1:
         return features
     if gather_with_grad:
-        import torch.distributed.nn
+        from torch.distributed.nn import all_gather as all_gather_with_grad
 
-        return torch.cat(torch.distributed.nn.all_gather(features), dim=0)
+        return torch.cat(all_gather_with_grad(features), dim=0)
     gathered = [torch.zeros_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features)
     gathered[rank] = features
@@ -75,3 +77,64 @@ class CosineDistillLoss(nn.Module):
     def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
         teacher_features = teacher_features.detach().to(student_features.dtype)
         return (1.0 - F.cosine_similarity(student_features, teacher_features, dim=-1)).mean()
+
+
+class ClusterMarginLoss(nn.Module):
+    """
+    CLIP-CID's cluster discrimination: the student's embedding is classified among fixed, L2-normalised cluster
+    centres of the teacher's embeddings with an additive angular margin softmax (ArcFace):
+    logit of the true centre `s * cos(theta_y + m)`, of every other centre `s * cos(theta_j)`.
+
+    As in InsightFace, when `theta_y + m` would pass pi (cos(theta_y) <= cos(pi - m)) the target logit is
+    `s * (cos(theta_y) - m * sin(m))` instead, which keeps it decreasing in theta_y.
+    """
+
+    def __init__(self, centers: torch.Tensor, scale: float = 16.0, margin: float = 0.2):
+        super().__init__()
+        if centers.dim() != 2:
+            raise ValueError(f"`centers` must be (num_clusters, dim), got shape {tuple(centers.shape)}")
+        if not 0 <= margin < math.pi / 2:
+            raise ValueError(f"the angular margin must be in [0, pi/2), got {margin}")
+        self.register_buffer("centers", F.normalize(centers.detach().float(), dim=-1), persistent=False)
+        self.scale = scale
+        self.margin = margin
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        self.threshold = math.cos(math.pi - margin)
+        self.fallback = math.sin(math.pi - margin) * margin
+
+    def logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`(batch, num_clusters)` margin logits of L2-normalised `features` for the true `labels`."""
+        cosine = F.normalize(features.float(), dim=-1) @ self.centers.t()
+        target = cosine.gather(1, labels[:, None])
+        sine = torch.sqrt((1.0 - target * target).clamp_min(1e-6))
+        with_margin = target * self.cos_m - sine * self.sin_m
+        with_margin = torch.where(target > self.threshold, with_margin, target - self.fallback)
+        return self.scale * cosine.scatter(1, labels[:, None], with_margin)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.logits(features, labels.long()), labels.long())
+
+
+class InstanceDistillLoss(nn.Module):
+    """
+    CLIP-CID's instance discrimination: each student embedding must pick out the teacher's embedding of the same
+    sample among the (global) batch, across modalities: student image vs teacher text and student text vs teacher
+    image (`cross_modal=True`), or each modality against its own (`cross_modal=False`). InfoNCE scaled by the
+    student's `logit_scale`; the teacher's features are gathered without gradients and each process scores its own
+    student rows against the global batch.
+    """
+
+    def __init__(self, cross_modal: bool = True):
+        super().__init__()
+        self.cross_modal = cross_modal
+
+    def forward(self, student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
+                teacher_text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        rank, _ = _world()
+        scale = logit_scale.exp() if logit_scale.dim() == 0 or logit_scale.numel() == 1 else logit_scale
+        teacher_image = gather_features(teacher_image.detach().to(student_image.dtype), gather_with_grad=False)
+        teacher_text = gather_features(teacher_text.detach().to(student_text.dtype), gather_with_grad=False)
+        image_targets, text_targets = (teacher_text, teacher_image) if self.cross_modal else (teacher_image, teacher_text)
+        labels = torch.arange(student_image.shape[0], device=student_image.device) + rank * student_image.shape[0]
+        return (F.cross_entropy(scale * student_image @ image_targets.t(), labels)
+                + F.cross_entropy(scale * student_text @ text_targets.t(), labels)) / 2

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from dclip.losses import ClipLoss, CosineDistillLoss
+from dclip.losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 
 
 def normalized(*shape, seed=0):
@@ -49,6 +49,65 @@ def test_cosine_distill_loss_matches_formula_and_stops_teacher_gradient():
     assert teacher.grad is None and student.grad is not None
 
 
+def test_cluster_margin_loss_hand_computed_case():
+    # centres e0, e1; a feature 30 degrees from e0 (60 from e1), true cluster 0, s = 2, m = 0.5:
+    # logits [2 cos(pi/6 + 0.5), 2 cos(pi/3)]; the feature's length does not matter (it is normalised)
+    centers = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    feature = 5 * torch.tensor([[math.cos(math.pi / 6), math.sin(math.pi / 6)]])
+    loss_fn = ClusterMarginLoss(centers, scale=2.0, margin=0.5)
+    target, other = 2 * math.cos(math.pi / 6 + 0.5), 2 * 0.5
+    expected = -target + math.log(math.exp(target) + math.exp(other))
+    assert loss_fn(feature, torch.tensor([0])).item() == pytest.approx(expected, rel=1e-5)
+    # no margin: plain softmax over scaled cosines; label 1 gets no margin on label 0's logit
+    plain = ClusterMarginLoss(centers, scale=2.0, margin=0.0)(feature, torch.tensor([1]))
+    logits = [2 * math.cos(math.pi / 6), 2 * 0.5]
+    assert plain.item() == pytest.approx(-logits[1] + math.log(sum(math.exp(v) for v in logits)), rel=1e-5)
+
+
+def test_cluster_margin_loss_past_pi_falls_back_and_keeps_gradients():
+    # a feature opposite its centre: theta + m > pi, target logit s * (cos(theta) - m sin(m)) = 2 * (-1 - 0.5 sin 0.5)
+    centers = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    feature = torch.tensor([[-1.0, 0.0]], requires_grad=True)
+    loss_fn = ClusterMarginLoss(centers, scale=2.0, margin=0.5)
+    logits = loss_fn.logits(feature, torch.tensor([0]))
+    assert logits[0, 0].item() == pytest.approx(2 * (-1 - 0.5 * math.sin(0.5)), rel=1e-6)
+    assert logits[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    loss_fn(feature, torch.tensor([0])).backward()
+    assert torch.isfinite(feature.grad).all()
+
+
+def test_cluster_margin_loss_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_clusters, dim"):
+        ClusterMarginLoss(torch.zeros(4))
+    with pytest.raises(ValueError, match="margin"):
+        ClusterMarginLoss(torch.eye(2), margin=2.0)
+
+
+def naive_instance_loss(student_images, student_texts, teacher_images, teacher_texts, scale):
+    """Cross-modal student->teacher InfoNCE written out sample by sample."""
+    n, total = student_images.shape[0], 0.0
+    for i in range(n):
+        for student, teacher in ((student_images, teacher_texts), (student_texts, teacher_images)):
+            row = [scale * float(student[i] @ teacher[j]) for j in range(n)]
+            total += -row[i] + math.log(sum(math.exp(v) for v in row))
+    return total / (2 * n)
+
+
+def test_instance_distill_loss_matches_naive_loop_and_stops_teacher_gradient():
+    student_images, student_texts = normalized(5, 8, seed=3).requires_grad_(True), normalized(5, 8, seed=4)
+    teacher_images = normalized(5, 8, seed=5).requires_grad_(True)
+    teacher_texts = normalized(5, 8, seed=6)
+    loss = InstanceDistillLoss()(student_images, student_texts, teacher_images, teacher_texts, torch.tensor(math.log(7.0)))
+    expected = naive_instance_loss(student_images, student_texts, teacher_images, teacher_texts, 7.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    same_modality = InstanceDistillLoss(cross_modal=False)(
+        student_images, student_texts, teacher_images, teacher_texts, torch.tensor(math.log(7.0)))
+    swapped = naive_instance_loss(student_images, student_texts, teacher_texts, teacher_images, 7.0)
+    assert same_modality.item() == pytest.approx(swapped, rel=1e-5)
+    loss.backward()
+    assert teacher_images.grad is None and student_images.grad is not None
+
+
 def _distributed_worker(rank, world_size, store, queue):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     images, texts = normalized(8, 4, seed=1), normalized(8, 4, seed=2)
@@ -60,6 +119,10 @@ def _distributed_worker(rank, world_size, store, queue):
         loss = loss_fn(local_images, local_texts, torch.tensor(math.log(5.0)))
         loss.backward()
         results[name] = (loss.item(), local_images.grad.tolist())  # plain lists: no shared memory
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    instance = InstanceDistillLoss()(images[rows], texts[rows], normalized(8, 4, seed=3)[rows],
+                                     normalized(8, 4, seed=4)[rows], torch.tensor(math.log(5.0)))
+    results["instance"] = (instance.item(), None)
     queue.put((rank, results))
     torch.distributed.destroy_process_group()
 
@@ -68,14 +131,14 @@ def test_two_process_gather_with_gradients(tmp_path):
     """2 gloo processes: same loss as one process over the global batch; gradients flow through the gather."""
     world_size = 2
     context = mp.get_context("spawn")
-    queue = context.SimpleQueue()
+    queue = context.Queue()
     processes = [
         context.Process(target=_distributed_worker, args=(rank, world_size, str(tmp_path / "store"), queue))
         for rank in range(world_size)
     ]
     for process in processes:
         process.start()
-    results = dict(queue.get() for _ in range(world_size))
+    results = dict(queue.get(timeout=120) for _ in range(world_size))  # a crashed worker fails, not hangs
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
@@ -93,3 +156,8 @@ def test_two_process_gather_with_gradients(tmp_path):
         local_losses.append(results[rank]["local"][0])
     # local losses (own rows against the global batch) average to the global loss
     assert sum(local_losses) / world_size == pytest.approx(full.item(), rel=1e-5)
+    # the instance term scores each rank's student rows against the gathered teacher batch
+    instance = InstanceDistillLoss()(images.detach(), texts, normalized(8, 4, seed=3), normalized(8, 4, seed=4),
+                                     torch.tensor(math.log(5.0)))
+    assert sum(results[rank]["instance"][0] for rank in range(world_size)) / world_size == pytest.approx(
+        instance.item(), rel=1e-5)
