@@ -7,6 +7,23 @@ import torch
 from tqdm.auto import tqdm
 
 
+def load_clip_towers(name_or_path: str):
+    """A [`DCLIPModel`] or [`DCLIPTeacherModel`] folder as itself, any CLIP checkpoint (local or Hub) as a
+    [`DCLIPModel`]: each has `get_image_features` / `get_text_features` returning tensors. On the GPU if there is one."""
+    from transformers import PretrainedConfig
+
+    from modeling_dclip import DCLIPModel, DCLIPTeacherModel
+
+    model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")  # no remote code loaded
+    if model_type == "dclip":
+        model = DCLIPModel.from_pretrained(name_or_path)
+    elif model_type == "dclip_teacher":
+        model = DCLIPTeacherModel.from_pretrained(name_or_path)
+    else:
+        model = DCLIPModel.from_clip(name_or_path)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
 @torch.no_grad()
 def embed_pairs(model, processor, dataset, batch_size: int = 256, device: str | torch.device | None = None):
     """L2-normalised `(image_embeds, text_embeds)` of every row (`image`, `caption`) of `dataset`, as float32 numpy."""

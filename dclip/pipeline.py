@@ -22,12 +22,14 @@ from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.scenes import SceneConfig, load_scenes, zero_shot_tasks
 from .data.tokenizer import train_clip_tokenizer
 from .detector import import_ultralytics_as_one_process
-from .evaluation import embed_pairs, image_groups, retrieval_recall, teacher_retrieval, zero_shot_accuracy
+from .evaluation import (
+    embed_pairs, image_groups, load_clip_towers, retrieval_recall, teacher_retrieval, zero_shot_accuracy,
+)
 from .presets import small_clip_config
 from .targets import (
     TEACHER_FEATURE_COLUMNS, compute_teacher_features, compute_teacher_targets, fuse_teacher_targets,
 )
-from .trainer import DCLIPTrainer
+from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS, DCLIPTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,14 @@ class DataArguments:
     image_size: int = 64
     vocab_size: int = 1024
     max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    train_indices: str | None = field(default=None, metadata={"help": "a .npy of training-split rows to train on, "
+                                                              "e.g. `kept_indices.npy` of examples/curate.py"})
+    exact_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: fraction of training "
+                                                                   "scenes that are byte copies of earlier ones"})
+    near_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...re-rendered copies "
+                                                                  "with a small jitter"})
+    concept_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...repeats of a few "
+                                                           "over-represented concepts"})
     max_eval_samples: int = 1000
     use_annotated_regions: bool = field(default=False, metadata={"help": "train the teacher on the data's own "
                                                                   "boxes and spans, not the detector's and the span "
@@ -78,10 +88,19 @@ class DataArguments:
 @dataclass
 class DistillationArguments:
     stage: str = field(default="all", metadata={"help": f"one of {STAGES}"})
-    method: str = field(default="dclip", metadata={"help": "dclip (clip_cid and dclip+clip_cid: issue 5)"})
-    contrastive_weight: float = 1.0
-    cosine_image_weight: float = 1.0
-    cosine_text_weight: float = 1.0
+    method: str = field(default="dclip", metadata={"help": "dclip (contrastive + cosine to the teacher), clip_cid "
+                                                   "(cluster + instance discrimination) or dclip+clip_cid"})
+    # loss weights; unset: 1 for the method's terms, 0 for the others
+    contrastive_weight: float | None = None
+    cosine_image_weight: float | None = None
+    cosine_text_weight: float | None = None
+    cluster_image_weight: float | None = None
+    cluster_text_weight: float | None = None
+    instance_weight: float | None = None
+    num_clusters: int = field(default=64, metadata={"help": "k-means clusters of the teacher's image embeddings "
+                                                   "(CLIP-CID's cluster discrimination)"})
+    cluster_scale: float = field(default=16.0, metadata={"help": "margin softmax scale s"})
+    cluster_margin: float = field(default=0.2, metadata={"help": "additive angular margin m, radians"})
     detector_epochs: int = field(default=6, metadata={"help": "0: no detector stage (regions: the data's boxes "
                                                      "with --use_annotated_regions, else the whole image)"})
     detector_train_samples: int = 5000
@@ -101,6 +120,20 @@ class DistillationArguments:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.method not in METHOD_LOSS_WEIGHTS:
+            raise ValueError(f"--method must be one of {list(METHOD_LOSS_WEIGHTS)}, got {self.method!r}")
+        if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):
+            raise ValueError("the cluster terms (--method clip_cid) need the teacher's embeddings of the whole "
+                             "training set for k-means: drop --online_teacher or set the cluster weights to 0")
+
+    def loss_weights(self) -> dict[str, float]:
+        """Each loss term's weight: the explicit `--<term>_weight`, else 1 for the method's terms and 0 otherwise."""
+        defaults = METHOD_LOSS_WEIGHTS[self.method]
+        weights = {}
+        for term in LOSS_TERMS:
+            explicit = getattr(self, f"{term}_weight")
+            weights[term] = float(explicit) if explicit is not None else float(term in defaults)
+        return weights
 
 
 def _stage_arguments(training_args: TrainingArguments, name: str, steps: int, learning_rate: float) -> TrainingArguments:
@@ -122,8 +155,11 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[st
     per split what the loader kept and skipped (missing or corrupt images, empty captions)."""
     reports: dict[str, dict] = {}
     if data_args.dataset_name is None:
-        scenes = load_scenes(SceneConfig(num_train=data_args.num_train_scenes, image_size=data_args.image_size,
-                                         seed=seed), cache_dir=data_args.cache_dir)
+        scenes = load_scenes(SceneConfig(
+            num_train=data_args.num_train_scenes, image_size=data_args.image_size, seed=seed,
+            exact_duplicate_fraction=data_args.exact_duplicate_fraction,
+            near_duplicate_fraction=data_args.near_duplicate_fraction, concept_fraction=data_args.concept_fraction,
+        ), cache_dir=data_args.cache_dir)
         data = DatasetDict(train=scenes["train"], eval=scenes[data_args.eval_split], validation=scenes["validation"],
                            test=scenes["test"])
     else:
@@ -138,10 +174,33 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[st
             data[name] = dataset
             reports[name] = {"source": report.source, "rows": report.num_rows, "images": report.num_images,
                              "skipped": dict(report.skipped)}
+    if data_args.train_indices is not None:
+        data["train"] = select_rows(data["train"], data_args.train_indices)
     if data_args.max_train_samples is not None:
         data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     data["eval"] = data["eval"].select(range(min(data_args.max_eval_samples, len(data["eval"]))))
     return data, reports
+
+
+def select_rows(dataset, indices_file: str):
+    """The rows of `dataset` listed in a `.npy` file of integer indices, with a clear error for a bad file."""
+    try:
+        indices = np.load(indices_file)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--train_indices {indices_file}: not a readable .npy file ({error})") from error
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"--train_indices {indices_file}: expected a 1-d array of integer row indices, got "
+                         f"{indices.dtype} of shape {indices.shape}")
+    report = Path(indices_file).with_name("report.json")  # examples/curate.py writes one beside the indices
+    if report.is_file():
+        rows = json.loads(report.read_text()).get("rows")
+        if rows is not None and rows != len(dataset):
+            raise ValueError(f"--train_indices {indices_file}: curated from {rows} rows ({report}), but this "
+                             f"training split has {len(dataset)}: the same data arguments and --seed are needed")
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(dataset)):
+        raise ValueError(f"--train_indices {indices_file}: indices must lie in [0, {len(dataset)}), the training "
+                         f"split's rows; got {indices.min()}..{indices.max()} (made for another data set?)")
+    return dataset.select(indices)
 
 
 def build_default_processor(data_args: DataArguments, scenes, detector_path: str | None = None):
@@ -247,7 +306,7 @@ def _train(trainer: Trainer, training_args: TrainingArguments, stage_args: Train
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     return {"resumed_from": checkpoint, "global_step": trainer.state.global_step,
-            "seconds": round(time.perf_counter() - started, 1)}
+            "train_rows": len(trainer.train_dataset), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def train_default_detector(args: DistillationArguments, training_args: TrainingArguments, data, output: Path) -> str:
@@ -334,7 +393,8 @@ def _with_lora(student, model_args: ModelArguments):
 
 def distill(model_args, data_args, training_args, args, data, processor, base_clip: str, teacher_dir: str,
             log: dict) -> str:
-    """The DCLIP student: initialised from the base CLIP, trained with contrastive + cosine-to-teacher terms."""
+    """The student: initialised from the base CLIP, trained with the method's terms (DCLIP: contrastive + cosine to
+    the teacher; CLIP-CID: cluster + instance discrimination against the teacher's embeddings)."""
     from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 
     torch.manual_seed(training_args.seed)
@@ -351,14 +411,19 @@ def distill(model_args, data_args, training_args, args, data, processor, base_cl
             else:
                 train = compute_teacher_targets(train, teacher, processor, batch_size=256,
                                                 **_region_settings(data_args))
-    weights = {"contrastive": args.contrastive_weight, "cosine_image": args.cosine_image_weight,
-               "cosine_text": args.cosine_text_weight}
+    weights = args.loss_weights()
+    centers = None
+    if any(weights[term] for term in CLUSTER_TERMS):
+        centers, labels = cluster_teacher_embeddings(train, args.num_clusters, training_args,
+                                                     Path(training_args.output_dir) / "student")
+        train = train.add_column("cluster_labels", labels.tolist())
     if model_args.lora_rank:
         student = _with_lora(student, model_args)
     stage_args = _stage_arguments(training_args, "student", args.distill_steps, args.distill_learning_rate)
     trainer = DCLIPTrainer(
         model=student, args=stage_args, train_dataset=train, loss_weights=weights,
-        teacher=teacher if args.online_teacher else None,
+        teacher=teacher if args.online_teacher else None, cluster_centers=centers, cluster_scale=args.cluster_scale,
+        cluster_margin=args.cluster_margin,
         data_collator=DCLIPCollator(processor, with_teacher_inputs=args.online_teacher),
     )
     log["distill"] = _train(trainer, training_args, stage_args)
@@ -367,18 +432,36 @@ def distill(model_args, data_args, training_args, args, data, processor, base_cl
     return _save(student, processor, os.path.join(training_args.output_dir, "student", "final"), training_args)
 
 
+def cluster_teacher_embeddings(train, num_clusters: int, training_args: TrainingArguments,
+                               folder: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """
+    CLIP-CID's clusters: spherical k-means (FAISS) of the teacher's image embeddings (`teacher_image_embeds`),
+    and each row's nearest centre. The main process computes them once and saves `cluster_centers.npy` in
+    `folder` (a resumed run and the other processes read it back, so every process and restart agrees).
+    """
+    from .curation import assign_clusters, normalize_embeddings, spherical_kmeans
+
+    embeddings = normalize_embeddings(np.asarray(train["teacher_image_embeds"], dtype=np.float32))
+    path = folder / "cluster_centers.npy"
+    if training_args.process_index == 0 and not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        centers = spherical_kmeans(embeddings, num_clusters, seed=training_args.seed)
+        np.save(folder / "cluster_centers.partial.npy", centers)
+        os.replace(folder / "cluster_centers.partial.npy", path)
+    _wait_for_everyone()
+    centers = np.load(path)
+    if centers.shape != (num_clusters, embeddings.shape[1]):
+        raise ValueError(f"{path} holds {centers.shape[0]} centres of dim {centers.shape[1]}, but this run asks for "
+                         f"--num_clusters {num_clusters} of dim {embeddings.shape[1]}: remove it or start afresh")
+    return torch.from_numpy(centers), assign_clusters(embeddings, centers)
+
+
 # ----- evaluation -----------------------------------------------------------------------------------------------
 
 
 def evaluate_folder(folder: str, data, processor) -> dict[str, float]:
     """Retrieval Recall@K (and zero-shot accuracy on the embedded data) of a student or base-CLIP folder."""
-    from modeling_dclip import DCLIPModel
-
-    from transformers import PretrainedConfig
-
-    model_type = PretrainedConfig.get_config_dict(folder)[0].get("model_type")  # a local folder or a Hub name
-    model = DCLIPModel.from_pretrained(folder) if model_type == "dclip" else DCLIPModel.from_clip(folder)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_clip_towers(folder)
     test = data["eval"]
     image_embeds, text_embeds = embed_pairs(model, processor, test)
     image_rows, text_to_image = image_groups(test)

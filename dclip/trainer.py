@@ -8,12 +8,19 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .losses import ClipLoss, CosineDistillLoss
+from .losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 
 
 STUDENT_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 TEACHER_TARGETS = ("teacher_image_embeds", "teacher_text_embeds")
 COSINE_TARGETS = {"cosine_image": "teacher_image_embeds", "cosine_text": "teacher_text_embeds"}
+CLUSTER_TERMS = ("cluster_image", "cluster_text")
+LOSS_TERMS = ("contrastive", *COSINE_TARGETS, *CLUSTER_TERMS, "instance")
+METHOD_LOSS_WEIGHTS = {  # each method's terms at weight 1
+    "dclip": ("contrastive", "cosine_image", "cosine_text"),
+    "clip_cid": ("cluster_image", "cluster_text", "instance"),
+    "dclip+clip_cid": ("contrastive", "cosine_image", "cosine_text", "cluster_image", "cluster_text", "instance"),
+}
 
 
 class DCLIPTrainer(Trainer):
@@ -22,7 +29,13 @@ class DCLIPTrainer(Trainer):
 
     - `contrastive`: CLIP's symmetric InfoNCE over the (gathered) batch, with the student's learnable temperature;
     - `cosine_image`, `cosine_text`: `1 - cos(student, teacher)` towards the teacher's enriched embeddings
-      (DCLIP's hybrid loss is `contrastive` + `cosine_*`).
+      (DCLIP's hybrid loss is `contrastive` + `cosine_*`);
+    - `cluster_image`, `cluster_text`: CLIP-CID's cluster discrimination, the student's image / text embedding
+      classified among `cluster_centers` (k-means of the teacher's embeddings) with an additive angular margin
+      softmax towards the sample's `cluster_labels` (from the batch, else the teacher image embedding's nearest
+      centre);
+    - `instance`: CLIP-CID's instance discrimination, student embeddings against the teacher's of the global batch,
+      across modalities, at the student's temperature.
 
     Teacher embeddings come from the batch (`teacher_image_embeds`, `teacher_text_embeds`, precomputed once), or,
     if `teacher` is given and the batch lacks them, from a teacher forward per batch (online mode). Terms with
@@ -30,19 +43,25 @@ class DCLIPTrainer(Trainer):
     """
 
     def __init__(self, *args, loss_weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
-                 local_loss: bool = False, **kwargs):
+                 local_loss: bool = False, cluster_centers: torch.Tensor | None = None, cluster_scale: float = 16.0,
+                 cluster_margin: float = 0.2, **kwargs):
         super().__init__(*args, **kwargs)
         weights = loss_weights if loss_weights is not None else {"contrastive": 1.0}
-        known = {"contrastive", "cosine_image", "cosine_text"}
-        unknown = set(weights) - known
+        unknown = set(weights) - set(LOSS_TERMS)
         if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; known: {list(LOSS_TERMS)}")
         self.loss_weights = {name: float(weight) for name, weight in weights.items() if weight}
         if not self.loss_weights:
             raise ValueError("`loss_weights` gives every term weight 0: nothing to train.")
         self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
         self.clip_loss = ClipLoss(local_loss=local_loss)
         self.cosine_loss = CosineDistillLoss()
+        self.instance_loss = InstanceDistillLoss()
+        self.cluster_loss = None
+        if any(term in self.loss_weights for term in CLUSTER_TERMS):
+            if cluster_centers is None:
+                raise ValueError("the cluster terms need `cluster_centers` (k-means of the teacher's embeddings).")
+            self.cluster_loss = ClusterMarginLoss(torch.as_tensor(cluster_centers), cluster_scale, cluster_margin)
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_steps = 0
 
@@ -50,13 +69,22 @@ class DCLIPTrainer(Trainer):
         targets = {name: inputs.pop(name) for name in TEACHER_TARGETS if name in inputs}
         teacher_inputs = {k: inputs.pop(k) for k in list(inputs) if k.startswith(("region_", "span_"))}
         needed = {target for term, target in COSINE_TARGETS.items() if term in self.loss_weights}
+        if "instance" in self.loss_weights:
+            needed |= set(TEACHER_TARGETS)
+        if "cluster_labels" in inputs:
+            targets["cluster_labels"] = inputs.pop("cluster_labels")
+        elif self.cluster_loss is not None:
+            needed.add("teacher_image_embeds")
         if needed - set(targets):
             if self.teacher is None:
                 raise ValueError(f"the cosine terms need {sorted(needed - set(targets))} in the batch or a "
                                  "`teacher` for online targets.")
             with torch.no_grad():
                 out = self.teacher(**{k: inputs[k] for k in STUDENT_INPUTS if k in inputs}, **teacher_inputs)
-            targets = {"teacher_image_embeds": out.image_embeds, "teacher_text_embeds": out.text_embeds}
+            targets.update(teacher_image_embeds=out.image_embeds, teacher_text_embeds=out.text_embeds)
+        if self.cluster_loss is not None and "cluster_labels" not in targets:
+            centers = self.cluster_loss.centers
+            targets["cluster_labels"] = (targets["teacher_image_embeds"].to(centers) @ centers.t()).argmax(-1)
         return targets
 
     def compute_terms(self, model: nn.Module, inputs: dict) -> tuple[dict[str, torch.Tensor], object]:
@@ -71,6 +99,16 @@ class DCLIPTrainer(Trainer):
             if term in self.loss_weights:
                 student_embeds = outputs.image_embeds if term == "cosine_image" else outputs.text_embeds
                 terms[term] = self.cosine_loss(student_embeds, targets[target])
+        if self.cluster_loss is not None and self.cluster_loss.centers.device != outputs.image_embeds.device:
+            self.cluster_loss.to(outputs.image_embeds.device)
+        for term in CLUSTER_TERMS:
+            if term in self.loss_weights:
+                student_embeds = outputs.image_embeds if term == "cluster_image" else outputs.text_embeds
+                terms[term] = self.cluster_loss(student_embeds, targets["cluster_labels"].to(student_embeds.device))
+        if "instance" in self.loss_weights:
+            terms["instance"] = self.instance_loss(
+                outputs.image_embeds, outputs.text_embeds, targets["teacher_image_embeds"],
+                targets["teacher_text_embeds"], self.accelerator.unwrap_model(model).logit_scale)
         return terms, outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

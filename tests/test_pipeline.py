@@ -115,6 +115,44 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
     assert type(model).__name__ == "DCLIPModel"
 
 
+def test_clip_cid_student_on_curated_rows(tiny_run, tmp_path):
+    """--method dclip+clip_cid --train_indices: k-means centres of the teacher's embeddings saved once, every term
+    logged, the student trained on the listed rows only."""
+    import shutil
+
+    import numpy as np
+
+    root, _ = tiny_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    np.save(tmp_path / "kept.npy", np.arange(0, 200, 2))
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
+    )
+    arguments = DistillationArguments(stage="distill", method="dclip+clip_cid", distill_steps=2, num_clusters=5,
+                                      detector_epochs=1, detector_train_samples=64)
+    assert {term for term, weight in arguments.loss_weights().items() if weight} == {
+        "contrastive", "cosine_image", "cosine_text", "cluster_image", "cluster_text", "instance"}
+    result = run(
+        ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4),
+        DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32,
+                      train_indices=str(tmp_path / "kept.npy")),
+        arguments, training_args,
+    )
+    assert result["training"]["distill"]["global_step"] == 2 and result["training"]["distill"]["train_rows"] == 100
+    centers = np.load(tmp_path / "out" / "student" / "cluster_centers.npy")
+    state = json.loads((tmp_path / "out" / "student" / "final" / "config.json").read_text())
+    assert centers.shape == (5, state["projection_dim"]) and np.allclose(np.linalg.norm(centers, axis=1), 1, atol=1e-5)
+    assert state["distillation_method"] == "dclip+clip_cid"
+    with pytest.raises(ValueError, match="--online_teacher"):
+        DistillationArguments(method="clip_cid", online_teacher=True)
+    with pytest.raises(ValueError, match="--method must be one of"):
+        DistillationArguments(method="cid")
+    assert DistillationArguments(method="clip_cid", cluster_text_weight=0.0).loss_weights() == {
+        "contrastive": 0.0, "cosine_image": 0.0, "cosine_text": 0.0, "cluster_image": 1.0, "cluster_text": 0.0,
+        "instance": 1.0}
+
+
 def test_unknown_stage_is_named():
     with pytest.raises(ValueError, match="--stage must be one of"):
         DistillationArguments(stage="finetune")

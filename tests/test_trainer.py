@@ -70,6 +70,48 @@ def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip
     assert online.item() == pytest.approx(cached.item(), rel=1e-6)
 
 
+def naive_margin_loss(features, centers, labels, scale, margin):
+    """ArcFace loss of one batch written out with angles (no fall-back case: all angles + margin stay below pi)."""
+    total = 0.0
+    for feature, label in zip(features, labels):
+        cosines = [float(F.cosine_similarity(feature, center, dim=0)) for center in centers]
+        logits = [scale * (math.cos(math.acos(c) + margin) if j == label else c) for j, c in enumerate(cosines)]
+        total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
+    return total / len(labels)
+
+
+def test_clip_cid_loss_is_cluster_plus_instance_terms(student, batch, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    teacher_images = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    teacher_texts = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    centers = F.normalize(torch.randn(5, 16, generator=generator), dim=-1)
+    weights = {"cluster_image": 0.5, "cluster_text": 0.25, "instance": 2.0}
+    trainer = make_trainer(student, tmp_path, loss_weights=weights, cluster_centers=centers, cluster_scale=4.0,
+                           cluster_margin=0.3)
+    student.eval()
+    inputs = {**batch, "teacher_image_embeds": teacher_images, "teacher_text_embeds": teacher_texts}
+    labels = torch.tensor([4, 0, 2, 2])
+    loss = trainer.compute_loss(student, {**inputs, "cluster_labels": labels})
+    with torch.no_grad():
+        out = student(**batch)
+    scale = student.logit_scale.exp().item()
+    instance = 0.0
+    for i in range(4):
+        for own, other in ((out.image_embeds, teacher_texts), (out.text_embeds, teacher_images)):
+            logits = [scale * float(own[i] @ other[j]) for j in range(4)]
+            instance += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    instance /= 8
+    expected = (0.5 * naive_margin_loss(out.image_embeds, centers, labels, 4.0, 0.3)
+                + 0.25 * naive_margin_loss(out.text_embeds, centers, labels, 4.0, 0.3) + 2.0 * instance)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # without labels in the batch, each sample's label is the nearest centre of its teacher image embedding
+    nearest = (teacher_images @ centers.t()).argmax(1)
+    with_nearest = trainer.compute_loss(student, {**inputs, "cluster_labels": nearest})
+    assert trainer.compute_loss(student, dict(inputs)).item() == pytest.approx(with_nearest.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="cluster_centers"):
+        make_trainer(student, tmp_path, loss_weights={"cluster_image": 1.0})
+
+
 def test_bad_loss_configuration_is_named(student, tmp_path):
     with pytest.raises(ValueError, match="unknown loss terms \\['kl'\\]"):
         make_trainer(student, tmp_path, loss_weights={"kl": 1.0})

@@ -12,7 +12,7 @@ TEACHER_TARGET_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds")
 class DCLIPCollator:
     """
     Turns a list of rows into student inputs (`input_ids`, `attention_mask`, `pixel_values`), the precomputed
-    teacher targets when the rows carry them, and, with `with_teacher_inputs` (online teacher), the teacher's region
+    teacher targets and `cluster_labels` when the rows carry them, and, with `with_teacher_inputs` (online teacher), the teacher's region
     and span inputs (from the rows' `boxes` / `spans` when present, else the processor's detector and extractor).
     """
 
@@ -36,6 +36,8 @@ class DCLIPCollator:
         for name in TEACHER_TARGET_COLUMNS:
             if name in rows[0]:
                 batch[name] = torch.from_numpy(np.stack([np.asarray(row[name], dtype=np.float32) for row in rows]))
+        if "cluster_labels" in rows[0]:
+            batch["cluster_labels"] = torch.tensor([row["cluster_labels"] for row in rows], dtype=torch.long)
         return batch
 
 

@@ -1,0 +1,53 @@
+"""Image semantic balance (CLIP-CID): drop perceptual duplicates and semantically redundant pairs before training.
+
+    # the embedded scenes with injected redundancy, embedded by the default run's base CLIP (= the teacher's towers)
+    python examples/curate.py --model_name_or_path outputs/default/base_clip/final \
+        --exact_duplicate_fraction 0.1 --near_duplicate_fraction 0.15 --concept_fraction 0.15
+    # then train on the kept rows
+    accelerate launch examples/train.py --train_indices outputs/curated/kept_indices.npy ...
+    # web scale: embeddings computed elsewhere, one (rows, dim) .npy (read memory-mapped)
+    python examples/curate.py --embeddings laion_image_embeds.npy --samples_per_cluster 400
+
+Writes `kept_indices.npy`, `cluster_centers.npy`, `report.json` (counts removed per reason, cluster sizes before and
+after) and `cluster_sizes.png` to `--output_dir`; `--save_dataset` also writes the kept rows as a data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser
+
+from dclip.curation import SemanticBalanceConfig, curate_dataset
+from dclip.pipeline import DataArguments, load_data
+
+
+@dataclass
+class CurationArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "CLIP, DCLIP student or teacher that "
+                                                                   "embeds the images"})
+    embeddings: str | None = field(default=None, metadata={"help": "precomputed (rows, dim) image embeddings .npy; "
+                                                           "rows in the training split's order"})
+    output_dir: str = "outputs/curated"
+    batch_size: int = 256
+    save_dataset: bool = field(default=False, metadata={"help": "also save the kept rows with save_to_disk"})
+    data_seed: int = field(default=42, metadata={"help": "seed of the embedded scenes: train.py's --seed"})
+
+
+def main() -> None:
+    parser = HfArgumentParser((CurationArguments, DataArguments, SemanticBalanceConfig))
+    args, data_args, config = parser.parse_args_into_dataclasses()
+    dataset = None
+    if args.embeddings is None or data_args.dataset_name is not None or args.save_dataset:
+        data, _ = load_data(data_args, args.data_seed)
+        dataset = data["train"]
+    report = curate_dataset(dataset, args.output_dir, config, model_name_or_path=args.model_name_or_path,
+                            embeddings_file=args.embeddings, batch_size=args.batch_size,
+                            save_dataset=args.save_dataset)
+    print(f"kept {report['kept']:,} of {report['samples']:,} pairs ({report['removed_fraction']:.1%} removed): "
+          + ", ".join(f"{name} {count:,}" for name, count in report["removed"].items()))
+    print(f"report: {args.output_dir}/report.json, plot: {report['plot']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dclip.curation import (
+    CAPPED, DUPLICATE, KEPT, SEMANTIC, SemanticBalanceConfig, find_duplicates, greedy_diverse_subset,
+    normalize_embeddings, semantic_balance, _ivf_index, spherical_kmeans,
+)
+from conftest import REPO_ROOT
+
+
+def unit_rows(rows, dim, seed):
+    return normalize_embeddings(np.random.default_rng(seed).standard_normal((rows, dim)))
+
+
+def naive_greedy(vectors, threshold):
+    """Keep each vector whose similarity to every earlier kept one stays below `threshold`, one pair at a time."""
+    kept = []
+    for i in range(len(vectors)):
+        if all(float(vectors[i] @ vectors[j]) < threshold for j in kept):
+            kept.append(i)
+    mask = np.zeros(len(vectors), dtype=bool)
+    mask[kept] = True
+    return mask
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 1024])
+def test_greedy_diverse_subset_matches_naive_loop(block_size):
+    vectors = unit_rows(300, 4, seed=1)  # 4-d: many pairs above the threshold
+    expected = naive_greedy(vectors, 0.8)
+    assert 20 < expected.sum() < 290
+    np.testing.assert_array_equal(greedy_diverse_subset(vectors, 0.8, block_size=block_size), expected)
+
+
+def test_find_duplicates_matches_naive_greedy_and_keeps_the_first():
+    rng = np.random.default_rng(0)
+    originals = unit_rows(500, 16, seed=2)
+    sources = rng.integers(0, 500, size=120)
+    copies = normalize_embeddings(originals[sources] + 1e-3 * rng.standard_normal((120, 16)))
+    embeddings = np.concatenate([originals, copies])
+    centers = spherical_kmeans(embeddings, 8, seed=0)
+    index, cluster = _ivf_index(embeddings, centers)
+    dropped = find_duplicates(index, embeddings, threshold=0.99, nprobe=8, chunk_size=97)  # nprobe = all: exact
+    assert not dropped[:500].any() and dropped[500:].all()  # the original (earlier) is kept, every copy dropped
+    np.testing.assert_array_equal(~dropped, naive_greedy(embeddings, 0.99))
+    # every sample sits in the list of its nearest centre
+    np.testing.assert_array_equal(cluster, (embeddings @ centers.T).argmax(1))
+
+
+def test_semantic_balance_reasons_and_report(tmp_path):
+    rng = np.random.default_rng(3)
+    concepts = unit_rows(6, 32, seed=4)
+    # one over-represented concept (600 samples) and five rare ones (40 each), then 50 exact copies
+    labels = np.concatenate([np.zeros(600, dtype=int), np.repeat(np.arange(1, 6), 40)])
+    samples = normalize_embeddings(concepts[labels] + 0.08 * rng.standard_normal((len(labels), 32)))
+    embeddings = np.concatenate([samples, samples[:50]])
+    config = SemanticBalanceConfig(num_clusters=6, semantic_threshold=0.9, max_per_cluster=60)
+    result = semantic_balance(embeddings * 3.0, config)  # any scale: normalised inside
+    report = result.report()
+    assert (result.reason[800:] == DUPLICATE).all() and report["removed"]["perceptual_duplicate"] == 50
+    # the crowded concept is thinned far more than the rare ones
+    kept = result.reason[:800] == KEPT
+    assert kept[:600].mean() < 0.25 and kept[600:].mean() > 0.5
+    assert (result.reason == SEMANTIC).sum() == report["removed"]["semantic_redundant"] > 0
+    assert report["kept"] + sum(report["removed"].values()) == report["samples"] == 850
+    sizes = np.bincount(result.cluster[result.reason == KEPT], minlength=6)
+    assert sizes.max() <= 60 and report["cluster_size_after"]["max"] == sizes.max()
+    # the kept set obeys the rule: no two kept members of a cluster at or above the threshold
+    unit = normalize_embeddings(embeddings)
+    for c in range(6):
+        members = unit[(result.cluster == c) & (result.reason == KEPT)]
+        similarity = members @ members.T - 2 * np.eye(len(members))
+        assert (similarity < 0.9 + 1e-5).all()
+
+
+def test_semantic_balance_cap_and_keep_order():
+    vectors = unit_rows(400, 8, seed=5)
+    central = semantic_balance(vectors, SemanticBalanceConfig(num_clusters=1, semantic_threshold=1.0,
+                                                              max_per_cluster=10))
+    assert (central.reason == CAPPED).sum() == 390
+    # "central" keeps the 10 most central samples, "outlying" the 10 least central
+    centrality = vectors @ central.centers[0]
+    np.testing.assert_array_equal(np.sort(central.kept_indices), np.sort(np.argsort(-centrality)[:10]))
+    outlying = semantic_balance(vectors, SemanticBalanceConfig(num_clusters=1, semantic_threshold=1.0,
+                                                               max_per_cluster=10, keep_order="outlying"))
+    np.testing.assert_array_equal(np.sort(outlying.kept_indices), np.sort(np.argsort(centrality)[:10]))
+
+
+def test_semantic_balance_rejects_bad_input():
+    with pytest.raises(ValueError, match="keep_order"):
+        SemanticBalanceConfig(keep_order="random")
+    with pytest.raises(ValueError, match="semantic_threshold"):
+        SemanticBalanceConfig(semantic_threshold=1.5)
+    bad = unit_rows(20, 4, seed=0)
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match="sample 7"):
+        semantic_balance(bad, SemanticBalanceConfig(num_clusters=2))
+
+
+def test_curate_script_on_injected_redundancy(tmp_path, tiny_clip_dir):
+    """examples/curate.py on scenes with injected copies: every exact copy goes as a duplicate; files written."""
+    output = tmp_path / "curated"
+    command = [
+        sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--model_name_or_path", str(tiny_clip_dir),
+        "--num_train_scenes", "300", "--image_size", "32", "--cache_dir", str(tmp_path / "cache"),
+        "--exact_duplicate_fraction", "0.2", "--concept_fraction", "0.2", "--num_clusters", "4",
+        "--semantic_threshold", "0.999", "--output_dir", str(output), "--save_dataset", "true",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((output / "report.json").read_text())
+    injected = report["removed_by_injected_kind"]
+    assert injected["exact"]["kept"] == 0 and injected["exact"]["perceptual_duplicate"] > 30
+    assert report["rows"] == report["samples"] == 300
+    kept = np.load(output / "kept_indices.npy")
+    assert len(kept) == report["kept"] and np.all(np.diff(kept) > 0)
+    from datasets import load_from_disk
+    from PIL import Image
+
+    assert len(load_from_disk(str(output / "dataset"))) == report["kept"]
+    assert Image.open(output / "cluster_sizes.png").size[0] > 500
+    assert np.load(output / "image_embeddings.npy").shape[0] == 300
+
+    # train.py refuses the indices for another data set (report.json says 300 rows)
+    from dclip.pipeline import select_rows
+
+    with pytest.raises(ValueError, match="curated from 300 rows"):
+        select_rows(list(range(200)), str(output / "kept_indices.npy"))
