@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 
@@ -283,24 +282,6 @@ def write_balance_outputs(result: BalanceResult, output_dir: str | Path, config:
     return report
 
 
-@torch.no_grad()
-def embed_images(model, processor, dataset, batch_size: int = 256, image_column: str = "image",
-                 device: str | torch.device | None = None) -> np.ndarray:
-    """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`."""
-    device = torch.device(device or next(model.parameters()).device)
-    model.eval()
-    chunks = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="image embeddings", unit="batch"):
-        images = dataset[start : start + batch_size][image_column]
-        pixels = processor(images=images)["pixel_values"].to(device)
-        features = model.get_image_features(pixels)
-        if not isinstance(features, torch.Tensor):  # a plain transformers 5 CLIPModel returns an output object
-            features = features.pooler_output
-        chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
-
-
-
 def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfig | None = None,
                    model_name_or_path: str | None = None, embeddings_file: str | None = None,
                    batch_size: int = 256, save_dataset: bool = False) -> dict:
@@ -318,7 +299,7 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
     elif model_name_or_path is not None:
         from processing_dclip import DCLIPProcessor
 
-        from .evaluation import load_clip_towers
+        from .evaluation import embed_images, load_clip_towers
 
         model = load_clip_towers(model_name_or_path)
         processor = DCLIPProcessor.from_pretrained(model_name_or_path)

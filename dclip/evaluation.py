@@ -1,4 +1,4 @@
-"""Evaluation: retrieval Recall@K with several captions per image, and zero-shot classification."""
+"""Evaluation: retrieval Recall@K with several captions per image, zero-shot classification, linear probe."""
 
 from __future__ import annotations
 
@@ -37,6 +37,34 @@ def embed_pairs(model, processor, dataset, batch_size: int = 256, device: str | 
         images.append(out.image_embeds.float().cpu())
         texts.append(out.text_embeds.float().cpu())
     return torch.cat(images).numpy(), torch.cat(texts).numpy()
+
+
+@torch.no_grad()
+def embed_images(model, processor, dataset, batch_size: int = 256, image_column: str = "image",
+                 device: str | torch.device | None = None) -> np.ndarray:
+    """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`."""
+    device = torch.device(device or next(model.parameters()).device)
+    model.eval()
+    chunks = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="image embeddings", unit="batch"):
+        images = dataset[start : start + batch_size][image_column]
+        pixels = processor(images=images)["pixel_values"].to(device)
+        features = model.get_image_features(pixels)
+        if not isinstance(features, torch.Tensor):  # a plain transformers 5 CLIPModel returns an output object
+            features = features.pooler_output
+        chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
+
+
+def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
+                          regularization: float = 1.0, max_iter: int = 1000) -> float:
+    """Top-1 accuracy on `test_*` of a logistic regression (L-BFGS, inverse regularisation `regularization`) fitted
+    on frozen `train_*` features, as in CLIP's linear-probe evaluation."""
+    from sklearn.linear_model import LogisticRegression
+
+    classifier = LogisticRegression(C=regularization, max_iter=max_iter)
+    classifier.fit(train_features, np.asarray(train_labels))
+    return float((classifier.predict(test_features) == np.asarray(test_labels)).mean())
 
 
 def image_groups(dataset) -> tuple[np.ndarray, np.ndarray]:

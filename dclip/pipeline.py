@@ -23,7 +23,7 @@ from .data.scenes import SceneConfig, load_scenes, zero_shot_tasks
 from .data.tokenizer import train_clip_tokenizer
 from .detector import import_ultralytics_as_one_process
 from .evaluation import (
-    embed_pairs, image_groups, load_clip_towers, retrieval_recall, teacher_retrieval, zero_shot_accuracy,
+    embed_images, embed_pairs, image_groups, linear_probe_accuracy, load_clip_towers, retrieval_recall, teacher_retrieval, zero_shot_accuracy,
 )
 from .presets import small_clip_config
 from .targets import (
@@ -460,15 +460,22 @@ def cluster_teacher_embeddings(train, num_clusters: int, training_args: Training
 
 
 def evaluate_folder(folder: str, data, processor) -> dict[str, float]:
-    """Retrieval Recall@K (and zero-shot accuracy on the embedded data) of a student or base-CLIP folder."""
+    """Retrieval Recall@K of a student or base-CLIP folder, and on the embedded data zero-shot and linear-probe
+    accuracy (logistic regression on the validation split's image embeddings)."""
     model = load_clip_towers(folder)
     test = data["eval"]
     image_embeds, text_embeds = embed_pairs(model, processor, test)
     image_rows, text_to_image = image_groups(test)
     results = retrieval_recall(image_embeds[image_rows], text_embeds, text_to_image)
-    for column, names in zero_shot_tasks().items():
-        if column in test.column_names:
-            results[f"zeroshot_{column}"] = zero_shot_accuracy(model, processor, test, column, names)
+    columns = [column for column in zero_shot_tasks() if column in test.column_names]
+    for column in columns:
+        results[f"zeroshot_{column}"] = zero_shot_accuracy(model, processor, test, column, zero_shot_tasks()[column])
+    if columns and "validation" in data:  # linear probe: fitted on the validation split, scored on the eval split
+        train = data["validation"]
+        train_embeds = embed_images(model, processor, train)
+        for column in columns:
+            results[f"linear_probe_{column}"] = linear_probe_accuracy(train_embeds, train[column], image_embeds,
+                                                                      test[column])
     return results
 
 
@@ -607,7 +614,7 @@ def format_summary(summary: dict) -> str:
         columns = sorted({key for values in metrics.values() for key in values},
                          key=lambda key: (not key.startswith(("image_", "text_")), key))
         short = {key: key.replace("image_retrieval_recall@", "T2I R@").replace("text_retrieval_recall@", "I2T R@")
-                 .replace("zeroshot_label_", "ZS ") for key in columns}
+                 .replace("zeroshot_label_", "ZS ").replace("linear_probe_label_", "LP ") for key in columns}
         lines.append("metrics (eval split):")
         lines.append("  " + f"{'model':<10}" + "".join(f"{short[key]:>16}" for key in columns))
         for name, values in metrics.items():

@@ -164,3 +164,19 @@ def test_teacher_retrieval_is_the_fused_score_on_the_shortlist(tiny_clip, proces
     for k in (1, 3):
         assert result[f"text_retrieval_recall@{k}"] == pytest.approx((i2t < k).mean())
         assert result[f"image_retrieval_recall@{k}"] == pytest.approx((t2i < k).mean())
+
+
+def test_linear_probe_accuracy_on_separable_and_on_uninformative_features():
+    from dclip.evaluation import linear_probe_accuracy
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=300)
+    # class k sits at +10 on axis k: separable by a wide margin, so the probe is exact on fresh samples
+    features = rng.normal(size=(300, 8)) + 10 * np.eye(8)[labels]
+    test_labels = rng.integers(0, 3, size=200)
+    test_features = rng.normal(size=(200, 8)) + 10 * np.eye(8)[test_labels]
+    assert linear_probe_accuracy(features, labels, test_features, test_labels) == 1.0
+    # features that carry no label information: about chance (1/3)
+    noise = linear_probe_accuracy(rng.normal(size=(300, 8)), labels, rng.normal(size=(2000, 8)),
+                                  rng.integers(0, 3, size=2000))
+    assert 0.25 < noise < 0.42
