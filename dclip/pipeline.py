@@ -114,6 +114,8 @@ class DistillationArguments:
     cpu_threads: int | None = field(default=None, metadata={"help": "torch threads per process on CPU; default: "
                                                       "the cores this process may use / processes per machine "
                                                       "(`accelerate launch` alone would leave 1)"})
+    eval_models: str = field(default="base_clip,teacher,student", metadata={"help": "comma-separated models the "
+                                                                         "evaluation covers"})
     eval_top_k: int = field(default=16, metadata={"help": "candidates per query that the teacher's fused score "
                                                   "re-ranks in retrieval evaluation"})
 
@@ -588,10 +590,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
 
     metrics: dict[str, dict[str, float]] = {}
     if args.stage in ("evaluate", "all") and main:
+        chosen = {name.strip() for name in args.eval_models.split(",")}
         for name in ("base_clip", "student"):
-            if name in artefacts:
+            if name in artefacts and name in chosen:
                 metrics[name] = evaluate_folder(artefacts[name], data, processor)
-        if "teacher" in artefacts:
+        if "teacher" in artefacts and "teacher" in chosen:
             metrics["teacher"] = evaluate_teacher(artefacts["teacher"], data, processor, args.eval_top_k)
     summary = {"artefacts": artefacts, "data": data_reports, "training": log, "metrics": metrics,
                "claims": paper_claims(metrics),
