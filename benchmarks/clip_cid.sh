@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces the CLIP-CID figures of README.md ("CLIP-CID on the default data"). Needs the default run first
 # (`accelerate launch examples/train.py` -> outputs/default): its base CLIP and teacher are reused, only the
-# students differ. About 30 minutes on 2 CPU cores. Writes $OUT/results.json.
+# students differ. About 50 minutes on 2 CPU cores. Writes $OUT/results.json.
 #   1. image semantic balance on the scenes with 40% injected redundancy (10% exact copies, 15% jittered
 #      re-renders, 15% repeats of three popular concepts): DCLIP students on the full vs the balanced set;
-#   2. cluster discrimination: CLIP-CID students with instance-only vs cluster + instance terms, default data.
+#   2. cluster discrimination: CLIP-CID students with instance-only vs cluster + instance terms (K = 16, 64, 256),
+#      and DCLIP vs DCLIP + CLIP-CID, default data.
 set -euo pipefail
 DEFAULT=${DEFAULT:-outputs/default}
 OUT=${OUT:-outputs/clip_cid}
@@ -34,13 +35,22 @@ from_default "$OUT/instance_only"
 student "$OUT/instance_only" --method clip_cid --cluster_image_weight 0 --cluster_text_weight 0
 from_default "$OUT/cluster_instance"
 student "$OUT/cluster_instance" --method clip_cid
+for k in 16 256; do
+  from_default "$OUT/cluster_instance_k$k"
+  student "$OUT/cluster_instance_k$k" --method clip_cid --num_clusters $k
+done
+from_default "$OUT/dclip_default" && cp -r "$DEFAULT/student" "$OUT/dclip_default"/
+python examples/train.py --output_dir "$OUT/dclip_default" --stage evaluate --eval_models student
+from_default "$OUT/dclip_clip_cid"
+student "$OUT/dclip_clip_cid" --method dclip+clip_cid
 
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 results = {"curation": json.loads((out / "curated" / "report.json").read_text())}
-for run in ("redundant_full", "redundant_balanced", "instance_only", "cluster_instance"):
+for run in ("redundant_full", "redundant_balanced", "instance_only", "cluster_instance", "cluster_instance_k16",
+            "cluster_instance_k256", "dclip_default", "dclip_clip_cid"):
     summary = json.loads((out / run / "summary.json").read_text())
     results[run] = summary["metrics"]["student"]
 (out / "results.json").write_text(json.dumps(results, indent=2))
