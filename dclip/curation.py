@@ -57,6 +57,8 @@ class SemanticBalanceConfig:
         for name in ("duplicate_threshold", "semantic_threshold"):
             if not -1.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a cosine similarity in [-1, 1], got {getattr(self, name)}")
+        if self.samples_per_cluster < 1:
+            raise ValueError(f"samples_per_cluster must be at least 1, got {self.samples_per_cluster}")
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ValueError(f"num_clusters must be at least 1, got {self.num_clusters}")
         if self.max_per_cluster is not None and self.max_per_cluster < 1:
@@ -157,25 +159,29 @@ def find_duplicates(index, embeddings: np.ndarray, threshold: float, nprobe: int
                     chunk_size: int = 65_536) -> np.ndarray:
     """
     Boolean mask of perceptual duplicates: visiting samples in order, a sample not yet dropped keeps its place and
-    drops every later sample whose similarity to it reaches `threshold` (FAISS range search, `nprobe` lists).
+    drops every later sample whose similarity to it reaches `threshold` (FAISS range search, `nprobe` lists). With
+    `nprobe` below the number of lists the search is not symmetric (j may find i while i's lists miss j), so a pair
+    found from either side counts.
     """
     index.nprobe = nprobe
-    dropped = np.zeros(len(embeddings), dtype=bool)
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # FAISS keeps scores > radius
+    firsts, seconds = [], []
     for start in tqdm(range(0, len(embeddings), chunk_size), desc="duplicates", unit="chunk",
                       disable=len(embeddings) <= chunk_size):
         limits, _, neighbours = index.range_search(embeddings[start : start + chunk_size], radius)
-        counts = np.diff(limits.astype(np.int64))
-        queries = start + np.repeat(np.arange(len(counts)), counts)
-        later = neighbours > queries
-        queries, neighbours = queries[later], neighbours[later]
-        if not len(queries):
-            continue
-        # queries are sorted: walk the samples that have later duplicates, in order
-        bounds = np.flatnonzero(np.diff(queries)) + 1
-        for group_queries, group_neighbours in zip(np.split(queries, bounds), np.split(neighbours, bounds)):
-            if not dropped[group_queries[0]]:
-                dropped[group_neighbours] = True
+        queries = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits.astype(np.int64)))
+        other = neighbours != queries
+        queries, neighbours = queries[other], neighbours[other]
+        firsts.append(np.minimum(queries, neighbours))
+        seconds.append(np.maximum(queries, neighbours))
+    dropped = np.zeros(len(embeddings), dtype=bool)
+    if not firsts or not sum(len(f) for f in firsts):
+        return dropped
+    pairs = np.unique(np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1), axis=0)  # sorted by first
+    bounds = np.flatnonzero(np.diff(pairs[:, 0])) + 1
+    for group in np.split(pairs, bounds):  # each earlier sample, in order, with its later duplicates
+        if not dropped[group[0, 0]]:
+            dropped[group[:, 1]] = True
     return dropped
 
 

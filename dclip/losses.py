@@ -103,7 +103,12 @@ class ClusterMarginLoss(nn.Module):
         self.fallback = math.sin(math.pi - margin) * margin
 
     def logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`(batch, num_clusters)` margin logits of L2-normalised `features` for the true `labels`."""
+        """`(batch, num_clusters)` margin logits of L2-normalised `features` for the true `labels`, in float32 even
+        under autocast (`sqrt(1 - cos^2)` is ill-conditioned near cos = 1)."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self._logits(features, labels)
+
+    def _logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine = F.normalize(features.float(), dim=-1) @ self.centers.t()
         target = cosine.gather(1, labels[:, None])
         sine = torch.sqrt((1.0 - target * target).clamp_min(1e-6))

@@ -124,6 +124,8 @@ class DistillationArguments:
             raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
         if self.method not in METHOD_LOSS_WEIGHTS:
             raise ValueError(f"--method must be one of {list(METHOD_LOSS_WEIGHTS)}, got {self.method!r}")
+        if self.num_clusters < 1:
+            raise ValueError(f"--num_clusters must be at least 1, got {self.num_clusters}")
         if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):
             raise ValueError("the cluster terms (--method clip_cid) need the teacher's embeddings of the whole "
                              "training set for k-means: drop --online_teacher or set the cluster weights to 0")
@@ -176,10 +178,10 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[st
             data[name] = dataset
             reports[name] = {"source": report.source, "rows": report.num_rows, "images": report.num_images,
                              "skipped": dict(report.skipped)}
+    if data_args.max_train_samples is not None:  # first, as in examples/curate.py, so curated indices line up
+        data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.train_indices is not None:
         data["train"] = select_rows(data["train"], data_args.train_indices)
-    if data_args.max_train_samples is not None:
-        data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     data["eval"] = data["eval"].select(range(min(data_args.max_eval_samples, len(data["eval"]))))
     return data, reports
 
@@ -190,8 +192,8 @@ def select_rows(dataset, indices_file: str):
         indices = np.load(indices_file)
     except (OSError, ValueError) as error:
         raise ValueError(f"--train_indices {indices_file}: not a readable .npy file ({error})") from error
-    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"--train_indices {indices_file}: expected a 1-d array of integer row indices, got "
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or not len(indices):
+        raise ValueError(f"--train_indices {indices_file}: expected a non-empty 1-d array of integer row indices, got "
                          f"{indices.dtype} of shape {indices.shape}")
     report = Path(indices_file).with_name("report.json")  # examples/curate.py writes one beside the indices
     if report.is_file():
@@ -199,7 +201,7 @@ def select_rows(dataset, indices_file: str):
         if rows is not None and rows != len(dataset):
             raise ValueError(f"--train_indices {indices_file}: curated from {rows} rows ({report}), but this "
                              f"training split has {len(dataset)}: the same data arguments and --seed are needed")
-    if len(indices) and (indices.min() < 0 or indices.max() >= len(dataset)):
+    if (indices.min() < 0 or indices.max() >= len(dataset)):
         raise ValueError(f"--train_indices {indices_file}: indices must lie in [0, {len(dataset)}), the training "
                          f"split's rows; got {indices.min()}..{indices.max()} (made for another data set?)")
     return dataset.select(indices)
@@ -438,23 +440,31 @@ def cluster_teacher_embeddings(train, num_clusters: int, training_args: Training
                                folder: Path) -> tuple[torch.Tensor, np.ndarray]:
     """
     CLIP-CID's clusters: spherical k-means (FAISS) of the teacher's image embeddings (`teacher_image_embeds`),
-    and each row's nearest centre. The main process computes them once and saves `cluster_centers.npy` in
-    `folder` (a resumed run and the other processes read it back, so every process and restart agrees).
+    and each row's nearest centre. The main process computes them once and saves `cluster_centers.npy` in `folder`
+    with `cluster_centers.json`, a fingerprint of the embeddings, K and the seed: a resumed run and the other
+    processes read them back (so every process and restart agrees); centres made from other embeddings are redone.
     """
+    import hashlib
+
     from .curation import assign_clusters, normalize_embeddings, spherical_kmeans
 
     embeddings = normalize_embeddings(np.asarray(train["teacher_image_embeds"], dtype=np.float32))
-    path = folder / "cluster_centers.npy"
-    if training_args.process_index == 0 and not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        centers = spherical_kmeans(embeddings, num_clusters, seed=training_args.seed)
-        np.save(folder / "cluster_centers.partial.npy", centers)
-        os.replace(folder / "cluster_centers.partial.npy", path)
+    if not 1 <= num_clusters <= len(embeddings):  # on every process, before any of them waits for the main one
+        raise ValueError(f"--num_clusters must be between 1 and the {len(embeddings)} training rows, got "
+                         f"{num_clusters}")
+    source = {"embeddings_sha256": hashlib.sha256(embeddings.tobytes()).hexdigest(), "rows": len(embeddings),
+              "num_clusters": num_clusters, "seed": training_args.seed}
+    path, source_path = folder / "cluster_centers.npy", folder / "cluster_centers.json"
+    if training_args.process_index == 0:
+        current = json.loads(source_path.read_text()) if source_path.is_file() and path.is_file() else None
+        if current != source:
+            folder.mkdir(parents=True, exist_ok=True)
+            centers = spherical_kmeans(embeddings, num_clusters, seed=training_args.seed)
+            np.save(folder / "cluster_centers.partial.npy", centers)
+            os.replace(folder / "cluster_centers.partial.npy", path)
+            source_path.write_text(json.dumps(source))
     _wait_for_everyone()
     centers = np.load(path)
-    if centers.shape != (num_clusters, embeddings.shape[1]):
-        raise ValueError(f"{path} holds {centers.shape[0]} centres of dim {centers.shape[1]}, but this run asks for "
-                         f"--num_clusters {num_clusters} of dim {embeddings.shape[1]}: remove it or start afresh")
     return torch.from_numpy(centers), assign_clusters(embeddings, centers)
 
 

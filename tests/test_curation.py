@@ -129,3 +129,71 @@ def test_curate_script_on_injected_redundancy(tmp_path, tiny_clip_dir):
 
     with pytest.raises(ValueError, match="curated from 300 rows"):
         select_rows(list(range(200)), str(output / "kept_indices.npy"))
+
+
+def exact_duplicate_greedy(embeddings, threshold, block=2000):
+    """Brute force: every pair at or above `threshold` (blocked matrix products), then the in-order greedy."""
+    later: dict[int, list[int]] = {}
+    for start in range(0, len(embeddings), block):
+        similarity = embeddings[start : start + block] @ embeddings.T
+        rows, cols = np.nonzero(similarity >= threshold)
+        for row, col in zip(rows + start, cols):
+            if col > row:
+                later.setdefault(int(row), []).append(int(col))
+    dropped = np.zeros(len(embeddings), dtype=bool)
+    for row in sorted(later):
+        if not dropped[row]:
+            dropped[later[row]] = True
+    return dropped
+
+
+def test_find_duplicates_uses_pairs_found_from_either_side():
+    """With nprobe < lists the IVF search is asymmetric: a later copy may find its original while the original's
+    probed lists miss the copy. Such pairs must still count (compared with brute force)."""
+    rng = np.random.default_rng(1)
+    originals = unit_rows(6000, 16, seed=7)
+    sources = rng.integers(0, 6000, size=1500)
+    copies = normalize_embeddings(originals[sources] + 0.04 * rng.standard_normal((1500, 16)))
+    embeddings = np.concatenate([originals, copies])
+    centers = spherical_kmeans(embeddings, 150, seed=0)
+    index, _ = _ivf_index(embeddings, centers)
+    np.testing.assert_array_equal(find_duplicates(index, embeddings, 0.98, nprobe=3),
+                                  exact_duplicate_greedy(embeddings, 0.98))
+
+
+def test_train_indices_apply_after_max_train_samples(tmp_path):
+    """curate.py and train.py with the same --max_train_samples: the indices refer to the shortened split."""
+    from dclip.pipeline import DataArguments, load_data
+
+    np.save(tmp_path / "kept.npy", np.array([0, 5, 49]))
+    (tmp_path / "report.json").write_text(json.dumps({"rows": 50}))
+    data_args = DataArguments(num_train_scenes=120, image_size=32, cache_dir=str(tmp_path / "cache"),
+                              max_train_samples=50, max_eval_samples=10, train_indices=str(tmp_path / "kept.npy"))
+    data, _ = load_data(data_args, seed=0)
+    full, _ = load_data(DataArguments(num_train_scenes=120, image_size=32, cache_dir=str(tmp_path / "cache"),
+                                      max_eval_samples=10), seed=0)
+    assert data["train"]["caption"] == [full["train"][i]["caption"] for i in (0, 5, 49)]
+    np.save(tmp_path / "kept.npy", np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="non-empty"):
+        load_data(data_args, seed=0)
+
+
+def test_cluster_centres_are_redone_for_other_embeddings(tmp_path):
+    import torch
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from dclip.pipeline import cluster_teacher_embeddings
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=0)
+    first = Dataset.from_dict({"teacher_image_embeds": unit_rows(200, 8, seed=1).tolist()})
+    centers, labels = cluster_teacher_embeddings(first, 4, args, tmp_path / "student")
+    written = (tmp_path / "student" / "cluster_centers.npy").stat().st_mtime_ns
+    again, _ = cluster_teacher_embeddings(first, 4, args, tmp_path / "student")  # same embeddings: read back
+    assert (tmp_path / "student" / "cluster_centers.npy").stat().st_mtime_ns == written
+    torch.testing.assert_close(again, centers)
+    other = Dataset.from_dict({"teacher_image_embeds": (unit_rows(200, 8, seed=2) + 3.0).tolist()})
+    new_centers, new_labels = cluster_teacher_embeddings(other, 4, args, tmp_path / "student")
+    assert not torch.allclose(new_centers, centers) and len(np.unique(new_labels)) == 4
+    with pytest.raises(ValueError, match="--num_clusters must be between 1 and the 200"):
+        cluster_teacher_embeddings(other, 500, args, tmp_path / "student")

@@ -76,6 +76,17 @@ def test_cluster_margin_loss_past_pi_falls_back_and_keeps_gradients():
     assert torch.isfinite(feature.grad).all()
 
 
+def test_cluster_margin_logits_stay_float32_under_autocast():
+    centers = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features = normalized(4, 8, seed=9)
+    loss_fn = ClusterMarginLoss(centers, scale=16.0, margin=0.2)
+    reference = loss_fn.logits(features, torch.tensor([0, 1, 2, 0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = loss_fn.logits(features.bfloat16(), torch.tensor([0, 1, 2, 0]))
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, atol=0.05, rtol=0.01)  # bf16 inputs, float32 maths
+
+
 def test_cluster_margin_loss_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_clusters, dim"):
         ClusterMarginLoss(torch.zeros(4))
