@@ -1,6 +1,10 @@
-"""Evaluation: retrieval Recall@K with several captions per image, zero-shot classification, linear probe."""
+"""Evaluation: retrieval Recall@K and mAP with several captions per image (exact, or FAISS for large galleries),
+zero-shot classification (prompt templates, top-1 / top-5, per class), linear probe, hard-negative accuracy.
+Metric names follow CLIP_benchmark where they overlap (`image_retrieval_recall@5`, `acc1`, `mean_per_class_recall`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,21 +29,6 @@ def load_clip_towers(name_or_path: str):
 
 
 @torch.no_grad()
-def embed_pairs(model, processor, dataset, batch_size: int = 256, device: str | torch.device | None = None):
-    """L2-normalised `(image_embeds, text_embeds)` of every row (`image`, `caption`) of `dataset`, as float32 numpy."""
-    device = torch.device(device or next(model.parameters()).device)
-    model.eval()
-    images, texts = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="embedding", unit="batch"):
-        rows = dataset[start : start + batch_size]
-        inputs = processor(text=rows["caption"], images=rows["image"])
-        out = model(**{k: v.to(device) for k, v in inputs.items()})
-        images.append(out.image_embeds.float().cpu())
-        texts.append(out.text_embeds.float().cpu())
-    return torch.cat(images).numpy(), torch.cat(texts).numpy()
-
-
-@torch.no_grad()
 def embed_images(model, processor, dataset, batch_size: int = 256, image_column: str = "image",
                  device: str | torch.device | None = None) -> np.ndarray:
     """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`."""
@@ -49,9 +38,7 @@ def embed_images(model, processor, dataset, batch_size: int = 256, image_column:
     for start in tqdm(range(0, len(dataset), batch_size), desc="image embeddings", unit="batch"):
         images = dataset[start : start + batch_size][image_column]
         pixels = processor(images=images)["pixel_values"].to(device)
-        features = model.get_image_features(pixels)
-        if not isinstance(features, torch.Tensor):  # a plain transformers 5 CLIPModel returns an output object
-            features = features.pooler_output
+        features = _features(model.get_image_features(pixels))
         chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
     return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
 
@@ -81,37 +68,178 @@ def image_groups(dataset) -> tuple[np.ndarray, np.ndarray]:
     return image_rows, text_to_image
 
 
-def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
-                     ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+# ----- retrieval: Recall@K and mAP, both directions ------------------------------------------------------------------
+# Conventions (CLIP_benchmark's names): "image_retrieval" ranks images for each caption (text->image), "text_retrieval"
+# ranks captions for each image (image->text; a hit when any of the image's captions is in the top K). A rank is the
+# number of *other* candidates scoring strictly higher (0 = first). Both directions are kept as one rank per caption:
+# `image_ranks[t]`, the rank of caption t's image among all images for query t, and `text_ranks[t]`, the rank of
+# caption t among all captions for the query "its image". Ranks past a search depth are `inf`.
+
+
+def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image,
+                      ks: tuple[int, ...] = (1, 5, 10), backend: str = "auto", exact_max_pairs: int = 1_000_000_000,
+                      faiss_depth: int = 100, faiss_nprobe: int = 8, faiss_exact_below: int = 50_000
+                      ) -> dict[str, float]:
     """
-    Recall@K both ways (COCO convention). `image_embeds (images, dim)`, `text_embeds (texts, dim)`, normalised;
-    `text_to_image[t]` is the image index of caption `t` (several captions may share an image).
-    Image->text: a hit when any of the image's captions is in its top K. Text->image: the caption's image in top K.
+    Recall@K and mAP both ways (COCO convention: several captions per image). `image_embeds (images, dim)` and
+    `text_embeds (texts, dim)` are L2-normalised; `text_to_image[t]` is the image of caption `t`.
+
+    `backend`: "exact" (blocked matrix products: every rank exact, full-ranking mAP), "faiss" (each query's top
+    `faiss_depth` candidates from FAISS (`nearest_neighbours`: exact flat search for a gallery under
+    `faiss_exact_below`, else an inverted-file index with `faiss_nprobe` lists probed, approximate); mAP is truncated
+    at the depth and reported as `..._mAP@<depth>`), or "auto": exact up to `exact_max_pairs` image-caption pairs,
+    FAISS above.
     """
-    similarity = torch.from_numpy(image_embeds) @ torch.from_numpy(text_embeds).t()  # (images, texts)
-    return recall_from_scores(similarity, similarity.t(), text_to_image, ks)
+    image_embeds, text_embeds, text_to_image = _check_retrieval_inputs(image_embeds, text_embeds, text_to_image)
+    if backend == "auto":
+        backend = "exact" if len(image_embeds) * len(text_embeds) <= exact_max_pairs else "faiss"
+    if backend == "exact":
+        image_ranks, text_ranks = exact_positive_ranks(image_embeds, text_embeds, text_to_image)
+        return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks)
+    if backend == "faiss":
+        image_ranks, text_ranks = faiss_positive_ranks(image_embeds, text_embeds, text_to_image, faiss_depth,
+                                                       faiss_nprobe, faiss_exact_below)
+        return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks, depth=faiss_depth)
+    raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}")
+
+
+def _check_retrieval_inputs(image_embeds, text_embeds, text_to_image):
+    image_embeds = np.ascontiguousarray(image_embeds, dtype=np.float32)
+    text_embeds = np.ascontiguousarray(text_embeds, dtype=np.float32)
+    text_to_image = np.asarray(text_to_image, dtype=np.int64)
+    if image_embeds.ndim != 2 or text_embeds.ndim != 2 or image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(f"expected image_embeds (images, dim) and text_embeds (texts, dim) of one dim, got "
+                         f"{image_embeds.shape} and {text_embeds.shape}")
+    if text_to_image.shape != (len(text_embeds),):
+        raise ValueError(f"text_to_image needs one image index per caption ({len(text_embeds)}), got shape "
+                         f"{text_to_image.shape}")
+    if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= len(image_embeds)):
+        raise ValueError(f"text_to_image must index the {len(image_embeds)} images, got values "
+                         f"{text_to_image.min()}..{text_to_image.max()}")
+    return image_embeds, text_embeds, text_to_image
+
+
+@torch.no_grad()
+def exact_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
+                         max_block_elements: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+    """`(image_ranks, text_ranks)` (see above), exact: one pass of `(block, texts)` score blocks, never the whole
+    `(images, texts)` matrix."""
+    images, texts = torch.from_numpy(image_embeds), torch.from_numpy(text_embeds)
+    owner = torch.from_numpy(text_to_image)
+    positive = (texts * images[owner]).sum(1)  # (texts,) score of each caption with its own image
+    image_ranks = torch.zeros(len(texts), dtype=torch.long)
+    text_ranks = torch.zeros(len(texts), dtype=torch.long)
+    by_image = torch.argsort(owner, stable=True)
+    sorted_owner = owner[by_image]
+    block = max(1, max_block_elements // max(len(texts), 1))
+    for start in tqdm(range(0, len(images), block), desc="retrieval", unit="block",
+                      disable=len(images) <= block):
+        stop = min(start + block, len(images))
+        scores = images[start:stop] @ texts.t()  # (block, texts)
+        lo, hi = (int(torch.searchsorted(sorted_owner, bound)) for bound in (start, stop))
+        for captions in by_image[lo:hi].split(block):  # captions of this block's images, block rows at a time
+            rows = owner[captions] - start
+            own = scores[rows, captions] > positive[captions]  # the caption itself, if rounding lifts it
+            text_ranks[captions] = (scores[rows] > positive[captions, None]).sum(1) - own.long()
+        scores[owner[by_image[lo:hi]] - start, by_image[lo:hi]] = float("-inf")  # a caption's own image is no rival
+        image_ranks += (scores > positive[None, :]).sum(0)
+    return image_ranks.numpy().astype(np.float64), text_ranks.numpy().astype(np.float64)
+
+
+def faiss_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray, depth: int,
+                         nprobe: int = 8, exact_below: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """`(image_ranks, text_ranks)` (see above) from each query's top `depth` candidates in a FAISS index
+    (`nearest_neighbours`); a positive not among them gets rank `inf`."""
+    found_images = nearest_neighbours(image_embeds, text_embeds, depth, nprobe, exact_below)  # (texts, depth)
+    image_ranks = _position(found_images, text_to_image)
+    found_texts = nearest_neighbours(text_embeds, image_embeds, depth, nprobe, exact_below)  # (images, depth)
+    text_ranks = _position(found_texts[text_to_image], np.arange(len(text_embeds)))
+    return image_ranks, text_ranks
+
+
+def nearest_neighbours(database: np.ndarray, queries: np.ndarray, depth: int, nprobe: int = 8,
+                       exact_below: int = 50_000) -> np.ndarray:
+    """Ids `(queries, depth)` of each query's highest inner products in `database`: FAISS flat (exact) search for a
+    database under `exact_below` vectors, else an inverted-file index of about 4 sqrt(n) lists (at least 40
+    vectors each), `nprobe` probed."""
+    import faiss
+
+    depth = min(depth, len(database))
+    dim = database.shape[1]
+    if len(database) < exact_below:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        lists = max(1, min(int(4 * np.sqrt(len(database))), len(database) // 40))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(len(database), min(len(database), 40 * lists), replace=False)
+        index.train(database[np.sort(sample)])
+        index.nprobe = nprobe
+    index.add(database)
+    return index.search(queries, depth)[1]
+
+
+def _position(found: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Where `targets[q]` stands in row `q` of `found` (0-based), `inf` where it is absent."""
+    match = found == np.asarray(targets)[:, None]
+    return np.where(match.any(1), match.argmax(1), np.inf)
+
+
+def ranks_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch.Tensor,
+                      text_to_image) -> tuple[np.ndarray, np.ndarray]:
+    """`(image_ranks, text_ranks)` (see above) from dense scores: `image_query_scores (images, texts)` ranks captions
+    for each image, `text_query_scores (texts, images)` images for each caption (the two may differ, e.g. after
+    re-ranking)."""
+    owner = torch.as_tensor(np.asarray(text_to_image), dtype=torch.long)
+    captions = torch.arange(text_query_scores.shape[0])
+    true_image = text_query_scores[captions, owner]
+    image_ranks = (text_query_scores > true_image[:, None]).sum(1)
+    text_ranks = torch.empty(len(captions), dtype=torch.long)
+    for chunk in captions.split(4096):
+        own_rows = image_query_scores[owner[chunk]]  # (chunk, texts): the ranking each caption's image makes
+        own = own_rows[torch.arange(len(chunk)), chunk]
+        text_ranks[chunk] = (own_rows > own[:, None]).sum(1)
+    return image_ranks.numpy().astype(np.float64), text_ranks.numpy().astype(np.float64)
+
+
+def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_image,
+                       ks: tuple[int, ...] = (1, 5, 10), depth: int | None = None) -> dict[str, float]:
+    """Recall@K and mAP both ways from per-caption ranks (see above); with a search `depth`, mAP counts positives
+    past it as never retrieved and its key says `mAP@<depth>`."""
+    owner = np.asarray(text_to_image, dtype=np.int64)
+    best_text_rank = np.full(owner.max() + 1 if len(owner) else 0, np.inf)
+    np.minimum.at(best_text_rank, owner, text_ranks)
+    best_text_rank = best_text_rank[np.bincount(owner, minlength=len(best_text_rank)) > 0]  # images with captions
+    results = {}
+    for k in ks:
+        results[f"image_retrieval_recall@{k}"] = float(np.mean(image_ranks < k))
+        results[f"text_retrieval_recall@{k}"] = float(np.mean(best_text_rank < k))
+    suffix = "mAP" if depth is None else f"mAP@{depth}"
+    results[f"image_retrieval_{suffix}"] = _mean_average_precision(image_ranks, np.arange(len(image_ranks)))
+    results[f"text_retrieval_{suffix}"] = _mean_average_precision(text_ranks, owner)
+    return results
+
+
+def _mean_average_precision(ranks: np.ndarray, queries: np.ndarray) -> float:
+    """Mean over queries of average precision, from the rank of each (query, positive) pair: the j-th best positive
+    at rank r adds precision j / (r + 1) (tied positives are ordered, so r >= j - 1), divided by the query's count
+    of positives; a positive at rank `inf` adds 0."""
+    if not len(ranks):
+        return float("nan")
+    order = np.lexsort((ranks, queries))
+    queries, ranks = queries[order], ranks[order]
+    starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
+    position = np.arange(len(queries)) - np.repeat(starts, np.diff(np.r_[starts, len(queries)])) + 1
+    precision = np.where(np.isfinite(ranks), position / (np.maximum(ranks, position - 1) + 1), 0.0)
+    counts = np.bincount(queries)
+    present = counts > 0
+    return float(np.mean(np.bincount(queries, weights=precision)[present] / counts[present]))
 
 
 def recall_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch.Tensor, text_to_image,
                        ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """
-    Recall@K from a score per (query, candidate): `image_query_scores (images, texts)` ranks captions for each image,
-    `text_query_scores (texts, images)` ranks images for each caption (the two may differ, e.g. after re-ranking).
-    """
-    text_to_image = torch.as_tensor(np.asarray(text_to_image))
-    texts = torch.arange(text_query_scores.shape[0])
-    # rank of the true image for each caption = number of images scoring strictly higher
-    true_scores = text_query_scores[texts, text_to_image]
-    text_ranks = (text_query_scores > true_scores[:, None]).sum(1)
-    # rank of each image's best-scoring caption among all captions
-    positive = text_to_image[None, :] == torch.arange(image_query_scores.shape[0])[:, None]  # (images, texts)
-    best_positive = image_query_scores.masked_fill(~positive, float("-inf")).max(1).values
-    image_ranks = (image_query_scores > best_positive[:, None]).sum(1)
-    results = {}
-    for k in ks:
-        results[f"image_retrieval_recall@{k}"] = float((text_ranks < k).float().mean())
-        results[f"text_retrieval_recall@{k}"] = float((image_ranks < k).float().mean())
-    return results
+    """Recall@K and mAP both ways from dense scores (see `ranks_from_scores`)."""
+    image_ranks, text_ranks = ranks_from_scores(image_query_scores, text_query_scores, text_to_image)
+    return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks)
 
 
 def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int = 4096) -> torch.Tensor:
@@ -134,25 +262,105 @@ def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int 
     return rest.scatter(1, candidates, new_scores)
 
 
+# ----- classification and hard negatives ------------------------------------------------------------------------
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def _features(output) -> torch.Tensor:
+    """`get_*_features` of a DCLIP model returns a tensor; a plain transformers 5 `CLIPModel` an output object."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 @torch.no_grad()
+def embed_texts(model, processor, texts: list[str], batch_size: int = 256,
+                device: str | torch.device | None = None) -> np.ndarray:
+    """L2-normalised text embeddings `(len(texts), dim)` float32 with `get_text_features`."""
+    device = torch.device(device or next(model.parameters()).device)
+    model.eval()
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        inputs = processor(text=list(texts[start : start + batch_size]))
+        features = _features(model.get_text_features(**{k: v.to(device) for k, v in inputs.items()}))
+        chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
+
+
+def zero_shot_classifier(model, processor, class_names: list[str], templates=DEFAULT_TEMPLATES,
+                         device: str | torch.device | None = None) -> np.ndarray:
+    """`(classes, dim)` class embeddings: each class's prompts (`template.format(name)` for every template) embedded,
+    averaged and re-normalised, as in CLIP's prompt ensembling."""
+    if not class_names or not templates:
+        raise ValueError(f"zero-shot classification needs class names and templates, got {len(class_names)} and "
+                         f"{len(templates)}")
+    prompts = [template.format(name) for name in class_names for template in templates]
+    embeds = embed_texts(model, processor, prompts, device=device).reshape(len(class_names), len(templates), -1)
+    mean = embeds.mean(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
+                           ks: tuple[int, ...] = (1, 5)) -> dict:
+    """From `scores (samples, classes)` and integer `labels`: top-K accuracy `acc<K>` (K below the class count),
+    `mean_per_class_recall` over the classes present, and `per_class_recall` by class name (CLIP_benchmark names)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    results: dict = {}
+    for k in ks:
+        if k == 1 or k < scores.shape[1]:
+            results[f"acc{k}"] = float(np.mean((order[:, :k] == labels[:, None]).any(1)))
+    top1 = order[:, 0]
+    per_class = {name: float(np.mean(top1[labels == c] == c)) for c, name in enumerate(class_names)
+                 if np.any(labels == c)}
+    results["mean_per_class_recall"] = float(np.mean(list(per_class.values()))) if per_class else float("nan")
+    results["per_class_recall"] = per_class
+    return results
+
+
+@torch.no_grad()
+def zero_shot_classification(model, processor, dataset, label_column: str, class_names: list[str],
+                             templates=DEFAULT_TEMPLATES, image_embeds: np.ndarray | None = None,
+                             batch_size: int = 256, device: str | torch.device | None = None) -> dict:
+    """Zero-shot classification of `dataset`'s images among `class_names` (see `classification_metrics`);
+    `image_embeds` (normalised, a row per dataset row) saves embedding the images again."""
+    if image_embeds is None:
+        image_embeds = embed_images(model, processor, dataset, batch_size=batch_size, device=device)
+    classifier = zero_shot_classifier(model, processor, class_names, templates, device=device)
+    return classification_metrics(image_embeds @ classifier.T, dataset[label_column], class_names)
+
+
 def zero_shot_accuracy(model, processor, dataset, label_column: str, class_names: list[str],
                        template: str = "a photo of a {}.", batch_size: int = 256,
                        device: str | torch.device | None = None) -> float:
     """Top-1 accuracy of classifying `dataset` images among `class_names` prompts."""
-    device = torch.device(device or next(model.parameters()).device)
-    model.eval()
-    prompts = processor(text=[template.format(name) for name in class_names])
-    class_embeds = model.get_text_features(**{k: v.to(device) for k, v in prompts.items()})
-    class_embeds = class_embeds / class_embeds.norm(dim=-1, keepdim=True)
-    correct = 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        pixels = processor(images=rows["image"])["pixel_values"].to(device)
-        image_embeds = model.get_image_features(pixels)
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-        predictions = (image_embeds @ class_embeds.t()).argmax(1).cpu()
-        correct += int((predictions == torch.as_tensor(rows[label_column])).sum())
-    return correct / max(len(dataset), 1)
+    return zero_shot_classification(model, processor, dataset, label_column, class_names, (template,),
+                                    batch_size=batch_size, device=device)["acc1"]
+
+
+def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, text_embeds: np.ndarray,
+                           device: str | torch.device | None = None) -> dict[str, float]:
+    """
+    How often each image scores its own caption above each of its hard-negative captions (`hard_negatives`,
+    with kinds in `hard_negative_types`: swapped attribute, swapped relation, wrong count): `hard_negative_accuracy`
+    over all (image, negative) pairs and `hard_negative_accuracy_<kind>` per kind. `image_embeds` / `text_embeds`:
+    normalised, a row per dataset row (the row's image and caption).
+    """
+    negatives = dataset["hard_negatives"]
+    kinds = dataset["hard_negative_types"] if "hard_negative_types" in dataset.column_names else \
+        [["all"] * len(row) for row in negatives]
+    rows = np.repeat(np.arange(len(negatives)), [len(row) for row in negatives])
+    if not len(rows):
+        return {}
+    flat_negatives = [text for row in negatives for text in row]
+    flat_kinds = np.array([kind for row in kinds for kind in row])
+    negative_embeds = embed_texts(model, processor, flat_negatives, device=device)
+    positive_scores = np.einsum("nd,nd->n", image_embeds[rows], text_embeds[rows])
+    negative_scores = np.einsum("nd,nd->n", image_embeds[rows], negative_embeds)
+    correct = positive_scores > negative_scores
+    results = {"hard_negative_accuracy": float(correct.mean())}
+    for kind in sorted(set(flat_kinds)):
+        results[f"hard_negative_accuracy_{kind}"] = float(correct[flat_kinds == kind].mean())
+    return results
 
 
 @torch.no_grad()
@@ -196,3 +404,105 @@ def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = 
     image_query_scores = rerank_scores(similarity, fused, top_k)
     text_query_scores = rerank_scores(similarity.t(), lambda text, image: fused(image, text), top_k)
     return recall_from_scores(image_query_scores, text_query_scores, text_to_image, ks)
+
+
+# ----- whole evaluations ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationResult:
+    """Flat `metrics` (name -> value; the keys of summary tables and model cards) and `per_class_recall`
+    (zero-shot task -> class -> recall), with the sizes evaluated."""
+
+    metrics: dict[str, float]
+    per_class_recall: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_images: int = 0
+    num_texts: int = 0
+
+
+def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
+                   templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10), retrieval_backend: str = "auto",
+                   batch_size: int = 256) -> EvaluationResult:
+    """
+    Evaluate a dual encoder (`DCLIPModel`, `DCLIPTeacherModel` towers, or a CLIP wrapped by `load_clip_towers`) on
+    `test` (`image`, `caption`, optional `image_id` for several captions per image): retrieval both ways; for each
+    `tasks` label column present (column -> class names) zero-shot classification and, with `probe_train`, a linear
+    probe fitted on its images; hard-negative accuracy where `test` has `hard_negatives`.
+    """
+    image_rows, text_to_image = image_groups(test)
+    images = test.select(image_rows) if len(image_rows) != len(test) else test
+    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
+    text_embeds = embed_texts(model, processor, test["caption"], batch_size=batch_size)
+    metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks, backend=retrieval_backend)
+    result = EvaluationResult(metrics, num_images=len(image_embeds), num_texts=len(text_embeds))
+    tasks = {column: names for column, names in (tasks or {}).items() if column in test.column_names}
+    probe_embeds = None
+    if tasks and probe_train is not None:
+        probe_images = probe_train.select(image_groups(probe_train)[0])
+        probe_embeds = embed_images(model, processor, probe_images, batch_size=batch_size)
+    for column, names in tasks.items():
+        zero_shot = zero_shot_classification(model, processor, images, column, names, templates,
+                                             image_embeds=image_embeds)
+        for name in ("acc1", "acc5", "mean_per_class_recall"):
+            if name in zero_shot:
+                metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
+        result.per_class_recall[column] = zero_shot["per_class_recall"]
+        if probe_embeds is not None:
+            metrics[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
+                probe_embeds, probe_images[column], image_embeds, images[column])
+    if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
+        metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds))
+    return result
+
+
+def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
+                     batch_size: int = 256) -> EvaluationResult:
+    """The cross-modal teacher's retrieval Recall@K and mAP: global shortlist, fused re-ranking (`teacher_retrieval`);
+    regions from the processor's detector (if any) and spans from its extractor, as at test time."""
+    from .targets import compute_teacher_features
+
+    features = compute_teacher_features(test, teacher, processor, batch_size=batch_size, use_given_boxes=False,
+                                        use_given_spans=False)
+    image_rows, text_to_image = image_groups(test)
+    metrics = teacher_retrieval(teacher, features, top_k=top_k, ks=ks, image_rows=image_rows,
+                                text_to_image=text_to_image)
+    return EvaluationResult(metrics, num_images=len(image_rows), num_texts=len(test))
+
+
+def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
+                        processor=None, templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10),
+                        retrieval_backend: str = "auto", teacher_top_k: int = 16) -> EvaluationResult:
+    """
+    Evaluate a saved model, local or on the Hub: a `DCLIPTeacherModel` folder by its fused retrieval
+    (`evaluate_teacher`), anything else (a `DCLIPModel` folder, any CLIP checkpoint) with `evaluate_model`.
+    `processor`: default, the checkpoint's own (a `DCLIPProcessor` around its tokenizer and image processor).
+    """
+    from transformers import PretrainedConfig
+
+    from modeling_dclip import DCLIPTeacherModel
+    from processing_dclip import DCLIPProcessor
+
+    processor = processor or DCLIPProcessor.from_pretrained(name_or_path)
+    if PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type") == "dclip_teacher":
+        teacher = DCLIPTeacherModel.from_pretrained(name_or_path).to("cuda" if torch.cuda.is_available() else "cpu")
+        return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks)
+    return evaluate_model(load_clip_towers(name_or_path), processor, test, probe_train=probe_train, tasks=tasks,
+                          templates=templates, ks=ks, retrieval_backend=retrieval_backend)
+
+
+def zero_shot_top1_keys(metrics: dict[str, float]) -> list[str]:
+    """The zero-shot top-1 accuracies among `metrics` (one per task)."""
+    return [key for key in metrics if key.startswith("zeroshot_") and key.endswith("_acc1")]
+
+
+def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A plain-text table of `metrics` (model -> metric -> value): a row per metric, retrieval first, a column per
+    model ("-" where a model lacks the metric)."""
+    names = sorted({key for values in metrics.values() for key in values},
+                   key=lambda key: (not key.startswith(("image_", "text_")), key))
+    width = max([len(name) for name in names] + [6])
+    lines = [f"{'metric':<{width}}" + "".join(f"{model:>14}" for model in metrics)]
+    for name in names:
+        cells = "".join(f"{values[name]:>14.4f}" if name in values else f"{'-':>14}" for values in metrics.values())
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ from .data.scenes import SceneConfig, load_scenes, zero_shot_tasks
 from .data.tokenizer import train_clip_tokenizer
 from .detector import import_ultralytics_as_one_process
 from .evaluation import (
-    embed_images, embed_pairs, image_groups, linear_probe_accuracy, load_clip_towers, retrieval_recall, teacher_retrieval, zero_shot_accuracy,
+    EvaluationResult, evaluate_checkpoint, format_metrics_table, zero_shot_top1_keys,
 )
 from .presets import small_clip_config
 from .targets import (
@@ -143,7 +143,7 @@ class DistillationArguments:
 def _stage_arguments(training_args: TrainingArguments, name: str, steps: int, learning_rate: float) -> TrainingArguments:
     return dataclasses.replace(
         training_args, output_dir=os.path.join(training_args.output_dir, name), max_steps=steps,
-        learning_rate=learning_rate, remove_unused_columns=False,
+        learning_rate=learning_rate, remove_unused_columns=False, push_to_hub=False,  # the run pushes the student
     )
 
 
@@ -471,38 +471,6 @@ def cluster_teacher_embeddings(train, num_clusters: int, training_args: Training
 # ----- evaluation -----------------------------------------------------------------------------------------------
 
 
-def evaluate_folder(folder: str, data, processor) -> dict[str, float]:
-    """Retrieval Recall@K of a student or base-CLIP folder, and on the embedded data zero-shot and linear-probe
-    accuracy (logistic regression on the validation split's image embeddings)."""
-    model = load_clip_towers(folder)
-    test = data["eval"]
-    image_embeds, text_embeds = embed_pairs(model, processor, test)
-    image_rows, text_to_image = image_groups(test)
-    results = retrieval_recall(image_embeds[image_rows], text_embeds, text_to_image)
-    columns = [column for column in zero_shot_tasks() if column in test.column_names]
-    for column in columns:
-        results[f"zeroshot_{column}"] = zero_shot_accuracy(model, processor, test, column, zero_shot_tasks()[column])
-    if columns and "validation" in data:  # linear probe: fitted on the validation split, scored on the eval split
-        train = data["validation"]
-        train_embeds = embed_images(model, processor, train)
-        for column in columns:
-            results[f"linear_probe_{column}"] = linear_probe_accuracy(train_embeds, train[column], image_embeds,
-                                                                      test[column])
-    return results
-
-
-def evaluate_teacher(folder: str, data, processor, top_k: int) -> dict[str, float]:
-    """The teacher's retrieval Recall@K: global shortlist, fused re-ranking; regions from the detector (if any)
-    and spans from the extractor, as at test time."""
-    from modeling_dclip import DCLIPTeacherModel
-
-    teacher = DCLIPTeacherModel.from_pretrained(folder).to("cuda" if torch.cuda.is_available() else "cpu")
-    features = compute_teacher_features(data["eval"], teacher, processor, batch_size=256,
-                                        use_given_boxes=False, use_given_spans=False)
-    image_rows, text_to_image = image_groups(data["eval"])
-    return teacher_retrieval(teacher, features, top_k=top_k, image_rows=image_rows, text_to_image=text_to_image)
-
-
 def paper_claims(metrics: dict[str, dict[str, float]]) -> dict[str, float | bool]:
     """DCLIP's claims, checked on this run: the teacher and the student retrieve better than the base CLIP (Recall@1,
     both directions), and the student keeps at least 94% of the base CLIP's mean zero-shot accuracy."""
@@ -518,7 +486,7 @@ def paper_claims(metrics: dict[str, dict[str, float]]) -> dict[str, float | bool
         base_t2i = base["image_retrieval_recall@1"]
         claims["student_text_to_image_recall@1_relative_gain"] = (
             (student["image_retrieval_recall@1"] - base_t2i) / base_t2i if base_t2i else float("nan"))
-        zero_shot = [key for key in base if key.startswith("zeroshot_")]
+        zero_shot = zero_shot_top1_keys(base)
         if zero_shot:
             retention = np.mean([student[k] for k in zero_shot]) / max(np.mean([base[k] for k in zero_shot]), 1e-12)
             claims["student_zero_shot_retention"] = float(retention)
@@ -541,12 +509,17 @@ def cpu_threads_per_process(requested: int | None = None) -> int:
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, args: DistillationArguments,
-        training_args: TrainingArguments) -> dict:
-    """Run the chosen stages; return where each artefact went, how each stage trained, and the metrics."""
+        training_args: TrainingArguments, command: str = "accelerate launch examples/train.py") -> dict:
+    """Run the chosen stages; return where each artefact went, how each stage trained, and the metrics. After an
+    evaluation the student folder gets its model card (`command` is the reproduction line it prints); with
+    `--push_to_hub` the folder is then uploaded to `--hub_model_id`."""
     embedded = data_args.dataset_name is None
     if not embedded and model_args.student_model is None:
         raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint): a base CLIP is pretrained here "
                          "only on the embedded default data.")
+    if training_args.push_to_hub and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (the repository the student goes to, e.g. "
+                         "your-name/dclip-student)")
     started = time.perf_counter()
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads_per_process(args.cpu_threads))
@@ -598,41 +571,92 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
         if (Path(folder) / "config.json").is_file() or (name == "base_clip" and model_args.student_model):
             artefacts[name] = folder
 
-    metrics: dict[str, dict[str, float]] = {}
+    results: dict[str, EvaluationResult] = {}
     if args.stage in ("evaluate", "all") and main:
         chosen = {name.strip() for name in args.eval_models.split(",")}
-        for name in ("base_clip", "student"):
+        for name in ("base_clip", "teacher", "student"):  # on the eval split, with the run's processor
             if name in artefacts and name in chosen:
-                metrics[name] = evaluate_folder(artefacts[name], data, processor)
-        if "teacher" in artefacts and "teacher" in chosen:
-            metrics["teacher"] = evaluate_teacher(artefacts["teacher"], data, processor, args.eval_top_k)
+                results[name] = evaluate_checkpoint(artefacts[name], data["eval"], data.get("validation"),
+                                                    zero_shot_tasks(), processor, teacher_top_k=args.eval_top_k)
+    metrics = {name: result.metrics for name, result in results.items()}
     summary = {"artefacts": artefacts, "data": data_reports, "training": log, "metrics": metrics,
+               "per_class_recall": {name: result.per_class_recall for name, result in results.items()
+                                    if result.per_class_recall},
                "claims": paper_claims(metrics),
                "seconds": round(time.perf_counter() - started, 1)}
     if main:
+        if "student" in results:
+            summary["artefacts"]["model_card"] = str(write_student_card(
+                summary, model_args, data_args, args, training_args, processor, command))
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        if training_args.push_to_hub and "student" in artefacts:
+            from .hub import push_to_hub
+
+            summary["pushed"] = push_to_hub(artefacts["student"], training_args.hub_model_id,
+                                            token=training_args.hub_token, private=training_args.hub_private_repo)
+            (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def write_student_card(summary: dict, model_args: ModelArguments, data_args: DataArguments,
+                       args: DistillationArguments, training_args: TrainingArguments, processor, command: str) -> Path:
+    """The student folder's model card: its metrics against the base CLIP it started from, the run's recipe."""
+    from .hub import CardInfo, write_model_card
+
+    metrics, per_class = summary["metrics"], summary.get("per_class_recall", {})
+    student_dir = summary["artefacts"]["student"]
+    embedded = data_args.dataset_name is None
+    weights = {term: weight for term, weight in args.loss_weights().items() if weight}
+    recipe = [f"method: {args.method}; loss terms (weights): "
+              + ", ".join(f"{term} ({weight:g})" for term, weight in weights.items()),
+              f"student initialised from {model_args.student_model or 'the base CLIP pretrained in this run'}; "
+              f"teacher towers: {model_args.teacher_model or 'the same base CLIP'}, fusion width "
+              f"{model_args.fusion_hidden_size}, {model_args.fusion_num_layers} layers, "
+              f"{model_args.num_negatives} hard negatives",
+              f"{args.distill_steps} steps at learning rate {args.distill_learning_rate:g}, batch "
+              f"{training_args.per_device_train_batch_size} per device x {training_args.world_size} processes"
+              + (f", LoRA rank {model_args.lora_rank} (merged)" if model_args.lora_rank else ""),
+              f"training data: {data_args.dataset_name or 'the embedded procedural scenes'}"
+              + (f", {data_args.num_train_scenes} scenes at {data_args.image_size} px" if embedded else "")]
+    recipe += [f"stage {stage}: {info['global_step']} steps in {info['seconds']} s"
+               for stage, info in summary.get("training", {}).items()]
+    claims = summary.get("claims", {})
+    note = (f"Measured by dclip on the first {data_args.max_eval_samples} pairs of the `{data_args.eval_split}` "
+            f"split, after training; the baseline is the CLIP the student started from.")
+    if "student_zero_shot_retention" in claims:
+        note += (f" Text-to-image Recall@1 relative gain over it: "
+                 f"{claims['student_text_to_image_recall@1_relative_gain']:+.1%}; zero-shot accuracy kept: "
+                 f"{claims['student_zero_shot_retention']:.1%}.")
+    crop = (processor.image_processor.crop_size or {}).get("height", data_args.image_size)
+    labels = zero_shot_tasks()["label_color_shape"][:3] if embedded else ["cat", "dog", "car"]
+    hub_dataset = data_args.dataset_name if data_args.dataset_name and not Path(data_args.dataset_name).exists() \
+        else None
+    info = CardInfo(
+        repo_id=training_args.hub_model_id or str(Path(student_dir).resolve()),
+        model_name=(training_args.hub_model_id or "dclip-student").split("/")[-1], method=args.method,
+        base_model=model_args.student_model if model_args.student_model and not Path(model_args.student_model).exists()
+        else None,
+        datasets=[hub_dataset] if hub_dataset else [],
+        dataset_type=hub_dataset or ("dclip-scenes" if embedded else Path(data_args.dataset_name).name),
+        dataset_name=("dclip procedural scenes (embedded default)" if embedded else data_args.dataset_name),
+        dataset_split=data_args.eval_split, recipe=recipe, command=command, evaluation_note=note,
+        image_size=int(crop), example_labels=labels,
+    )
+    return write_model_card(student_dir, info, metrics["student"], metrics.get("base_clip"),
+                            per_class.get("student"), per_class.get("base_clip"))
+
+
 def format_summary(summary: dict) -> str:
-    """The run's artefacts, training times, metrics (a row per model) and claims, as plain text tables."""
+    """The run's artefacts, training times, metrics (a column per model) and claims, as plain text tables."""
     lines = ["artefacts:"] + [f"  {name:<10} {path}" for name, path in summary["artefacts"].items()]
     if summary.get("training"):
         lines.append("training:")
         for stage, info in summary["training"].items():
             resumed = f", resumed from {info['resumed_from']}" if info.get("resumed_from") else ""
             lines.append(f"  {stage:<10} {info['global_step']} steps in {info['seconds']} s{resumed}")
-    metrics = summary.get("metrics") or {}
-    if metrics:
-        columns = sorted({key for values in metrics.values() for key in values},
-                         key=lambda key: (not key.startswith(("image_", "text_")), key))
-        short = {key: key.replace("image_retrieval_recall@", "T2I R@").replace("text_retrieval_recall@", "I2T R@")
-                 .replace("zeroshot_label_", "ZS ").replace("linear_probe_label_", "LP ") for key in columns}
+    if summary.get("metrics"):
         lines.append("metrics (eval split):")
-        lines.append("  " + f"{'model':<10}" + "".join(f"{short[key]:>16}" for key in columns))
-        for name, values in metrics.items():
-            cells = "".join(f"{values[key]:>16.4f}" if key in values else f"{'-':>16}" for key in columns)
-            lines.append(f"  {name:<10}{cells}")
+        lines += ["  " + line for line in format_metrics_table(summary["metrics"]).splitlines()]
     if summary.get("claims"):
         lines.append("claims:")
         lines += [f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}"

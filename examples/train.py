@@ -3,6 +3,7 @@
     accelerate launch examples/train.py                                   # the embedded default, end to end
     python examples/train.py --stage distill --output_dir outputs/default  # one stage, reusing earlier ones
     accelerate launch examples/train.py --resume_from_checkpoint true      # after an interruption
+    accelerate launch examples/train.py --push_to_hub --hub_model_id you/dclip-student  # card + upload at the end
     accelerate launch --multi_gpu --num_processes 8 examples/train.py --dataset_name dataset_coco.json \
         --image_root coco/ --student_model openai/clip-vit-base-patch32 \
         --teacher_model openai/clip-vit-large-patch14 --bf16 --per_device_train_batch_size 256
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 from transformers import HfArgumentParser, TrainingArguments
@@ -28,7 +30,8 @@ def main() -> None:
         if not any(a.startswith(flag) for a in argv):
             argv += [flag, value]
     model_args, data_args, distill_args, training_args = parser.parse_args_into_dataclasses(argv)
-    summary = run(model_args, data_args, distill_args, training_args)
+    command = " ".join(["accelerate launch examples/train.py"] + [shlex.quote(a) for a in sys.argv[1:]])
+    summary = run(model_args, data_args, distill_args, training_args, command=command)
     if training_args.process_index == 0:
         print(format_summary(summary))
         print(f"summary: {training_args.output_dir}/summary.json")

@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,28 @@ CORPUS = [
     "one big white star next to a tiny black triangle",
     "this is a photo of a circle",
 ]
+
+
+# Prefix of a script run in a fresh process: this repo's modules are blocked, so only copies next to the weights
+# (loaded with trust_remote_code) can be used.
+BLOCK_REPO_IMPORTS = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    BLOCKED = {"dclip", "configuration_dclip", "modeling_dclip", "processing_dclip"}
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Block())
+    try:
+        import modeling_dclip
+        raise SystemExit("the repo is importable; the test would prove nothing")
+    except ImportError:
+        pass
+    """
+)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dclip.evaluation import (
-    image_groups, recall_from_scores, rerank_scores, retrieval_recall, teacher_retrieval, zero_shot_accuracy,
+    image_groups, recall_from_scores, rerank_scores, retrieval_metrics, teacher_retrieval, zero_shot_accuracy,
+    zero_shot_classification,
 )
 
 
@@ -30,7 +31,7 @@ def test_recall_matches_naive_loop_with_five_captions_per_image(k):
     text_embeds = (image_embeds[text_to_image] + 1.5 * rng.normal(size=(images * per_image, dim))).astype(np.float32)
     image_embeds /= np.linalg.norm(image_embeds, axis=1, keepdims=True)
     text_embeds /= np.linalg.norm(text_embeds, axis=1, keepdims=True)
-    result = retrieval_recall(image_embeds, text_embeds, text_to_image, ks=(k,))
+    result = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks=(k,))
     i2t, t2i = naive_recall(image_embeds, text_embeds, text_to_image, k)
     assert result[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
     assert result[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
@@ -72,11 +73,55 @@ def test_zero_shot_hand_computed():
             return 4
 
         def __getitem__(self, item):
-            return {k: v[item] for k, v in rows.items()}
+            return rows[item] if isinstance(item, str) else {k: v[item] for k, v in rows.items()}
 
     accuracy = zero_shot_accuracy(OneHotModel(), FakeProcessor(), Rows(), "label", ["red", "green", "blue"],
                                   template="a {}.")
     assert accuracy == pytest.approx(3 / 4)
+    # predictions red, blue, blue, green against labels red, blue, green, green: per class 1, 1/2, 1
+    result = zero_shot_classification(OneHotModel(), FakeProcessor(), Rows(), "label", ["red", "green", "blue"],
+                                      templates=("a {}.", "the colour {}."))
+    assert result["per_class_recall"] == {"red": 1.0, "green": 0.5, "blue": 1.0}
+    assert result["mean_per_class_recall"] == pytest.approx(2.5 / 3)
+    assert "acc5" not in result  # 3 classes: top-5 says nothing
+
+
+def test_classification_metrics_hand_computed():
+    from dclip.evaluation import classification_metrics
+
+    scores = np.array([[0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.5],    # label 0: top-1
+                       [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],    # label 0: last of 7 -> misses top-5
+                       [0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # label 4: 5th -> top-5 hit only
+                       [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])   # label 6: top-1
+    result = classification_metrics(scores, [0, 0, 4, 6], [f"c{i}" for i in range(7)])
+    assert result["acc1"] == pytest.approx(2 / 4)
+    assert result["acc5"] == pytest.approx(3 / 4)
+    assert result["per_class_recall"] == {"c0": 0.5, "c4": 0.0, "c6": 1.0}
+    assert result["mean_per_class_recall"] == pytest.approx(1.5 / 3)
+
+
+def test_hard_negative_accuracy_hand_computed():
+    from dclip.evaluation import hard_negative_accuracy
+
+    rows = {"hard_negatives": [["a red.", "a green."], ["a blue."]],
+            "hard_negative_types": [["swap_attribute", "wrong_count"], ["swap_attribute"]]}
+
+    class Rows(dict):
+        column_names = list(rows)
+
+    image_embeds = np.array([[1.0, 0.0, 0.0], [0.0, 0.6, 0.8]], dtype=np.float32)
+    text_embeds = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)  # captions: "green", "blue"
+    # image 0 vs its caption 0.0: "red" 1.0 beats it, "green" 0.0 ties (not beaten); image 1: 0.8 vs "blue" 0.8 ties
+    result = hard_negative_accuracy(OneHotModel(), FakeProcessor(), Rows(rows), image_embeds, text_embeds)
+    assert result == {"hard_negative_accuracy": 0.0, "hard_negative_accuracy_swap_attribute": 0.0,
+                      "hard_negative_accuracy_wrong_count": 0.0}
+    text_embeds = np.array([[0.6, 0.0, 0.8], [0.0, 0.0, 1.0]], dtype=np.float32)
+    image_embeds = np.array([[0.8, 0.0, 0.6], [0.0, 0.6, 0.8]], dtype=np.float32)
+    # image 0: caption 0.96 > red 0.8, > green 0.0; image 1: caption 0.8 = blue 0.8 -> 2 of 3
+    result = hard_negative_accuracy(OneHotModel(), FakeProcessor(), Rows(rows), image_embeds, text_embeds)
+    assert result["hard_negative_accuracy"] == pytest.approx(2 / 3)
+    assert result["hard_negative_accuracy_swap_attribute"] == pytest.approx(1 / 2)
+    assert result["hard_negative_accuracy_wrong_count"] == 1.0
 
 
 def naive_reranked_ranks(scores, pair_score, top_k, truth):
@@ -180,3 +225,121 @@ def test_linear_probe_accuracy_on_separable_and_on_uninformative_features():
     noise = linear_probe_accuracy(rng.normal(size=(300, 8)), labels, rng.normal(size=(2000, 8)),
                                   rng.integers(0, 3, size=2000))
     assert 0.25 < noise < 0.42
+
+
+def naive_average_precisions(image_embeds, text_embeds, text_to_image):
+    """Textbook AP per query from a full sort: mean over the query's positives of (positives so far) / position."""
+    sim = image_embeds.astype(np.float64) @ text_embeds.astype(np.float64).T
+
+    def average_precision(scores, positives):
+        order = sorted(range(len(scores)), key=lambda c: -scores[c])
+        hits, total = 0, 0.0
+        for position, candidate in enumerate(order, start=1):
+            if candidate in positives:
+                hits += 1
+                total += hits / position
+        return total / len(positives)
+
+    t2i = [average_precision(sim[:, t], {text_to_image[t]}) for t in range(sim.shape[1])]
+    i2t = [average_precision(sim[i], {t for t in range(sim.shape[1]) if text_to_image[t] == i})
+           for i in range(sim.shape[0])]
+    return np.mean(t2i), np.mean(i2t)
+
+
+def five_captions_per_image(images=40, dim=16, noise=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    image_embeds = rng.normal(size=(images, dim)).astype(np.float32)
+    text_to_image = np.repeat(np.arange(images), 5)
+    text_embeds = (image_embeds[text_to_image] + noise * rng.normal(size=(images * 5, dim))).astype(np.float32)
+    image_embeds /= np.linalg.norm(image_embeds, axis=1, keepdims=True)
+    text_embeds /= np.linalg.norm(text_embeds, axis=1, keepdims=True)
+    return image_embeds, text_embeds, text_to_image
+
+
+def test_map_matches_naive_loop_with_five_captions_per_image():
+    image_embeds, text_embeds, text_to_image = five_captions_per_image()
+    result = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="exact")
+    t2i_map, i2t_map = naive_average_precisions(image_embeds, text_embeds, text_to_image)
+    assert result["image_retrieval_mAP"] == pytest.approx(t2i_map, abs=1e-6)
+    assert result["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-6)
+    assert 0.05 < i2t_map < 0.95 and 0.05 < t2i_map < 0.95  # not a trivial case
+    # a hand case: one image, captions ranked 1st and 3rd of 3 -> AP = (1/1 + 2/3) / 2
+    from dclip.evaluation import metrics_from_ranks
+
+    hand = metrics_from_ranks(np.array([0.0, 0.0]), np.array([0.0, 2.0]), np.array([0, 0]), ks=(1,))
+    assert hand["text_retrieval_mAP"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_map_with_tied_positives_stays_at_most_one():
+    from dclip.evaluation import metrics_from_ranks
+
+    # two captions of one image tied at the top: each has no other caption strictly above it
+    result = metrics_from_ranks(np.zeros(2), np.zeros(2), np.array([0, 0]), ks=(1,))
+    assert result["text_retrieval_mAP"] == pytest.approx(1.0)
+
+
+def test_exact_blocks_and_faiss_agree_with_the_dense_scores():
+    from dclip.evaluation import exact_positive_ranks, faiss_positive_ranks, ranks_from_scores
+
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=120, dim=24, noise=1.0, seed=3)
+    scores = torch.from_numpy(image_embeds) @ torch.from_numpy(text_embeds).t()
+    dense = ranks_from_scores(scores, scores.t(), text_to_image)
+    blocked = exact_positive_ranks(image_embeds, text_embeds, text_to_image, max_block_elements=1000)  # 1-image blocks
+    np.testing.assert_array_equal(blocked[0], dense[0])
+    np.testing.assert_array_equal(blocked[1], dense[1])
+    # FAISS flat search to depth 10: the same ranks where they are below 10, inf beyond
+    searched = faiss_positive_ranks(image_embeds, text_embeds, text_to_image, depth=10)
+    for exact, found in zip(dense, searched):
+        np.testing.assert_array_equal(found, np.where(exact < 10, exact, np.inf))
+    exact_metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="exact")
+    faiss_metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="faiss", faiss_depth=10)
+    for key in ("image_retrieval_recall@5", "text_retrieval_recall@10"):
+        assert faiss_metrics[key] == exact_metrics[key]
+    assert faiss_metrics["image_retrieval_mAP@10"] <= exact_metrics["image_retrieval_mAP"]
+
+
+def test_faiss_inverted_file_probing_every_list_is_exact_and_fewer_is_not():
+    """Above `faiss_exact_below` the FAISS path searches an inverted file: probing all its lists must give the
+    exact metrics; probing one is an approximation (it differs here, on unclustered random embeddings)."""
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=2000, dim=32, noise=1.2, seed=4)
+    exact = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="faiss", faiss_depth=10)
+    every_list = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="faiss", faiss_depth=10,
+                                   faiss_nprobe=10_000, faiss_exact_below=1000)
+    one_list = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="faiss", faiss_depth=10,
+                                 faiss_nprobe=1, faiss_exact_below=1000)
+    assert every_list == pytest.approx(exact, abs=1e-12)
+    assert one_list["image_retrieval_recall@1"] < exact["image_retrieval_recall@1"] - 0.05
+    assert 0.2 < exact["image_retrieval_recall@1"] < 0.95
+
+
+def test_retrieval_rejects_inconsistent_inputs():
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=4)
+    with pytest.raises(ValueError, match="one image index per caption"):
+        retrieval_metrics(image_embeds, text_embeds, text_to_image[:-1])
+    with pytest.raises(ValueError, match="must index the 4 images"):
+        retrieval_metrics(image_embeds, text_embeds, text_to_image + 1)
+    with pytest.raises(ValueError, match="backend"):
+        retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="annoy")
+
+
+def test_evaluate_metric_module_matches_the_naive_loops():
+    import evaluate
+    from conftest import REPO_ROOT
+
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=30, seed=5)
+    scores = (text_embeds @ image_embeds.T).tolist()  # a row per caption
+    retrieval = evaluate.load(str(REPO_ROOT / "metrics" / "retrieval"))
+    result = retrieval.compute(predictions=scores, references=text_to_image.tolist(), ks=[1, 5])
+    t2i_map, i2t_map = naive_average_precisions(image_embeds, text_embeds, text_to_image)
+    assert result["image_retrieval_mAP"] == pytest.approx(t2i_map, abs=1e-6)
+    assert result["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-6)
+    for k in (1, 5):
+        i2t, t2i = naive_recall(image_embeds, text_embeds, text_to_image, k)
+        assert result[f"image_retrieval_recall@{k}"] == pytest.approx(t2i)
+        assert result[f"text_retrieval_recall@{k}"] == pytest.approx(i2t)
+    # the docstring's hand case: captions 0, 1, 2 of images 0, 1, 1
+    hand = retrieval.compute(predictions=[[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]], references=[0, 1, 1], ks=[1])
+    assert hand == pytest.approx({"image_retrieval_recall@1": 2 / 3, "text_retrieval_recall@1": 1.0,
+                                  "image_retrieval_mAP": 2.5 / 3, "text_retrieval_mAP": 1.0})
+    with pytest.raises(ValueError, match="must index the 2 images"):
+        retrieval.compute(predictions=[[0.1, 0.2]], references=[2])

@@ -31,7 +31,15 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_writes_a_hub_ready_folder(tiny_run):
     root, summary = tiny_run
-    assert set(summary["artefacts"]) == {"detector", "base_clip", "teacher", "student"}
+    assert set(summary["artefacts"]) == {"detector", "base_clip", "teacher", "student", "model_card"}
+    # the student folder carries its card: valid metadata, the run's own numbers against the base CLIP
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(summary["artefacts"]["model_card"], ignore_metadata_errors=False)
+    assert Path(summary["artefacts"]["model_card"]).parent == Path(summary["artefacts"]["student"])
+    values = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    assert values["text-to-image Recall@1"] == round(summary["metrics"]["student"]["image_retrieval_recall@1"], 4)
+    assert "accelerate launch examples/train.py" in card.text and "stage distill: 3 steps" in card.text
     assert Path(summary["artefacts"]["detector"]).is_file()
     for name in ("base_clip", "teacher", "student"):
         folder = summary["artefacts"][name]
@@ -61,11 +69,15 @@ def test_stages_change_what_they_train_and_nothing_else(tiny_run):
 
 
 def test_metrics_are_probabilities(tiny_run):
+    from dclip.data.scenes import zero_shot_tasks
+
     _, summary = tiny_run
     for name, metrics in summary["metrics"].items():
         assert set(metrics) >= {"image_retrieval_recall@1", "text_retrieval_recall@10"}
         if name != "teacher":
-            assert "zeroshot_label_shape" in metrics
+            assert {"zeroshot_label_shape_acc1", "zeroshot_label_color_shape_acc5", "linear_probe_label_color_acc1",
+                    "hard_negative_accuracy_swap_attribute", "image_retrieval_mAP"} <= set(metrics)
+            assert set(summary["per_class_recall"][name]["label_color"]) <= set(zero_shot_tasks()["label_color"])
         assert all(0.0 <= value <= 1.0 for value in metrics.values())
         assert metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@5"]
 
@@ -73,8 +85,10 @@ def test_metrics_are_probabilities(tiny_run):
 def test_claims_are_read_from_the_metrics():
     from dclip.pipeline import paper_claims
 
-    base = {"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.3, "zeroshot_a": 0.5, "zeroshot_b": 0.7}
-    student = {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.31, "zeroshot_a": 0.5, "zeroshot_b": 0.62}
+    base = {"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.3, "zeroshot_a_acc1": 0.5,
+            "zeroshot_b_acc1": 0.7, "zeroshot_b_acc5": 0.1}
+    student = {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.31, "zeroshot_a_acc1": 0.5,
+               "zeroshot_b_acc1": 0.62, "zeroshot_b_acc5": 0.9}
     teacher = {"image_retrieval_recall@1": 0.4, "text_retrieval_recall@1": 0.29}
     claims = paper_claims({"base_clip": base, "student": student, "teacher": teacher})
     assert claims["student_beats_base_recall@1"] and not claims["teacher_beats_base_recall@1"]

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_images
+from conftest import BLOCK_REPO_IMPORTS, random_images
 from transformers import pipeline
 
 from modeling_dclip import DCLIPModel, DCLIPTeacherModel
@@ -17,23 +17,8 @@ from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 REMOTE_FILES = {"configuration_dclip.py", "modeling_dclip.py", "processing_dclip.py"}
 
 # Runs in the fresh process: repo modules are blocked, so only the copies next to the weights can be used.
-LOADER = textwrap.dedent(
+LOADER = BLOCK_REPO_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, sys
-    BLOCKED = {"dclip", "configuration_dclip", "modeling_dclip", "processing_dclip"}
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked in this test")
-
-    sys.meta_path.insert(0, Block())
-    try:
-        import modeling_dclip
-        raise SystemExit("the repo is importable; the test would prove nothing")
-    except ImportError:
-        pass
-
     import torch
     from PIL import Image
     from transformers import AutoConfig, AutoModel, AutoProcessor, pipeline

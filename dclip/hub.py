@@ -1,0 +1,301 @@
+"""Model cards (templates in `model_cards/`, rendered with `huggingface_hub.ModelCard`), their plots, and upload of a
+saved model folder to the Hub."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REMOTE_CODE_FILES = ("configuration_dclip.py", "modeling_dclip.py", "processing_dclip.py")
+# what a push never uploads: training state, half-written folders, hidden files
+UPLOAD_IGNORE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+EVAL_RESULTS_FILE = "eval_results.json"
+RETRIEVAL_PLOT = "retrieval.png"
+ZERO_SHOT_PLOT = "zero_shot_per_class.png"
+
+
+def template_path(name: str = "student.md") -> Path:
+    """A card template: `model_cards/` beside the package (a checkout or editable install), else the copy
+    `pip install` puts in `<prefix>/share/dclip/model_cards`."""
+    for folder in (Path(__file__).resolve().parents[1] / "model_cards", Path(sys.prefix) / "share/dclip/model_cards"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"model card template {name!r} not found in model_cards/ or {sys.prefix}/share/dclip")
+
+
+# ----- metrics in the card --------------------------------------------------------------------------------------
+
+
+def metric_title(key: str) -> str:
+    """A reader's name for a flat metric key (`dclip.evaluation` names)."""
+    for prefix, title in (("image_retrieval_", "text-to-image "), ("text_retrieval_", "image-to-text ")):
+        if key.startswith(prefix):
+            return title + key[len(prefix):].replace("recall@", "Recall@")
+    if key.startswith("zeroshot_"):
+        task, measure = _zero_shot_parts(key)
+        name = f"top-{measure[3:]}" if measure.startswith("acc") else "mean per-class recall"
+        return f"zero-shot {task.removeprefix('label_')} {name}"
+    if key.startswith("linear_probe_"):
+        return "linear probe " + key[len("linear_probe_"):].removeprefix("label_").removesuffix("_acc1") + " top-1"
+    if key.startswith("hard_negative_accuracy"):
+        kind = key[len("hard_negative_accuracy"):].lstrip("_").replace("_", " ")
+        return "hard-negative accuracy" + (f" ({kind})" if kind else "")
+    return key
+
+
+def _zero_shot_parts(key: str) -> tuple[str, str]:
+    """`zeroshot_<task>_<measure>` -> (task, measure), measure one of acc1, acc5, mean_per_class_recall."""
+    body = key[len("zeroshot_"):]
+    for measure in ("mean_per_class_recall", "acc1", "acc5"):
+        if body.endswith("_" + measure):
+            return body[: -len(measure) - 1], measure
+    return body, "acc1"
+
+
+def _metric_order(key: str) -> tuple:
+    groups = ("image_retrieval_", "text_retrieval_", "zeroshot_", "linear_probe_", "hard_negative_")
+    return next((i for i, prefix in enumerate(groups) if key.startswith(prefix)), len(groups)), "mAP" in key, key
+
+
+def eval_results(metrics: dict[str, float], dataset_type: str, dataset_name: str, split: str = "test"):
+    """`huggingface_hub.EvalResult`s (the card's `model-index`) for the flat `metrics`: retrieval as
+    `image-text-retrieval`, zero-shot as `zero-shot-image-classification` and the linear probe as
+    `image-classification` (one dataset config per label column), hard negatives as `image-text-matching`."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for key in sorted(metrics, key=_metric_order):
+        value = metrics[key]
+        common = dict(dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                      metric_value=round(float(value), 4), metric_name=metric_title(key))
+        if key.startswith(("image_retrieval_", "text_retrieval_")):
+            measure = key.split("_retrieval_")[1]
+            results.append(EvalResult(task_type="image-text-retrieval", task_name="Image-text retrieval",
+                                      metric_type=measure.lower(), metric_config=key.split("_")[0] + "_retrieval",
+                                      **common))
+        elif key.startswith("zeroshot_"):
+            task, measure = _zero_shot_parts(key)
+            results.append(EvalResult(task_type="zero-shot-image-classification",
+                                      task_name="Zero-shot image classification", dataset_config=task,
+                                      metric_type=f"top_{measure[3:]}_accuracy" if measure.startswith("acc")
+                                      else measure, **common))
+        elif key.startswith("linear_probe_"):
+            task = key[len("linear_probe_"):].removesuffix("_acc1")
+            results.append(EvalResult(task_type="image-classification", task_name="Linear probe",
+                                      dataset_config=task, metric_type="accuracy", **common))
+        elif key.startswith("hard_negative_accuracy"):
+            results.append(EvalResult(task_type="image-text-matching", task_name="Hard-negative captions",
+                                      metric_type="accuracy", metric_config=key, **common))
+    return results
+
+
+# ----- plots ----------------------------------------------------------------------------------------------------
+
+
+def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None, path: Path, model_label: str,
+                   baseline_label: str) -> Path:
+    """Bar chart of Recall@K both ways (and mAP), the model beside the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = [key for key in sorted(metrics, key=_metric_order) if key.startswith(("image_retrieval_", "text_retrieval_"))]
+    series = [(model_label, metrics)] + ([(baseline_label, baseline)] if baseline else [])
+    positions = np.arange(len(keys))
+    width = 0.8 / len(series)
+    figure, axes = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 3.6))
+    for i, (label, values) in enumerate(series):
+        axes.bar(positions + i * width, [values.get(key, np.nan) for key in keys], width, label=label)
+    axes.set_xticks(positions + width * (len(series) - 1) / 2, [metric_title(key) for key in keys], rotation=35,
+                    ha="right", fontsize=8)
+    axes.set_ylim(0, 1)
+    axes.set_ylabel("score")
+    axes.set_title("Retrieval")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_zero_shot_per_class(per_class: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | None,
+                             path: Path, model_label: str, baseline_label: str) -> Path:
+    """Per-class zero-shot recall, one panel per task, the model beside the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(per_class)
+    figure, axes_list = plt.subplots(len(tasks), 1, figsize=(10, 2.6 * len(tasks)), squeeze=False)
+    for axes, task in zip(axes_list[:, 0], tasks):
+        classes = list(per_class[task])
+        positions = np.arange(len(classes))
+        series = [(model_label, per_class[task])]
+        if baseline and task in baseline:
+            series.append((baseline_label, baseline[task]))
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series):
+            axes.bar(positions + i * width, [values.get(name, np.nan) for name in classes], width, label=label)
+        axes.set_xticks(positions + width * (len(series) - 1) / 2, classes, rotation=60, ha="right", fontsize=6)
+        axes.set_ylim(0, 1)
+        axes.set_title(f"zero-shot recall per class: {task.removeprefix('label_')}", fontsize=9)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# ----- the card -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CardInfo:
+    """What a model card says besides the numbers."""
+
+    repo_id: str
+    model_name: str = "dclip-student"
+    method: str = "dclip"
+    base_model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    dataset_type: str = "dclip-scenes"
+    dataset_name: str = "dclip procedural scenes (embedded default)"
+    dataset_split: str = "test"
+    recipe: list[str] = field(default_factory=list)
+    command: str = "accelerate launch examples/train.py"
+    evaluation_note: str = ""
+    limitations: str = ("Trained and evaluated on the data named above; numbers on other data will differ. "
+                        "Zero-shot accuracy depends on the prompt template.")
+    image_size: int = 224
+    example_labels: list[str] = field(default_factory=lambda: ["circle", "square", "star"])
+    model_label: str = "student"
+    baseline_label: str = "base CLIP"
+    license: str = "apache-2.0"
+
+
+METHOD_TITLES = {"dclip": "DCLIP", "clip_cid": "CLIP-CID", "dclip+clip_cid": "DCLIP + CLIP-CID"}
+
+
+def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[str, float] | None = None,
+                      plots: list[tuple[str, str]] | None = None, template: str = "student.md"):
+    """A `huggingface_hub.ModelCard` from `model_cards/<template>`: YAML metadata (library, pipeline tag, tags,
+    datasets, base model, `model-index` from `metrics`), usage, a metric table against `baseline`, `plots`
+    (`(title, file)`), the recipe. Checked with `validate_model_card` before it is returned."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card_data = ModelCardData(
+        model_name=info.model_name, library_name="transformers", pipeline_tag="zero-shot-image-classification",
+        license=info.license, tags=["clip", "distillation", "dclip", info.method.replace("+", "-"),
+                                    "zero-shot-image-classification", "image-text-retrieval"],
+        datasets=info.datasets or None, base_model=info.base_model,
+        eval_results=eval_results(metrics, info.dataset_type, info.dataset_name, info.dataset_split) or None,
+    )
+    baseline = baseline or {}
+    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": f"{metrics[key]:.4f}",
+             "baseline": f"{baseline[key]:.4f}" if key in baseline else "-"}
+            for key in sorted(metrics, key=_metric_order)]
+    card = ModelCard.from_template(
+        card_data, template_path=str(template_path(template)), repo_id=info.repo_id,
+        model_name=info.model_name, method_title=METHOD_TITLES.get(info.method, info.method), metric_rows=rows,
+        model_column=info.model_label, baseline_column=info.baseline_label if baseline else None,
+        plots=[{"title": title, "file": file} for title, file in plots or []], recipe=info.recipe,
+        command=info.command, evaluation_note=info.evaluation_note, limitations=info.limitations,
+        image_size=info.image_size, example_labels=json.dumps(info.example_labels),
+    )
+    return validate_model_card(str(card))
+
+
+def validate_model_card(content: str):
+    """
+    Parse a card as `huggingface_hub` does, refusing metadata errors, and check what a Hub model page needs: a
+    library name, the pipeline tag, a well-formed `model-index` that round-trips to the same results. (The Hub's
+    own `ModelCard.validate()` posts the YAML to huggingface.co; this is the part that runs offline.)
+    """
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    card = ModelCard(content, ignore_metadata_errors=False)
+    data = card.data.to_dict()
+    for key in ("library_name", "pipeline_tag", "license", "tags"):
+        if not data.get(key):
+            raise ValueError(f"model card metadata lacks {key!r}")
+    if "model-index" in data:
+        name, results = model_index_to_eval_results(data["model-index"])
+        if eval_results_to_model_index(name, results) != data["model-index"]:
+            raise ValueError("model card model-index does not round-trip through huggingface_hub's EvalResult")
+        for result in results:
+            if not isinstance(result.metric_value, (int, float)):
+                raise ValueError(f"model-index metric {result.metric_name!r} is not a number: {result.metric_value!r}")
+    return card
+
+
+def write_model_card(folder: str | Path, info: CardInfo, metrics: dict[str, float],
+                     baseline: dict[str, float] | None = None,
+                     per_class_recall: dict[str, dict[str, float]] | None = None,
+                     baseline_per_class_recall: dict[str, dict[str, float]] | None = None) -> Path:
+    """Write `README.md` (the card), its plots and `eval_results.json` into a saved model folder; return the card."""
+    folder = Path(folder)
+    plots = []
+    if any(key.startswith(("image_retrieval_", "text_retrieval_")) for key in metrics):
+        plot_retrieval(metrics, baseline, folder / RETRIEVAL_PLOT, info.model_label, info.baseline_label)
+        plots.append(("Retrieval against the baseline", RETRIEVAL_PLOT))
+    if per_class_recall:
+        plot_zero_shot_per_class(per_class_recall, baseline_per_class_recall, folder / ZERO_SHOT_PLOT,
+                                 info.model_label, info.baseline_label)
+        plots.append(("Zero-shot recall per class", ZERO_SHOT_PLOT))
+    card = render_model_card(info, metrics, baseline, plots)
+    (folder / EVAL_RESULTS_FILE).write_text(json.dumps(
+        {"dataset": info.dataset_type, "split": info.dataset_split, "metrics": metrics, "baseline": baseline or {},
+         "per_class_recall": per_class_recall or {}}, indent=2))
+    card.save(folder / "README.md")
+    return folder / "README.md"
+
+
+# ----- upload ---------------------------------------------------------------------------------------------------
+
+
+def upload_files(folder: str | Path) -> list[str]:
+    """The files a push of `folder` uploads (relative paths, sorted): everything at its top level that a Hub model
+    needs (weights, config, processor, remote code, card, plots, evaluation, detector), not training state,
+    checkpoints or hidden files. Raises naming what is missing when the folder is not a complete DCLIP model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    files = sorted(path.name for path in folder.iterdir()
+                   if path.is_file() and not path.name.startswith(".") and path.name not in UPLOAD_IGNORE)
+    missing = [name for name in ("config.json", "README.md") if name not in files]
+    if not any(name.endswith(".safetensors") for name in files):
+        missing.append("*.safetensors weights")
+    config = json.loads((folder / "config.json").read_text()) if "config.json" in files else {}
+    if config.get("auto_map"):  # remote code: the files the auto_map names must travel with the weights
+        missing += [name for name in REMOTE_CODE_FILES[:2] if name not in files]
+        if "processor_config.json" in files and REMOTE_CODE_FILES[2] not in files:
+            missing.append(REMOTE_CODE_FILES[2])
+    if missing:
+        raise ValueError(f"{folder} is not ready to push: missing {', '.join(missing)}")
+    return files
+
+
+def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
+                commit_message: str = "Upload DCLIP model") -> str:
+    """Create `repo_id` (if needed) and upload `upload_files(folder)` in one commit; return the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    files = upload_files(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    info = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
+                             commit_message=commit_message)
+    logger.warning("pushed %d files of %s to %s", len(files), folder, repo_id)
+    return str(getattr(info, "commit_url", info))

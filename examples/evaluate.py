@@ -1,0 +1,100 @@
+"""Evaluate a DCLIP student or teacher folder, or any CLIP checkpoint (local or Hub): retrieval Recall@K and mAP,
+zero-shot (prompt templates, top-1/top-5, per class), linear probe and hard negatives; JSON plus a printed table.
+
+    python examples/evaluate.py --model_name_or_path outputs/default/student/final        # embedded test split
+    python examples/evaluate.py --model_name_or_path outputs/default/student/final \
+        --baseline_model outputs/default/base_clip/final --write_card                      # card + plots in the folder
+    python examples/evaluate.py --model_name_or_path openai/clip-vit-base-patch32 \
+        --dataset_name dataset_coco.json --image_root coco/ --eval_split test --max_eval_samples 25000
+    python examples/evaluate.py --model_name_or_path my-student --push_to_hub --hub_model_id you/dclip-student
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from dclip.data.scenes import zero_shot_tasks
+from dclip.evaluation import evaluate_checkpoint, format_metrics_table
+from dclip.pipeline import DataArguments, load_data
+
+
+@dataclass
+class EvaluateArguments:
+    model_name_or_path: str = field(metadata={"help": "DCLIP student/teacher folder, or a CLIP checkpoint"})
+    baseline_model: str | None = field(default=None, metadata={"help": "evaluated too; the card's baseline column"})
+    seed: int = field(default=42, metadata={"help": "embedded data: the scenes' seed (train.py's --seed)"})
+    templates: str = field(default="a photo of a {}.", metadata={"help": "zero-shot prompt templates, '|'-separated"})
+    ks: str = field(default="1,5,10", metadata={"help": "the K of Recall@K, comma-separated"})
+    retrieval_backend: str = field(default="auto", metadata={"help": "auto | exact | faiss (large galleries)"})
+    teacher_top_k: int = field(default=16, metadata={"help": "teacher: candidates its fused score re-ranks"})
+    output_file: str | None = field(default=None, metadata={"help": "JSON results; default: "
+                                                            "outputs/eval/<model name>.json"})
+    write_card: bool = field(default=False, metadata={"help": "write README.md, plots and eval_results.json into "
+                                                      "the (local) model folder"})
+    push_to_hub: bool = field(default=False, metadata={"help": "write the card, then upload the folder"})
+    hub_model_id: str | None = None
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+
+
+def main() -> None:
+    parser = HfArgumentParser((EvaluateArguments, DataArguments))
+    args, data_args = parser.parse_args_into_dataclasses()
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    if (args.write_card or args.push_to_hub) and not Path(args.model_name_or_path).is_dir():
+        parser.error(f"--write_card / --push_to_hub need a local model folder, got {args.model_name_or_path!r}")
+    data, reports = load_data(data_args, args.seed)
+    options = dict(probe_train=data.get("validation"), tasks=zero_shot_tasks(),
+                   templates=tuple(args.templates.split("|")), ks=tuple(int(k) for k in args.ks.split(",")),
+                   retrieval_backend=args.retrieval_backend, teacher_top_k=args.teacher_top_k)
+    models = {"model": args.model_name_or_path}
+    if args.baseline_model:
+        models["baseline"] = args.baseline_model
+    results = {name: evaluate_checkpoint(path, data["eval"], **options) for name, path in models.items()}
+    report = {
+        "model": args.model_name_or_path, "dataset": data_args.dataset_name or "dclip-scenes",
+        "split": data_args.eval_split, "num_images": results["model"].num_images,
+        "num_texts": results["model"].num_texts, "metrics": results["model"].metrics,
+        "per_class_recall": results["model"].per_class_recall, "data": reports,
+        "config": {"templates": list(options["templates"]), "ks": list(options["ks"]),
+                   "retrieval_backend": args.retrieval_backend, "teacher_top_k": args.teacher_top_k},
+    }
+    if "baseline" in results:
+        report["baseline"] = {"model": args.baseline_model, "metrics": results["baseline"].metrics,
+                              "per_class_recall": results["baseline"].per_class_recall}
+    output = Path(args.output_file or f"outputs/eval/{Path(args.model_name_or_path).name or 'model'}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(format_metrics_table({name: result.metrics for name, result in results.items()}))
+    print(f"results: {output}")
+
+    if args.write_card or args.push_to_hub:
+        from dclip.hub import CardInfo, push_to_hub, write_model_card
+
+        info = CardInfo(repo_id=args.hub_model_id or str(Path(args.model_name_or_path).resolve()),
+                        model_name=(args.hub_model_id or Path(args.model_name_or_path).name).split("/")[-1],
+                        dataset_type=report["dataset"], dataset_name=report["dataset"],
+                        dataset_split=data_args.eval_split,
+                        command=" ".join(["python examples/evaluate.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
+                        evaluation_note=f"Measured by dclip's `examples/evaluate.py` on {report['num_images']} "
+                                        f"images and {report['num_texts']} captions.",
+                        baseline_label=Path(args.baseline_model).name if args.baseline_model else "baseline")
+        baseline = results.get("baseline")
+        card = write_model_card(args.model_name_or_path, info, results["model"].metrics,
+                                baseline.metrics if baseline else None, results["model"].per_class_recall,
+                                baseline.per_class_recall if baseline else None)
+        print(f"model card: {card}")
+        if args.push_to_hub:
+            print("pushed:", push_to_hub(args.model_name_or_path, args.hub_model_id, token=args.hub_token,
+                                         private=args.hub_private_repo))
+
+
+if __name__ == "__main__":
+    main()

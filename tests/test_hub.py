@@ -1,0 +1,152 @@
+"""Model cards (metadata, usage snippet, plots) and the Hub upload path, offline."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import BLOCK_REPO_IMPORTS
+
+from dclip.hub import CardInfo, eval_results, push_to_hub, upload_files, validate_model_card, write_model_card
+
+
+METRICS = {"image_retrieval_recall@1": 0.141, "image_retrieval_recall@5": 0.434, "text_retrieval_recall@1": 0.155,
+           "image_retrieval_mAP": 0.29, "text_retrieval_mAP": 0.25, "zeroshot_label_color_acc1": 0.608,
+           "zeroshot_label_color_acc5": 0.95, "zeroshot_label_color_mean_per_class_recall": 0.6,
+           "linear_probe_label_color_acc1": 0.655, "hard_negative_accuracy": 0.7,
+           "hard_negative_accuracy_swap_relation": 0.52}
+BASELINE = {key: value * 0.8 for key, value in METRICS.items()}
+PER_CLASS = {"label_color": {"red": 0.9, "blue": 0.5, "green": 0.1}}
+
+
+def env_without_repo(root):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1")
+    return env
+
+
+@pytest.fixture
+def student_folder(tmp_path, tiny_clip, processor):
+    from modeling_dclip import DCLIPModel
+
+    folder = tmp_path / "student"
+    DCLIPModel.from_clip(tiny_clip, distillation_method="dclip").save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def card_info(repo_id):
+    return CardInfo(repo_id=repo_id, base_model="openai/clip-vit-base-patch32", datasets=["dclip/scenes"],
+                    recipe=["300 steps, batch 128"], image_size=32, example_labels=["red circle", "blue square"])
+
+
+def test_model_index_carries_every_metric():
+    results = eval_results(METRICS, "dclip-scenes", "scenes")
+    assert {round(result.metric_value, 4) for result in results} == {round(v, 4) for v in METRICS.values()}
+    by_name = {result.metric_name: result for result in results}
+    assert by_name["zero-shot color top-1"].task_type == "zero-shot-image-classification"
+    assert by_name["zero-shot color top-1"].dataset_config == "label_color"
+    assert by_name["text-to-image Recall@1"].metric_type == "recall@1"
+    assert by_name["zero-shot color mean per-class recall"].metric_type == "mean_per_class_recall"
+    assert by_name["zero-shot color top-5"].metric_type == "top_5_accuracy"
+    assert by_name["linear probe color top-1"].task_type == "image-classification"
+    assert by_name["hard-negative accuracy (swap relation)"].metric_value == 0.52
+
+
+def test_card_metadata_validates_and_shows_the_numbers(student_folder):
+    from huggingface_hub import ModelCard
+
+    write_model_card(student_folder, card_info("someone/dclip-student"), METRICS, BASELINE, PER_CLASS, PER_CLASS)
+    text = (student_folder / "README.md").read_text()
+    card = ModelCard(text, ignore_metadata_errors=False)
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert card.data.library_name == "transformers" and card.data.base_model == "openai/clip-vit-base-patch32"
+    assert card.data.datasets == ["dclip/scenes"] and "distillation" in card.data.tags
+    values = {result.metric_name: result.metric_value for result in card.data.eval_results}
+    assert values["text-to-image Recall@1"] == 0.141 and values["zero-shot color top-1"] == 0.608
+    assert "| text-to-image Recall@1 (`image_retrieval_recall@1`) | 0.1410 | 0.1128 |" in text
+    for plot in ("retrieval.png", "zero_shot_per_class.png"):
+        assert f"]({plot})" in text and (student_folder / plot).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((student_folder / "eval_results.json").read_text())
+    assert saved["metrics"] == METRICS and saved["per_class_recall"] == PER_CLASS
+    # validation refuses what the Hub would refuse
+    broken = text.replace("pipeline_tag: zero-shot-image-classification\n", "")
+    with pytest.raises(ValueError, match="pipeline_tag"):
+        validate_model_card(broken)
+    bad_index = re.sub(r"value: 0\.141\b", "value: lots", text, count=1)
+    with pytest.raises(ValueError, match="not a number"):
+        validate_model_card(bad_index)
+
+
+def test_card_usage_snippet_runs_as_written(student_folder, tmp_path):
+    write_model_card(student_folder, card_info(str(student_folder)), METRICS, BASELINE)
+    blocks = re.findall(r"```python\n(.*?)```", (student_folder / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1 and "trust_remote_code=True" in blocks[0]
+    work = tmp_path / "clean"
+    work.mkdir()
+    completed = subprocess.run([sys.executable, "-c", BLOCK_REPO_IMPORTS + blocks[0]], cwd=work,
+                               env=env_without_repo(work), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    probabilities = json.loads(completed.stdout.splitlines()[0].replace("'", '"'))
+    assert set(probabilities) == {"red circle", "blue square"}
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=0.002)
+    assert "'label': 'red circle'" in completed.stdout  # the pipeline's answer
+
+
+def test_push_uploads_exactly_the_model_files_and_they_load(student_folder, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    write_model_card(student_folder, card_info("someone/dclip-student"), METRICS, BASELINE, PER_CLASS)
+    (student_folder / "training_args.bin").write_bytes(b"not for the Hub")
+    (student_folder / "checkpoint-100").mkdir()
+    (student_folder / ".cache").mkdir()
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["repo"] = (repo_id, kwargs)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["operations"] = operations
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    url = push_to_hub(student_folder, "someone/dclip-student", private=True)
+    assert url.endswith("/commit/0") and calls["repo"] == ("someone/dclip-student", {
+        "repo_type": "model", "private": True, "exist_ok": True})
+    uploaded = {operation.path_in_repo: operation.path_or_fileobj for operation in calls["operations"]}
+    assert set(uploaded) == {
+        "README.md", "config.json", "model.safetensors", "configuration_dclip.py", "modeling_dclip.py",
+        "processing_dclip.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "eval_results.json", "retrieval.png", "zero_shot_per_class.png",
+    } | ({"vocab.json", "merges.txt"} & set(uploaded)) | ({"special_tokens_map.json"} & set(uploaded))
+    # exactly those files, in a clean folder, load with trust_remote_code in a process without this repo
+    clean = tmp_path / "hub-copy"
+    clean.mkdir()
+    for name, source in uploaded.items():
+        shutil.copy(source, clean / name)
+    script = BLOCK_REPO_IMPORTS + (
+        "from transformers import AutoModel, AutoProcessor\n"
+        f"model = AutoModel.from_pretrained({str(clean)!r}, trust_remote_code=True)\n"
+        f"processor = AutoProcessor.from_pretrained({str(clean)!r}, trust_remote_code=True)\n"
+        "inputs = processor(text=['a red circle'], images=[__import__('PIL.Image').Image.new('RGB', (40, 40))])\n"
+        "print(type(model).__module__.split('.')[0], tuple(model(**inputs).logits_per_image.shape))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env_without_repo(tmp_path),
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.split() == ["transformers_modules", "(1,", "1)"]
+
+
+def test_upload_refuses_an_incomplete_folder(student_folder):
+    with pytest.raises(ValueError, match="missing README.md"):
+        upload_files(student_folder)
+    write_model_card(student_folder, card_info("someone/x"), METRICS)
+    (student_folder / "modeling_dclip.py").unlink()
+    with pytest.raises(ValueError, match="modeling_dclip.py"):
+        upload_files(student_folder)
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        upload_files(student_folder / "nope")
