@@ -308,7 +308,7 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
         from .evaluation import embed_images, load_clip_towers
 
         model = load_clip_towers(model_name_or_path)
-        processor = DCLIPProcessor.from_pretrained(model_name_or_path)
+        processor = DCLIPProcessor.from_pretrained(model_name_or_path, trust_remote_code=False)
         embeddings = embed_images(model, processor, dataset, batch_size=batch_size)
         np.save(output_dir / "image_embeddings.npy", embeddings)
         source = model_name_or_path

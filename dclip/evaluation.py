@@ -121,12 +121,14 @@ def _check_retrieval_inputs(image_embeds, text_embeds, text_to_image):
 
 @torch.no_grad()
 def exact_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
-                         max_block_elements: int = 1 << 24) -> tuple[np.ndarray, np.ndarray]:
+                         max_block_elements: int = 1 << 24, tie_tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """`(image_ranks, text_ranks)` (see above), exact: one pass of `(block, texts)` score blocks, never the whole
-    `(images, texts)` matrix."""
+    `(images, texts)` matrix. A candidate counts as higher when it beats the positive's score by more than
+    `tie_tolerance`: the positive's own score comes from a dot product whose rounding differs from the matrix
+    product's, and identical captions (or images) must tie, not outrank each other by rounding noise."""
     images, texts = torch.from_numpy(image_embeds), torch.from_numpy(text_embeds)
     owner = torch.from_numpy(text_to_image)
-    positive = (texts * images[owner]).sum(1)  # (texts,) score of each caption with its own image
+    threshold = (texts * images[owner]).sum(1) + tie_tolerance  # (texts,) each caption's score with its image
     image_ranks = torch.zeros(len(texts), dtype=torch.long)
     text_ranks = torch.zeros(len(texts), dtype=torch.long)
     by_image = torch.argsort(owner, stable=True)
@@ -136,13 +138,10 @@ def exact_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text
                       disable=len(images) <= block):
         stop = min(start + block, len(images))
         scores = images[start:stop] @ texts.t()  # (block, texts)
+        image_ranks += (scores > threshold[None, :]).sum(0)
         lo, hi = (int(torch.searchsorted(sorted_owner, bound)) for bound in (start, stop))
         for captions in by_image[lo:hi].split(block):  # captions of this block's images, block rows at a time
-            rows = owner[captions] - start
-            own = scores[rows, captions] > positive[captions]  # the caption itself, if rounding lifts it
-            text_ranks[captions] = (scores[rows] > positive[captions, None]).sum(1) - own.long()
-        scores[owner[by_image[lo:hi]] - start, by_image[lo:hi]] = float("-inf")  # a caption's own image is no rival
-        image_ranks += (scores > positive[None, :]).sum(0)
+            text_ranks[captions] = (scores[owner[captions] - start] > threshold[captions, None]).sum(1)
     return image_ranks.numpy().astype(np.float64), text_ranks.numpy().astype(np.float64)
 
 
@@ -482,7 +481,7 @@ def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[s
     from modeling_dclip import DCLIPTeacherModel
     from processing_dclip import DCLIPProcessor
 
-    processor = processor or DCLIPProcessor.from_pretrained(name_or_path)
+    processor = processor or DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)  # our class
     if PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type") == "dclip_teacher":
         teacher = DCLIPTeacherModel.from_pretrained(name_or_path).to("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks)

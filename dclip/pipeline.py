@@ -238,7 +238,7 @@ def build_processor(model_args: ModelArguments, data_args: DataArguments, data, 
     if model_args.student_model is None:
         processor = build_default_processor(data_args, data, detector_path)
     else:
-        clip_processor = DCLIPProcessor.from_pretrained(model_args.student_model)
+        clip_processor = DCLIPProcessor.from_pretrained(model_args.student_model, trust_remote_code=False)
         processor = DCLIPProcessor(clip_processor.image_processor, clip_processor.tokenizer,
                                    detector_path=detector_path, max_regions=4, max_spans=6)
     saved = folder.with_name(folder.name + ".partial")

@@ -260,8 +260,12 @@ def test_map_matches_naive_loop_with_five_captions_per_image():
     image_embeds, text_embeds, text_to_image = five_captions_per_image()
     result = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="exact")
     t2i_map, i2t_map = naive_average_precisions(image_embeds, text_embeds, text_to_image)
-    assert result["image_retrieval_mAP"] == pytest.approx(t2i_map, abs=1e-6)
-    assert result["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-6)
+    # float32 scores: a rival caption 7e-7 below a positive (float64) counts as a tie, moving mAP by 4e-6
+    assert result["image_retrieval_mAP"] == pytest.approx(t2i_map, abs=1e-5)
+    assert result["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-5)
+    scores = torch.from_numpy(image_embeds) @ torch.from_numpy(text_embeds).t()  # one matrix: no rounding gap
+    dense = recall_from_scores(scores, scores.t(), text_to_image)
+    assert dense["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-6)
     assert 0.05 < i2t_map < 0.95 and 0.05 < t2i_map < 0.95  # not a trivial case
     # a hand case: one image, captions ranked 1st and 3rd of 3 -> AP = (1/1 + 2/3) / 2
     from dclip.evaluation import metrics_from_ranks
@@ -296,6 +300,21 @@ def test_exact_blocks_and_faiss_agree_with_the_dense_scores():
     for key in ("image_retrieval_recall@5", "text_retrieval_recall@10"):
         assert faiss_metrics[key] == exact_metrics[key]
     assert faiss_metrics["image_retrieval_mAP@10"] <= exact_metrics["image_retrieval_mAP"]
+
+
+def test_identical_captions_and_images_tie_instead_of_outranking_each_other():
+    """Duplicates score the same up to rounding: the exact pass must count them as ties (the dense ranking of one
+    score matrix does), whatever the rounding of the positive's own dot product."""
+    from dclip.evaluation import exact_positive_ranks, ranks_from_scores
+
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=60, dim=48, noise=1.0, seed=8)
+    image_embeds[30:] = image_embeds[:30]  # every image twice
+    text_embeds[150:] = text_embeds[:150]  # and every caption, with the copy's image
+    scores = torch.from_numpy(image_embeds) @ torch.from_numpy(text_embeds).t()
+    dense = ranks_from_scores(scores, scores.t(), text_to_image)
+    blocked = exact_positive_ranks(image_embeds, text_embeds, text_to_image, max_block_elements=3000)
+    np.testing.assert_array_equal(blocked[0], dense[0])
+    np.testing.assert_array_equal(blocked[1], dense[1])
 
 
 def test_faiss_inverted_file_probing_every_list_is_exact_and_fewer_is_not():
