@@ -33,18 +33,23 @@ def load_clip_towers(name_or_path: str):
 
 
 @torch.no_grad()
+def _embed(model, encode, batches, device: str | torch.device | None, **progress) -> np.ndarray:
+    """L2-normalised float32 features `(rows, dim)` of `encode(model, batch, device)` over `batches`."""
+    device = torch.device(device or next(model.parameters()).device)
+    model.eval()
+    chunks = [torch.nn.functional.normalize(_features(encode(batch, device)).float(), dim=-1).cpu()
+              for batch in tqdm(batches, **progress)]
+    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
+
+
 def embed_images(model, processor, dataset, batch_size: int = 256, image_column: str = "image",
                  device: str | torch.device | None = None) -> np.ndarray:
     """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`."""
-    device = torch.device(device or next(model.parameters()).device)
-    model.eval()
-    chunks = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="image embeddings", unit="batch"):
+    def encode(start, device):
         images = dataset[start : start + batch_size][image_column]
-        pixels = processor(images=images)["pixel_values"].to(device)
-        features = _features(model.get_image_features(pixels))
-        chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
+        return model.get_image_features(processor(images=images)["pixel_values"].to(device))
+
+    return _embed(model, encode, range(0, len(dataset), batch_size), device, desc="image embeddings", unit="batch")
 
 
 def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
@@ -278,18 +283,14 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-@torch.no_grad()
 def embed_texts(model, processor, texts: list[str], batch_size: int = 256,
                 device: str | torch.device | None = None) -> np.ndarray:
     """L2-normalised text embeddings `(len(texts), dim)` float32 with `get_text_features`."""
-    device = torch.device(device or next(model.parameters()).device)
-    model.eval()
-    chunks = []
-    for start in range(0, len(texts), batch_size):
+    def encode(start, device):
         inputs = processor(text=list(texts[start : start + batch_size]))
-        features = _features(model.get_text_features(**{k: v.to(device) for k, v in inputs.items()}))
-        chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-    return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
+        return model.get_text_features(**{k: v.to(device) for k, v in inputs.items()})
+
+    return _embed(model, encode, range(0, len(texts), batch_size), device, disable=True)
 
 
 def zero_shot_classifier(model, processor, class_names: list[str], templates=DEFAULT_TEMPLATES,

@@ -97,6 +97,29 @@ def eval_results(metrics: dict[str, float], dataset_type: str, dataset_name: str
 # ----- plots ----------------------------------------------------------------------------------------------------
 
 
+def _grouped_bars(axes, names: list[str], series: list[tuple[str, dict]], title: str, fontsize: int = 8) -> None:
+    """One bar group per name, one bar per `(label, values)` series (missing values left empty), scores in [0, 1]."""
+    import numpy as np
+
+    positions = np.arange(len(names))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        axes.bar(positions + i * width, [values.get(name, np.nan) for name in names], width, label=label)
+    axes.set_xticks(positions + width * (len(series) - 1) / 2, names, rotation=45, ha="right", fontsize=fontsize)
+    axes.set_ylim(0, 1)
+    axes.set_title(title, fontsize=9)
+    axes.legend(fontsize=7)
+
+
+def _save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None, path: Path, model_label: str,
                    baseline_label: str) -> Path:
     """Bar chart of Recall@K both ways (and mAP), the model beside the baseline."""
@@ -104,25 +127,13 @@ def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     keys = [key for key in sorted(metrics, key=_metric_order) if key.startswith(("image_retrieval_", "text_retrieval_"))]
     series = [(model_label, metrics)] + ([(baseline_label, baseline)] if baseline else [])
-    positions = np.arange(len(keys))
-    width = 0.8 / len(series)
     figure, axes = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 3.6))
-    for i, (label, values) in enumerate(series):
-        axes.bar(positions + i * width, [values.get(key, np.nan) for key in keys], width, label=label)
-    axes.set_xticks(positions + width * (len(series) - 1) / 2, [metric_title(key) for key in keys], rotation=35,
-                    ha="right", fontsize=8)
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("score")
-    axes.set_title("Retrieval")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    _grouped_bars(axes, keys, series, "Retrieval")
+    axes.set_xticklabels([metric_title(key) for key in keys])
+    return _save_figure(figure, path)
 
 
 def plot_zero_shot_per_class(per_class: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | None,
@@ -132,27 +143,16 @@ def plot_zero_shot_per_class(per_class: dict[str, dict[str, float]], baseline: d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     tasks = list(per_class)
     figure, axes_list = plt.subplots(len(tasks), 1, figsize=(10, 2.6 * len(tasks)), squeeze=False)
     for axes, task in zip(axes_list[:, 0], tasks):
-        classes = list(per_class[task])
-        positions = np.arange(len(classes))
         series = [(model_label, per_class[task])]
         if baseline and task in baseline:
             series.append((baseline_label, baseline[task]))
-        width = 0.8 / len(series)
-        for i, (label, values) in enumerate(series):
-            axes.bar(positions + i * width, [values.get(name, np.nan) for name in classes], width, label=label)
-        axes.set_xticks(positions + width * (len(series) - 1) / 2, classes, rotation=60, ha="right", fontsize=6)
-        axes.set_ylim(0, 1)
-        axes.set_title(f"zero-shot recall per class: {task.removeprefix('label_')}", fontsize=9)
-        axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+        _grouped_bars(axes, list(per_class[task]), series,
+                      f"zero-shot recall per class: {task.removeprefix('label_')}", fontsize=6)
+    return _save_figure(figure, path)
 
 
 # ----- the card -------------------------------------------------------------------------------------------------
