@@ -14,6 +14,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from accelerate import PartialState
 from transformers import HfArgumentParser, TrainingArguments
 
 from dclip.pipeline import DataArguments, DistillationArguments, ModelArguments, format_summary, run
@@ -35,6 +36,10 @@ def main() -> None:
     if training_args.process_index == 0:
         print(format_summary(summary))
         print(f"summary: {training_args.output_dir}/summary.json")
+    # leave together and close the process group: a rank exiting while another still talks to it aborts that one
+    state = PartialState()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ def main(output: str, per_device_batch: int, tokenizer_dir: str) -> None:
         weights = {name: tensor.detach().clone() for name, tensor in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
         torch.save({"loss": logged["loss"], "world_size": trainer.accelerator.num_processes, "weights": weights,
                     "initial": initial}, output)
+    # every rank leaves together: a rank exiting while gloo still talks to it aborts the other ("terminate called")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
