@@ -87,32 +87,53 @@ def image_groups(dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image,
                       ks: tuple[int, ...] = (1, 5, 10), backend: str = "auto", exact_max_pairs: int = 10_000_000_000,
-                      faiss_depth: int = 100, faiss_nprobe: int = 8, faiss_exact_below: int = 50_000
-                      ) -> dict[str, float]:
+                      sample_pairs: int = 2_500_000_000, seed: int = 0, faiss_depth: int = 100,
+                      faiss_nprobe: int = 8, faiss_exact_below: int = 50_000) -> dict[str, float]:
     """
     Recall@K and mAP both ways (COCO convention: several captions per image). `image_embeds (images, dim)` and
     `text_embeds (texts, dim)` are L2-normalised; `text_to_image[t]` is the image of caption `t`.
 
-    `backend`: "exact" (blocked matrix products: every rank exact, full-ranking mAP), "faiss" (each query's top
-    `faiss_depth` candidates from FAISS (`nearest_neighbours`: exact flat search for a gallery under
-    `faiss_exact_below`, else an inverted-file index with `faiss_nprobe` lists probed, approximate); mAP is truncated
-    at the depth and reported as `..._mAP@<depth>`), or "auto": exact up to `exact_max_pairs` image-caption pairs
-    (about 100 s on 2 CPU cores at dim 512), FAISS above. The inverted file is only as good as the embeddings'
-    cluster structure: on unclustered random vectors it misses most true neighbours (BENCHMARKS.md).
+    `backend`:
+    - "exact": every query ranked against the whole gallery (blocked matrix products), full-ranking mAP;
+    - "sampled": a uniform sample of queries each way (captions for text-to-image, images for image-to-text), each
+      ranked exactly against the whole gallery, about `sample_pairs` query-gallery pairs per direction (`seed`
+      picks them): unbiased estimates, each with its standard error as `<metric>_stderr`, and the sample sizes as
+      `image_retrieval_queries` / `text_retrieval_queries`;
+    - "faiss": each query's top `faiss_depth` candidates from FAISS (`nearest_neighbours`: exact flat search for a
+      gallery under `faiss_exact_below`, else an inverted-file index with `faiss_nprobe` lists probed, approximate
+      and only as good as the embeddings' cluster structure: on unclustered vectors it misses most true neighbours,
+      BENCHMARKS.md); mAP is truncated at the depth and reported as `..._mAP@<depth>`;
+    - "auto": exact up to `exact_max_pairs` image-caption pairs (about 100 s on 2 CPU cores at dim 512), sampled
+      above.
     """
     image_embeds, text_embeds, text_to_image = _check_retrieval_inputs(image_embeds, text_embeds, text_to_image)
     if backend == "auto":
-        backend = "exact" if len(image_embeds) * len(text_embeds) <= exact_max_pairs else "faiss"
+        backend = "exact" if len(image_embeds) * len(text_embeds) <= exact_max_pairs else "sampled"
     if backend == "exact":
         image_ranks, text_ranks = exact_positive_ranks(image_embeds, text_embeds, text_to_image)
         return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks)
+    if backend == "sampled":
+        rng = np.random.default_rng(seed)
+        images_with_captions = np.unique(text_to_image)
+        caption_count = min(len(text_embeds), max(1, sample_pairs // len(image_embeds)))
+        image_count = min(len(images_with_captions), max(1, sample_pairs // len(text_embeds)))
+        caption_sample = np.sort(rng.choice(len(text_embeds), caption_count, replace=False))
+        image_sample = np.sort(rng.choice(images_with_captions, image_count, replace=False))
+        logger.info("retrieval over %d x %d pairs: exact ranks of %d sampled captions and %d sampled images",
+                    len(image_embeds), len(text_embeds), len(caption_sample), len(image_sample))
+        image_ranks, text_ranks, sampled_owner = sampled_positive_ranks(image_embeds, text_embeds, text_to_image,
+                                                                        caption_sample, image_sample)
+        metrics = metrics_from_ranks(image_ranks, text_ranks, sampled_owner, ks, with_stderr=True)
+        metrics["image_retrieval_queries"] = len(caption_sample)
+        metrics["text_retrieval_queries"] = len(image_sample)
+        return metrics
     if backend == "faiss":
         logger.warning("retrieval over %d x %d pairs with FAISS: approximate where the gallery needs an inverted "
                        "file; backend='exact' for exact figures", len(image_embeds), len(text_embeds))
         image_ranks, text_ranks = faiss_positive_ranks(image_embeds, text_embeds, text_to_image, faiss_depth,
                                                        faiss_nprobe, faiss_exact_below)
         return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks, depth=faiss_depth)
-    raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}")
+    raise ValueError(f"backend must be 'auto', 'exact', 'sampled' or 'faiss', got {backend!r}")
 
 
 def _check_retrieval_inputs(image_embeds, text_embeds, text_to_image):
@@ -131,30 +152,84 @@ def _check_retrieval_inputs(image_embeds, text_embeds, text_to_image):
     return image_embeds, text_embeds, text_to_image
 
 
+def _positive_scores(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor, captions: torch.Tensor,
+                     tie_tolerance: float, chunk: int = 65536) -> torch.Tensor:
+    """`(len(captions),)` the score of each of `captions` with its own image, plus `tie_tolerance`: a candidate counts
+    as higher only above this. The positive's own score comes from a dot product whose rounding differs from the
+    matrix product's, and identical captions (or images) must tie, not outrank each other by rounding noise."""
+    return torch.cat([(texts[part] * images[owner[part]]).sum(1) for part in captions.split(chunk)]) + tie_tolerance
+
+
 @torch.no_grad()
+def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: torch.Tensor,
+                  pair_threshold: torch.Tensor, gallery_threshold: torch.Tensor | None = None,
+                  max_block_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """
+    One pass of `(block, gallery)` score blocks, never the whole `(queries, gallery)` matrix. For each pair `p`
+    (`query_of_pair` sorted), the number of gallery items that query `query_of_pair[p]` scores above
+    `pair_threshold[p]`; with `gallery_threshold`, also for each gallery item `g` the number of queries that score
+    it above `gallery_threshold[g]` (the other direction, from the same products). The counting is numpy's: its
+    compare-and-count runs about ten times faster than torch's reductions over booleans.
+    """
+    query_of_pair = query_of_pair.numpy()
+    pair_threshold = pair_threshold.numpy()
+    pair_counts = np.zeros(len(query_of_pair), dtype=np.int64)
+    gallery_counts = None if gallery_threshold is None else np.zeros(len(gallery), dtype=np.int64)
+    # each pair's place among its query's pairs: pass j compares every query with its j-th pair's threshold
+    first = np.flatnonzero(np.r_[True, query_of_pair[1:] != query_of_pair[:-1]]) if len(query_of_pair) else []
+    place = np.arange(len(query_of_pair)) - np.repeat(first, np.diff(np.r_[first, len(query_of_pair)]))
+    block = max(1, max_block_elements // max(len(gallery), 1))
+    for start in tqdm(range(0, len(queries), block), desc="retrieval", unit="block", disable=len(queries) <= block):
+        stop = min(start + block, len(queries))
+        scores = (queries[start:stop] @ gallery.t()).numpy()  # (block, gallery)
+        if gallery_counts is not None:
+            gallery_counts += np.count_nonzero(scores > gallery_threshold.numpy()[None, :], axis=0)
+        lo, hi = np.searchsorted(query_of_pair, [start, stop])
+        for j in range(int(place[lo:hi].max()) + 1 if hi > lo else 0):
+            pairs = lo + np.flatnonzero(place[lo:hi] == j)
+            rows = query_of_pair[pairs] - start
+            own = scores if len(rows) == stop - start else scores[rows]  # every query has a j-th pair: no copy
+            pair_counts[pairs] = np.count_nonzero(own > pair_threshold[pairs, None], axis=1)
+    return torch.from_numpy(pair_counts), None if gallery_counts is None else torch.from_numpy(gallery_counts)
+
+
 def exact_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
                          max_block_elements: int = 1 << 24, tie_tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """`(image_ranks, text_ranks)` (see above), exact: one pass of `(block, texts)` score blocks, never the whole
-    `(images, texts)` matrix. A candidate counts as higher when it beats the positive's score by more than
-    `tie_tolerance`: the positive's own score comes from a dot product whose rounding differs from the matrix
-    product's, and identical captions (or images) must tie, not outrank each other by rounding noise."""
+    """`(image_ranks, text_ranks)` (see above), exact, both from one pass of image-by-caption score blocks."""
     images, texts = torch.from_numpy(image_embeds), torch.from_numpy(text_embeds)
     owner = torch.from_numpy(text_to_image)
-    threshold = (texts * images[owner]).sum(1) + tie_tolerance  # (texts,) each caption's score with its image
-    image_ranks = torch.zeros(len(texts), dtype=torch.long)
-    text_ranks = torch.zeros(len(texts), dtype=torch.long)
+    threshold = _positive_scores(images, texts, owner, torch.arange(len(texts)), tie_tolerance)
     by_image = torch.argsort(owner, stable=True)
-    sorted_owner = owner[by_image]
-    block = max(1, max_block_elements // max(len(texts), 1))
-    for start in tqdm(range(0, len(images), block), desc="retrieval", unit="block",
-                      disable=len(images) <= block):
-        stop = min(start + block, len(images))
-        scores = images[start:stop] @ texts.t()  # (block, texts)
-        image_ranks += (scores > threshold[None, :]).sum(0)
-        lo, hi = (int(torch.searchsorted(sorted_owner, bound)) for bound in (start, stop))
-        for captions in by_image[lo:hi].split(block):  # captions of this block's images, block rows at a time
-            text_ranks[captions] = (scores[owner[captions] - start] > threshold[captions, None]).sum(1)
+    ranks_by_image, image_ranks = _count_higher(images, texts, owner[by_image], threshold[by_image], threshold,
+                                                max_block_elements)
+    text_ranks = torch.empty_like(ranks_by_image)
+    text_ranks[by_image] = ranks_by_image
     return image_ranks.numpy().astype(np.float64), text_ranks.numpy().astype(np.float64)
+
+
+def sampled_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
+                           caption_sample: np.ndarray, image_sample: np.ndarray, max_block_elements: int = 1 << 24,
+                           tie_tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ranks against the whole gallery for sampled queries: `image_ranks` of the captions `caption_sample`
+    (text-to-image), and `text_ranks` of every caption of the images `image_sample` (image-to-text) with the image
+    of each of those captions (`sampled_owner`)."""
+    images, texts = torch.from_numpy(image_embeds), torch.from_numpy(text_embeds)
+    owner = torch.from_numpy(text_to_image)
+    captions = torch.from_numpy(np.asarray(caption_sample, dtype=np.int64))
+    image_ranks, _ = _count_higher(texts[captions], images, torch.arange(len(captions)),
+                                   _positive_scores(images, texts, owner, captions, tie_tolerance),
+                                   max_block_elements=max_block_elements)
+    sampled_images = torch.from_numpy(np.asarray(image_sample, dtype=np.int64))
+    # the captions of the sampled images, grouped by image; `query` is each one's image's row in the sample
+    their_captions = torch.nonzero(torch.isin(owner, sampled_images)).squeeze(1)
+    query = torch.searchsorted(sampled_images, owner[their_captions])
+    order = torch.argsort(query, stable=True)
+    their_captions, query = their_captions[order], query[order]
+    text_ranks, _ = _count_higher(images[sampled_images], texts, query,
+                                  _positive_scores(images, texts, owner, their_captions, tie_tolerance),
+                                  max_block_elements=max_block_elements)
+    return (image_ranks.numpy().astype(np.float64), text_ranks.numpy().astype(np.float64),
+            text_to_image[their_captions.numpy()])
 
 
 def faiss_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray, depth: int,
@@ -213,29 +288,38 @@ def ranks_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch
 
 
 def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_image,
-                       ks: tuple[int, ...] = (1, 5, 10), depth: int | None = None) -> dict[str, float]:
-    """Recall@K and mAP both ways from per-caption ranks (see above); with a search `depth`, mAP counts positives
-    past it as never retrieved and its key says `mAP@<depth>`."""
+                       ks: tuple[int, ...] = (1, 5, 10), depth: int | None = None,
+                       with_stderr: bool = False) -> dict[str, float]:
+    """Recall@K and mAP both ways from per-caption ranks (see above): `image_ranks` of captions (text-to-image) and
+    `text_ranks` of captions whose images are `text_to_image` (image-to-text; the two may cover different captions
+    when queries are sampled). With a search `depth`, mAP counts positives past it as never retrieved and its key
+    says `mAP@<depth>`; `with_stderr` adds each figure's standard error over queries as `<key>_stderr`."""
     owner = np.asarray(text_to_image, dtype=np.int64)
     best_text_rank = np.full(owner.max() + 1 if len(owner) else 0, np.inf)
     np.minimum.at(best_text_rank, owner, text_ranks)
     best_text_rank = best_text_rank[np.bincount(owner, minlength=len(best_text_rank)) > 0]  # images with captions
-    results = {}
+    per_query = {}
     for k in ks:
-        results[f"image_retrieval_recall@{k}"] = float(np.mean(image_ranks < k))
-        results[f"text_retrieval_recall@{k}"] = float(np.mean(best_text_rank < k))
+        per_query[f"image_retrieval_recall@{k}"] = image_ranks < k
+        per_query[f"text_retrieval_recall@{k}"] = best_text_rank < k
     suffix = "mAP" if depth is None else f"mAP@{depth}"
-    results[f"image_retrieval_{suffix}"] = _mean_average_precision(image_ranks, np.arange(len(image_ranks)))
-    results[f"text_retrieval_{suffix}"] = _mean_average_precision(text_ranks, owner)
+    per_query[f"image_retrieval_{suffix}"] = _average_precisions(image_ranks, np.arange(len(image_ranks)))
+    per_query[f"text_retrieval_{suffix}"] = _average_precisions(text_ranks, owner)
+    results = {}
+    for key, values in per_query.items():
+        results[key] = float(np.mean(values)) if len(values) else float("nan")
+        if with_stderr:
+            results[f"{key}_stderr"] = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 \
+                else float("nan")
     return results
 
 
-def _mean_average_precision(ranks: np.ndarray, queries: np.ndarray) -> float:
-    """Mean over queries of average precision, from the rank of each (query, positive) pair: the j-th best positive
-    at rank r adds precision j / (r + 1) (tied positives are ordered, so r >= j - 1), divided by the query's count
-    of positives; a positive at rank `inf` adds 0."""
+def _average_precisions(ranks: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Average precision of each query present in `queries`, from the rank of each (query, positive) pair: the j-th
+    best positive at rank r adds precision j / (r + 1) (tied positives are ordered, so r >= j - 1), divided by the
+    query's count of positives; a positive at rank `inf` adds 0."""
     if not len(ranks):
-        return float("nan")
+        return np.zeros(0)
     order = np.lexsort((ranks, queries))
     queries, ranks = queries[order], ranks[order]
     starts = np.flatnonzero(np.r_[True, queries[1:] != queries[:-1]])
@@ -243,7 +327,7 @@ def _mean_average_precision(ranks: np.ndarray, queries: np.ndarray) -> float:
     precision = np.where(np.isfinite(ranks), position / (np.maximum(ranks, position - 1) + 1), 0.0)
     counts = np.bincount(queries)
     present = counts > 0
-    return float(np.mean(np.bincount(queries, weights=precision)[present] / counts[present]))
+    return np.bincount(queries, weights=precision)[present] / counts[present]
 
 
 def recall_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch.Tensor, text_to_image,

@@ -331,6 +331,42 @@ def test_faiss_inverted_file_probing_every_list_is_exact_and_fewer_is_not():
     assert 0.2 < exact["image_retrieval_recall@1"] < 0.95
 
 
+def test_sampled_backend_ranks_its_queries_exactly_and_estimates_within_its_error():
+    """The sampled backend ranks a sample of queries against the whole gallery: its figures must be the naive
+    loops' over exactly those queries, with the standard error of a mean over them, and the exact figures over all
+    queries must lie within a few of those errors."""
+    from dclip.evaluation import metrics_from_ranks, ranks_from_scores
+
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=400, dim=24, noise=1.3, seed=5)
+    exact = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="exact")
+    sampled = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="sampled", sample_pairs=120_000,
+                                seed=7)
+    assert (sampled["image_retrieval_queries"], sampled["text_retrieval_queries"]) == (300, 60)
+    # the same sample, ranked by a naive per-query loop over the dense scores
+    rng = np.random.default_rng(7)
+    captions = np.sort(rng.choice(len(text_embeds), 300, replace=False))
+    images = np.sort(rng.choice(np.unique(text_to_image), 60, replace=False))
+    scores = torch.from_numpy(image_embeds) @ torch.from_numpy(text_embeds).t()
+    image_ranks, text_ranks = ranks_from_scores(scores, scores.t(), text_to_image)
+    mine = np.isin(text_to_image, images)
+    naive = metrics_from_ranks(image_ranks[captions], text_ranks[mine], text_to_image[mine])
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@5", "image_retrieval_mAP", "text_retrieval_mAP"):
+        assert sampled[key] == pytest.approx(naive[key], abs=1e-9), key
+    hits = image_ranks[captions] < 1
+    assert sampled["image_retrieval_recall@1_stderr"] == pytest.approx(np.std(hits, ddof=1) / np.sqrt(300))
+    for key in ("image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1",
+                "image_retrieval_mAP", "text_retrieval_mAP"):
+        assert 0 < sampled[f"{key}_stderr"] < 0.1
+        assert abs(sampled[key] - exact[key]) < 4 * sampled[f"{key}_stderr"], key
+    assert 0.1 < exact["image_retrieval_recall@1"] < 0.9  # not a trivial case
+    # above `exact_max_pairs`, auto samples; a sample as large as the data is the exact evaluation
+    auto = retrieval_metrics(image_embeds, text_embeds, text_to_image, exact_max_pairs=10_000, sample_pairs=120_000,
+                             seed=7)
+    assert auto == sampled
+    everything = retrieval_metrics(image_embeds, text_embeds, text_to_image, backend="sampled", sample_pairs=10**9)
+    assert {key: everything[key] for key in exact} == pytest.approx(exact, abs=1e-12)
+
+
 def test_retrieval_rejects_inconsistent_inputs():
     image_embeds, text_embeds, text_to_image = five_captions_per_image(images=4)
     with pytest.raises(ValueError, match="one image index per caption"):
