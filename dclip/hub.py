@@ -57,6 +57,12 @@ def _zero_shot_parts(key: str) -> tuple[str, str]:
     return body, "acc1"
 
 
+def reported_keys(metrics: dict[str, float]) -> list[str]:
+    """The metrics a card reports, in display order: not the standard errors (`<key>_stderr`) and query counts
+    (`*_queries`) that a sampled retrieval evaluation adds beside its estimates (the table shows them as `±`)."""
+    return sorted((key for key in metrics if not key.endswith(("_stderr", "_queries"))), key=_metric_order)
+
+
 def _metric_order(key: str) -> tuple:
     groups = ("image_retrieval_", "text_retrieval_", "zeroshot_", "linear_probe_", "hard_negative_")
     return next((i for i, prefix in enumerate(groups) if key.startswith(prefix)), len(groups)), "mAP" in key, key
@@ -69,7 +75,7 @@ def eval_results(metrics: dict[str, float], dataset_type: str, dataset_name: str
     from huggingface_hub import EvalResult
 
     results = []
-    for key in sorted(metrics, key=_metric_order):
+    for key in reported_keys(metrics):
         value = metrics[key]
         common = dict(dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
                       metric_value=round(float(value), 4), metric_name=metric_title(key))
@@ -128,7 +134,7 @@ def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [key for key in sorted(metrics, key=_metric_order) if key.startswith(("image_retrieval_", "text_retrieval_"))]
+    keys = [key for key in reported_keys(metrics) if key.startswith(("image_retrieval_", "text_retrieval_"))]
     series = [(model_label, metrics)] + ([(baseline_label, baseline)] if baseline else [])
     figure, axes = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 3.6))
     _grouped_bars(axes, keys, series, "Retrieval")
@@ -200,9 +206,13 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
         eval_results=eval_results(metrics, info.dataset_type, info.dataset_name, info.dataset_split) or None,
     )
     baseline = baseline or {}
-    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": f"{metrics[key]:.4f}",
-             "baseline": f"{baseline[key]:.4f}" if key in baseline else "-"}
-            for key in sorted(metrics, key=_metric_order)]
+    def value(values: dict[str, float], key: str) -> str:
+        stderr = values.get(f"{key}_stderr")
+        return f"{values[key]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": value(metrics, key),
+             "baseline": value(baseline, key) if key in baseline else "-"}
+            for key in reported_keys(metrics)]
     card = ModelCard.from_template(
         card_data, template_path=str(template_path(template)), repo_id=info.repo_id,
         model_name=info.model_name, method_title=METHOD_TITLES.get(info.method, info.method), metric_rows=rows,

@@ -31,7 +31,8 @@ class EvaluateArguments:
     seed: int = field(default=42, metadata={"help": "embedded data: the scenes' seed (train.py's --seed)"})
     templates: str = field(default="a photo of a {}.", metadata={"help": "zero-shot prompt templates, '|'-separated"})
     ks: str = field(default="1,5,10", metadata={"help": "the K of Recall@K, comma-separated"})
-    retrieval_backend: str = field(default="auto", metadata={"help": "auto | exact | faiss (large galleries)"})
+    retrieval_backend: str = field(default="auto", metadata={"help": "auto (exact up to 1e10 pairs, else sampled) | "
+                                                                   "exact | sampled | faiss"})
     teacher_top_k: int = field(default=16, metadata={"help": "teacher: candidates its fused score re-ranks"})
     output_file: str | None = field(default=None, metadata={"help": "JSON results; default: "
                                                             "outputs/eval/<model name>.json"})

@@ -56,6 +56,18 @@ def test_model_index_carries_every_metric():
     assert by_name["hard-negative accuracy (swap relation)"].metric_value == 0.52
 
 
+def test_sampled_retrieval_reports_estimates_with_their_errors_not_as_metrics():
+    from dclip.hub import render_model_card
+
+    sampled = {**METRICS, "image_retrieval_recall@1_stderr": 0.0031, "image_retrieval_queries": 25_000}
+    results = eval_results(sampled, "dclip-scenes", "scenes")
+    assert len(results) == len(METRICS)  # the error and the query count are no model-index entries
+    assert not any("stderr" in result.metric_type or "queries" in result.metric_type for result in results)
+    card = str(render_model_card(card_info("me/student"), sampled, BASELINE))
+    assert "| 0.1410 ± 0.0031 |" in card.replace("`", "")
+    assert "25000" not in card and "25,000" not in card
+
+
 def test_card_metadata_validates_and_shows_the_numbers(student_folder):
     from huggingface_hub import ModelCard
 
