@@ -1,0 +1,224 @@
+"""Benchmark: training throughput of the student distillation step against open_clip's training loop, in one run.
+
+Every configuration trains the same small CLIP (the pipeline's `clip-small` preset: ViT and text transformer of 4
+layers x 128, patch 8, 64 px images, 32 tokens, vocabulary 1,024) on the same in-memory batches (pre-processed
+tensors, so no image decoding is timed), AdamW at a constant learning rate, each in a fresh subprocess:
+
+- `dclip_cached`: `DCLIPTrainer` (a `transformers.Trainer`), DCLIP's hybrid loss (contrastive + cosine to the
+  teacher's image and text embeddings), teacher targets precomputed (the pipeline's default);
+- `dclip_online`: the same, the teacher (a frozen CLIP of the same size) run on every batch;
+- `open_clip_distill`: `open_clip_train.train.train_one_epoch` with its distillation option (`dist_model`, a frozen
+  CLIP of the same size run on every batch, `DistillClipLoss`);
+- `open_clip`: the same loop without distillation (its plain CLIP loss).
+
+Throughput is samples per second over the steps after `--warmup`; memory is the peak resident set above the one
+before training (CPU) or the peak allocated (CUDA). Prints one JSON object; the ratios compare per-sample speed.
+
+    pip install -e ".[bench]"
+    python benchmarks/train_throughput.py                   # CPU here; CUDA (and --bf16) when a GPU is present
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+
+CONFIGS = ("dclip_cached", "dclip_online", "open_clip_distill", "open_clip")
+WIDTH, LAYERS, HEADS, PATCH, IMAGE_SIZE, CONTEXT, VOCAB = 128, 4, 4, 8, 64, 32, 1024
+
+
+def batches(count: int, batch_size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count * batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    texts = torch.randint(1, VOCAB - 2, (count * batch_size, CONTEXT), generator=generator)
+    texts[:, 0], texts[:, -1] = VOCAB - 2, VOCAB - 1  # bos ... eos (the eos id is the highest: open_clip pools at argmax)
+    return images, texts
+
+
+def peak_memory_mib(device: torch.device, baseline: int) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline) / 2**20
+
+
+def resident_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def run_dclip(args, device: torch.device, online: bool) -> dict:
+    from transformers import CLIPConfig, CLIPModel, TrainerCallback, TrainingArguments
+
+    from dclip.trainer import DCLIPTrainer
+    from modeling_dclip import DCLIPModel
+
+    def small_clip(seed: int) -> DCLIPModel:
+        torch.manual_seed(seed)
+        config = CLIPConfig(
+            text_config=dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, eos_token_id=VOCAB - 1,
+                             bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1),
+            vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH),
+            projection_dim=WIDTH)
+        return DCLIPModel.from_clip(CLIPModel(config))
+
+    student = small_clip(0)
+    teacher = small_clip(1).to(device) if online else None
+    images, texts = batches(args.steps, args.batch_size)
+    targets = torch.nn.functional.normalize(torch.randn(2, len(images), WIDTH), dim=-1)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            row = {"pixel_values": images[i], "input_ids": texts[i], "attention_mask": torch.ones(CONTEXT, dtype=torch.long)}
+            if not online:
+                row.update(teacher_image_embeds=targets[0, i], teacher_text_embeds=targets[1, i])
+            return row
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, *_, **__):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    training_args = TrainingArguments(
+        output_dir=os.path.join(args.scratch, "dclip"), per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        weight_decay=0.1, logging_steps=10**6, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=args.bf16, seed=0, disable_tqdm=True)
+    trainer = DCLIPTrainer(model=student, args=training_args, train_dataset=Rows(), teacher=teacher,
+                           data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                           loss_weights={"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0},
+                           callbacks=[clock])
+    baseline = resident_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.train()
+    return {"step_times": clock.times, "peak_memory_mib": peak_memory_mib(device, baseline)}
+
+
+def run_open_clip(args, device: torch.device, distill: bool) -> dict:
+    import open_clip
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import const_lr
+    from open_clip_train.train import train_one_epoch
+
+    name = "dclip-bench-small"
+    open_clip.factory._MODEL_CONFIGS[name] = {
+        "embed_dim": WIDTH,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "layers": LAYERS, "width": WIDTH, "head_width": WIDTH // HEADS,
+                       "patch_size": PATCH, "mlp_ratio": 4},
+        "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB, "width": WIDTH, "heads": HEADS,
+                     "layers": LAYERS},
+    }
+    precision = "amp_bf16" if args.bf16 else "fp32"
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, precision=precision, device=device, output_dict=True)
+    dist_model = open_clip.create_model(name, precision=precision, device=device, output_dict=True) if distill else None
+    images, texts = batches(args.steps, args.batch_size)
+    clock = []
+
+    class ClockedLoader:  # the loop asks for batch i + 1 right after step i: a timestamp per step
+        num_batches, num_samples = args.steps, args.steps * args.batch_size
+
+        def __iter__(self):
+            for start in range(0, len(images), args.batch_size):
+                if start:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    clock.append(time.perf_counter())
+                yield images[start : start + args.batch_size], texts[start : start + args.batch_size]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            clock.append(time.perf_counter())
+
+    class DataInfo:  # open_clip_train.data.DataInfo's interface (that module needs webdataset, unused here)
+        dataloader = ClockedLoader()
+
+        def set_epoch(self, epoch):
+            pass
+
+    loop_args = parse_args(["--model", name, "--batch-size", str(args.batch_size), "--precision", precision,
+                            "--lr", "1e-4", "--wd", "0.1", "--log-every-n-steps", str(10**6)])
+    loop_args.device, loop_args.distill, loop_args.world_size, loop_args.rank, loop_args.local_rank = \
+        str(device), distill, 1, 0, 0
+    loop_args.horovod, loop_args.wandb = False, False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    loss = open_clip.create_loss(loop_args)
+    baseline = resident_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_one_epoch(model, {"train": DataInfo()}, loss, 0, optimizer, None,
+                    const_lr(optimizer, 1e-4, 0, args.steps), dist_model, loop_args)
+    return {"step_times": clock, "peak_memory_mib": peak_memory_mib(device, baseline)}
+
+
+def measure(config: str, args) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if config.startswith("dclip"):
+        result = run_dclip(args, device, online=config == "dclip_online")
+    else:
+        result = run_open_clip(args, device, distill=config == "open_clip_distill")
+    times = result.pop("step_times")
+    measured = times[args.warmup - 1 :]  # timestamps at the ends of steps warmup..steps
+    seconds = measured[-1] - measured[0]
+    steps = len(measured) - 1
+    return {"config": config, "device": str(device), "samples_per_second": round(steps * args.batch_size / seconds, 1),
+            "seconds_per_step": round(seconds / steps, 4), "measured_steps": steps,
+            "peak_memory_mib": round(result["peak_memory_mib"], 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--scratch", default="outputs/bench_throughput")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one config here
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.one:
+        print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
+        return
+    results = {}
+    for config in args.configs.split(","):
+        command = [sys.executable, os.path.abspath(__file__), "--one", config] + sys.argv[1:]
+        output = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+        if output.returncode or not lines:
+            raise RuntimeError(f"{config} failed:\n{output.stderr[-3000:]}")
+        results[config] = json.loads(lines[-1][len("RESULT "):])
+        print(json.dumps(results[config]), file=sys.stderr, flush=True)
+    report = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "bf16": args.bf16,
+              "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
+    speed = {name: result["samples_per_second"] for name, result in results.items()}
+    if "dclip_cached" in speed and "open_clip_distill" in speed:
+        report["dclip_cached_over_open_clip_distill"] = round(speed["dclip_cached"] / speed["open_clip_distill"], 3)
+    if "dclip_online" in speed and "open_clip_distill" in speed:
+        report["dclip_online_over_open_clip_distill"] = round(speed["dclip_online"] / speed["open_clip_distill"], 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
