@@ -428,7 +428,7 @@ def distill(model_args, data_args, training_args, args, data, processor, base_cl
         model=student, args=stage_args, train_dataset=train, loss_weights=weights,
         teacher=teacher if args.online_teacher else None, cluster_centers=centers, cluster_scale=args.cluster_scale,
         cluster_margin=args.cluster_margin,
-        data_collator=DCLIPCollator(processor, with_teacher_inputs=args.online_teacher),
+        data_collator=DCLIPCollator(processor, with_teacher_inputs=args.online_teacher, **_region_settings(data_args)),
     )
     log["distill"] = _train(trainer, training_args, stage_args)
     if model_args.lora_rank:

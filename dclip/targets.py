@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from .data.collator import teacher_inputs
+
 
 TOWER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
 TEACHER_FEATURE_COLUMNS = (
@@ -34,20 +36,6 @@ def model_fingerprint(model: torch.nn.Module, prefixes: tuple[str, ...] | None =
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def teacher_inputs(processor, batch: dict, use_given_boxes: bool = True, use_given_spans: bool = True) -> dict:
-    """Processor inputs for the teacher from a batch of rows (`image`, `caption`, optional `boxes`, `spans`)."""
-    inputs = processor(
-        text=batch["caption"],
-        images=batch["image"],
-        return_regions=True,
-        return_spans=True,
-        region_boxes=batch["boxes"] if use_given_boxes and "boxes" in batch else None,
-        spans=batch["spans"] if use_given_spans and "spans" in batch else None,
-    )
-    inputs.pop("region_source", None)
-    return dict(inputs)
 
 
 def _place_teacher(teacher: torch.nn.Module, device) -> tuple[torch.nn.Module, torch.device]:

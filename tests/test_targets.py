@@ -3,9 +3,9 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from dclip.data.collator import DCLIPCollator
+from dclip.data.collator import DCLIPCollator, teacher_inputs
 from dclip.data.scenes import SceneConfig, generate_scenes
-from dclip.targets import compute_teacher_targets, model_fingerprint, teacher_inputs
+from dclip.targets import compute_teacher_targets, model_fingerprint
 from modeling_dclip import DCLIPTeacherModel
 
 
@@ -61,6 +61,13 @@ def test_collator_batches_student_inputs_and_targets(scenes_on_disk, teacher, pr
     online = DCLIPCollator(processor, with_teacher_inputs=True)(rows)
     assert online["region_mask"].sum(1).tolist() == [min(r["num_objects"], 4) for r in rows]
     assert online["span_mask"].sum(1).tolist() == [min(len(r["spans"]), 4) for r in rows]
+    # without the annotations (the pipeline's default), the online inputs are the cached targets' inputs
+    detected = DCLIPCollator(processor, with_teacher_inputs=True, use_given_boxes=False, use_given_spans=False)(rows)
+    columns = {"image": [r["image"] for r in rows], "caption": [r["caption"] for r in rows]}
+    expected = teacher_inputs(processor, columns, use_given_boxes=False, use_given_spans=False)
+    for name in ("region_mask", "region_boxes", "span_mask", "span_input_ids"):
+        torch.testing.assert_close(detected[name], expected[name], msg=name)
+    assert not torch.equal(detected["region_boxes"], online["region_boxes"])  # annotations are not used
 
 
 def test_cached_tower_features_give_the_same_teacher_outputs(scenes_on_disk, teacher, processor):

@@ -9,29 +9,43 @@ import torch
 TEACHER_TARGET_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds")
 
 
+def teacher_inputs(processor, batch: dict, use_given_boxes: bool = True, use_given_spans: bool = True) -> dict:
+    """Processor inputs for the teacher from a batch of rows (`image`, `caption`, optional `boxes`, `spans`): the
+    rows' own boxes and spans where given and allowed, else the processor's detector and span extractor."""
+    inputs = processor(
+        text=batch["caption"],
+        images=batch["image"],
+        return_regions=True,
+        return_spans=True,
+        region_boxes=batch["boxes"] if use_given_boxes and "boxes" in batch else None,
+        spans=batch["spans"] if use_given_spans and "spans" in batch else None,
+    )
+    inputs.pop("region_source", None)
+    return dict(inputs)
+
+
 class DCLIPCollator:
     """
     Turns a list of rows into student inputs (`input_ids`, `attention_mask`, `pixel_values`), the precomputed
-    teacher targets and `cluster_labels` when the rows carry them, and, with `with_teacher_inputs` (online teacher), the teacher's region
-    and span inputs (from the rows' `boxes` / `spans` when present, else the processor's detector and extractor).
+    teacher targets and `cluster_labels` when the rows carry them, and, with `with_teacher_inputs` (online teacher),
+    the teacher's region and span inputs ([`teacher_inputs`]: the rows' `boxes` / `spans` when present and
+    `use_given_boxes` / `use_given_spans`, else the processor's detector and extractor, as the cached targets do).
     """
 
-    def __init__(self, processor, with_teacher_inputs: bool = False):
+    def __init__(self, processor, with_teacher_inputs: bool = False, use_given_boxes: bool = True,
+                 use_given_spans: bool = True):
         self.processor = processor
         self.with_teacher_inputs = with_teacher_inputs
+        self.use_given_boxes = use_given_boxes
+        self.use_given_spans = use_given_spans
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        captions = [row["caption"] for row in rows]
-        images = [row["image"] for row in rows]
+        columns = {name: [row[name] for row in rows] for name in ("caption", "image", "boxes", "spans")
+                   if name in rows[0]}
         if self.with_teacher_inputs:
-            batch = self.processor(
-                text=captions, images=images, return_regions=True, return_spans=True,
-                region_boxes=[row["boxes"] for row in rows] if "boxes" in rows[0] else None,
-                spans=[row["spans"] for row in rows] if "spans" in rows[0] else None,
-            )
-            batch.pop("region_source", None)
+            batch = teacher_inputs(self.processor, columns, self.use_given_boxes, self.use_given_spans)
         else:
-            batch = self.processor(text=captions, images=images)
+            batch = self.processor(text=columns["caption"], images=columns["image"])
         batch = dict(batch)
         for name in TEACHER_TARGET_COLUMNS:
             if name in rows[0]:
