@@ -9,7 +9,10 @@ tensors, so no image decoding is timed), AdamW at a constant learning rate, each
 - `dclip_online`: the same, the teacher (a frozen CLIP of the same size) run on every batch;
 - `open_clip_distill`: `open_clip_train.train.train_one_epoch` with its distillation option (`dist_model`, a frozen
   CLIP of the same size run on every batch, `DistillClipLoss`);
-- `open_clip`: the same loop without distillation (its plain CLIP loss).
+- `open_clip`: the same loop without distillation (its plain CLIP loss);
+- `scenes_cached`, `scenes_online` (teacher-target caching): the default run's (`--run`) student, DCLIP teacher and
+  processor on the embedded scenes, images processed per batch as in the pipeline; cached targets (their one-off
+  computation timed apart) against the teacher (detector, region crops, towers, fusion) on every batch.
 
 Throughput is samples per second over the steps after `--warmup`; memory is the peak resident set above the one
 before training (CPU) or the peak allocated (CUDA). Prints one JSON object; the ratios compare per-sample speed.
@@ -30,7 +33,7 @@ import time
 import torch
 
 
-CONFIGS = ("dclip_cached", "dclip_online", "open_clip_distill", "open_clip")
+CONFIGS = ("dclip_cached", "dclip_online", "open_clip_distill", "open_clip", "scenes_cached", "scenes_online")
 WIDTH, LAYERS, HEADS, PATCH, IMAGE_SIZE, CONTEXT, VOCAB = 128, 4, 4, 8, 64, 32, 1024
 
 
@@ -56,37 +59,11 @@ def resident_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def run_dclip(args, device: torch.device, online: bool) -> dict:
-    from transformers import CLIPConfig, CLIPModel, TrainerCallback, TrainingArguments
+def train_clocked(args, device: torch.device, student, train_dataset, data_collator, teacher=None) -> dict:
+    """`DCLIPTrainer` on DCLIP's hybrid loss for `args.steps` steps; a timestamp at the end of each step."""
+    from transformers import TrainerCallback, TrainingArguments
 
     from dclip.trainer import DCLIPTrainer
-    from modeling_dclip import DCLIPModel
-
-    def small_clip(seed: int) -> DCLIPModel:
-        torch.manual_seed(seed)
-        config = CLIPConfig(
-            text_config=dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
-                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, eos_token_id=VOCAB - 1,
-                             bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1),
-            vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH),
-            projection_dim=WIDTH)
-        return DCLIPModel.from_clip(CLIPModel(config))
-
-    student = small_clip(0)
-    teacher = small_clip(1).to(device) if online else None
-    images, texts = batches(args.steps, args.batch_size)
-    targets = torch.nn.functional.normalize(torch.randn(2, len(images), WIDTH), dim=-1)
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            row = {"pixel_values": images[i], "input_ids": texts[i], "attention_mask": torch.ones(CONTEXT, dtype=torch.long)}
-            if not online:
-                row.update(teacher_image_embeds=targets[0, i], teacher_text_embeds=targets[1, i])
-            return row
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -103,15 +80,83 @@ def run_dclip(args, device: torch.device, online: bool) -> dict:
         max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         weight_decay=0.1, logging_steps=10**6, save_strategy="no", report_to=[], dataloader_num_workers=0,
         remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=args.bf16, seed=0, disable_tqdm=True)
-    trainer = DCLIPTrainer(model=student, args=training_args, train_dataset=Rows(), teacher=teacher,
-                           data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
-                           loss_weights={"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0},
-                           callbacks=[clock])
+    trainer = DCLIPTrainer(model=student, args=training_args, train_dataset=train_dataset, teacher=teacher,
+                           data_collator=data_collator, callbacks=[clock],
+                           loss_weights={"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0})
     baseline = resident_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train()
     return {"step_times": clock.times, "peak_memory_mib": peak_memory_mib(device, baseline)}
+
+
+def run_dclip(args, device: torch.device, online: bool) -> dict:
+    from transformers import CLIPConfig, CLIPModel
+
+    from modeling_dclip import DCLIPModel
+
+    def small_clip(seed: int) -> DCLIPModel:
+        torch.manual_seed(seed)
+        config = CLIPConfig(
+            text_config=dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, eos_token_id=VOCAB - 1,
+                             bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1),
+            vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH),
+            projection_dim=WIDTH)
+        return DCLIPModel.from_clip(CLIPModel(config))
+
+    images, texts = batches(args.steps, args.batch_size)
+    targets = torch.nn.functional.normalize(torch.randn(2, len(images), WIDTH), dim=-1)
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            row = {"pixel_values": images[i], "input_ids": texts[i], "attention_mask": torch.ones(CONTEXT, dtype=torch.long)}
+            if not online:
+                row.update(teacher_image_embeds=targets[0, i], teacher_text_embeds=targets[1, i])
+            return row
+
+    return train_clocked(args, device, small_clip(0), Rows(),
+                         lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+                         teacher=small_clip(1).to(device) if online else None)
+
+
+def run_scenes(args, device: torch.device, online: bool) -> dict:
+    """The default run's student, DCLIP teacher and processor on the embedded scenes, as the pipeline trains them:
+    images processed per batch, the teacher's regions from the detector. Cached: the targets are computed first
+    (tower features, then the fusion; timed apart, not counted in the steps); online: the teacher (detector, region
+    crops, towers, fusion) runs on every batch."""
+    import datasets
+
+    from dclip.data.collator import DCLIPCollator
+    from dclip.pipeline import DataArguments, load_data
+    from dclip.targets import compute_teacher_features, fuse_teacher_targets
+    from modeling_dclip import DCLIPModel, DCLIPTeacherModel
+    from processing_dclip import DCLIPProcessor
+
+    run = os.path.abspath(args.run)
+    data, _ = load_data(DataArguments(cache_dir=os.path.join(os.path.dirname(run), "cache")), 42)
+    train = data["train"].select(range(args.batch_size * args.steps))
+    processor = DCLIPProcessor.from_pretrained(os.path.join(run, "processor"), trust_remote_code=False)
+    teacher = DCLIPTeacherModel.from_pretrained(os.path.join(run, "teacher", "final")).to(device)
+    student = DCLIPModel.from_clip(os.path.join(run, "base_clip", "final"))
+    regions = {"use_given_boxes": False, "use_given_spans": False}  # the pipeline's default: detector + extractor
+    caching = {}
+    if not online:
+        datasets.disable_caching()  # time the computation, not a read of an earlier run's cache
+        started = time.perf_counter()
+        features = compute_teacher_features(train, teacher, processor, batch_size=256, device=device, **regions)
+        caching["tower_features_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        train = fuse_teacher_targets(features, teacher)
+        caching["fusion_seconds"] = time.perf_counter() - started
+        caching["pairs_per_second"] = len(train) / (caching["tower_features_seconds"] + caching["fusion_seconds"])
+    result = train_clocked(args, device, student, train, DCLIPCollator(processor, with_teacher_inputs=online, **regions),
+                           teacher=teacher if online else None)
+    return {**result, **{f"caching_{key}": round(value, 1) for key, value in caching.items()}}
 
 
 def run_open_clip(args, device: torch.device, distill: bool) -> dict:
@@ -173,7 +218,9 @@ def run_open_clip(args, device: torch.device, distill: bool) -> dict:
 def measure(config: str, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    if config.startswith("dclip"):
+    if config.startswith("scenes"):
+        result = run_scenes(args, device, online=config == "scenes_online")
+    elif config.startswith("dclip"):
         result = run_dclip(args, device, online=config == "dclip_online")
     else:
         result = run_open_clip(args, device, distill=config == "open_clip_distill")
@@ -183,7 +230,7 @@ def measure(config: str, args) -> dict:
     steps = len(measured) - 1
     return {"config": config, "device": str(device), "samples_per_second": round(steps * args.batch_size / seconds, 1),
             "seconds_per_step": round(seconds / steps, 4), "measured_steps": steps,
-            "peak_memory_mib": round(result["peak_memory_mib"], 1)}
+            "peak_memory_mib": round(result.pop("peak_memory_mib"), 1), **result}
 
 
 def main() -> None:
@@ -195,6 +242,7 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--scratch", default="outputs/bench_throughput")
+    parser.add_argument("--run", default="outputs/default", help="the default run (scenes_* configs)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one config here
     args = parser.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -217,6 +265,8 @@ def main() -> None:
         report["dclip_cached_over_open_clip_distill"] = round(speed["dclip_cached"] / speed["open_clip_distill"], 3)
     if "dclip_online" in speed and "open_clip_distill" in speed:
         report["dclip_online_over_open_clip_distill"] = round(speed["dclip_online"] / speed["open_clip_distill"], 3)
+    if "scenes_cached" in speed and "scenes_online" in speed:
+        report["scenes_cached_over_online"] = round(speed["scenes_cached"] / speed["scenes_online"], 2)
     print(json.dumps(report, indent=2))
 
 
