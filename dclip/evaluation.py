@@ -163,10 +163,11 @@ def _positive_scores(images: torch.Tensor, texts: torch.Tensor, owner: torch.Ten
 @torch.no_grad()
 def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: torch.Tensor,
                   pair_threshold: torch.Tensor, gallery_threshold: torch.Tensor | None = None,
-                  max_block_elements: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  max_block_elements: int = 1 << 24, block_queries: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
-    One pass of `(block, gallery)` score blocks, never the whole `(queries, gallery)` matrix. For each pair `p`
-    (`query_of_pair` sorted), the number of gallery items that query `query_of_pair[p]` scores above
+    One pass of `(block_queries, gallery chunk)` score tiles of at most `max_block_elements`, never the whole
+    `(queries, gallery)` matrix (tiles with many query rows keep the matrix products near the machine's peak). For
+    each pair `p` (`query_of_pair` sorted), the number of gallery items that query `query_of_pair[p]` scores above
     `pair_threshold[p]`; with `gallery_threshold`, also for each gallery item `g` the number of queries that score
     it above `gallery_threshold[g]` (the other direction, from the same products). The counting is numpy's: its
     compare-and-count runs about ten times faster than torch's reductions over booleans.
@@ -178,18 +179,22 @@ def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: t
     # each pair's place among its query's pairs: pass j compares every query with its j-th pair's threshold
     first = np.flatnonzero(np.r_[True, query_of_pair[1:] != query_of_pair[:-1]]) if len(query_of_pair) else []
     place = np.arange(len(query_of_pair)) - np.repeat(first, np.diff(np.r_[first, len(query_of_pair)]))
-    block = max(1, max_block_elements // max(len(gallery), 1))
-    for start in tqdm(range(0, len(queries), block), desc="retrieval", unit="block", disable=len(queries) <= block):
-        stop = min(start + block, len(queries))
-        scores = (queries[start:stop] @ gallery.t()).numpy()  # (block, gallery)
+    rows = max(1, min(block_queries, len(queries), max_block_elements))
+    chunk = max(1, max_block_elements // rows)
+    tiles = [(start, begin) for start in range(0, len(queries), rows) for begin in range(0, len(gallery), chunk)]
+    passes = None
+    for start, begin in tqdm(tiles, desc="retrieval", unit="tile", disable=len(tiles) <= 1):
+        stop, end = min(start + rows, len(queries)), min(begin + chunk, len(gallery))
+        scores = (queries[start:stop] @ gallery[begin:end].t()).numpy()  # (rows, chunk)
         if gallery_counts is not None:
-            gallery_counts += np.count_nonzero(scores > gallery_threshold.numpy()[None, :], axis=0)
-        lo, hi = np.searchsorted(query_of_pair, [start, stop])
-        for j in range(int(place[lo:hi].max()) + 1 if hi > lo else 0):
-            pairs = lo + np.flatnonzero(place[lo:hi] == j)
-            rows = query_of_pair[pairs] - start
-            own = scores if len(rows) == stop - start else scores[rows]  # every query has a j-th pair: no copy
-            pair_counts[pairs] = np.count_nonzero(own > pair_threshold[pairs, None], axis=1)
+            gallery_counts[begin:end] += np.count_nonzero(scores > gallery_threshold[begin:end].numpy()[None, :], axis=0)
+        if begin == 0:  # this block's pairs, split by their place: pass j covers each query's j-th pair
+            lo, hi = np.searchsorted(query_of_pair, [start, stop])
+            passes = [lo + np.flatnonzero(place[lo:hi] == j) for j in range(int(place[lo:hi].max()) + 1 if hi > lo else 0)]
+        for pairs in passes:
+            local = query_of_pair[pairs] - start
+            own = scores if len(local) == stop - start else scores[local]  # every query has a j-th pair: no copy
+            pair_counts[pairs] += np.count_nonzero(own > pair_threshold[pairs, None], axis=1)
     return torch.from_numpy(pair_counts), None if gallery_counts is None else torch.from_numpy(gallery_counts)
 
 
