@@ -54,7 +54,6 @@ def load_results(default: Path, runs: Path) -> dict:
         else:
             summary = json.loads((runs / source / "summary.json").read_text())
             results["models"][source] = summary["metrics"]["student"]
-            results.setdefault("training_seconds", {})[source] = summary["training"]["distill"]["seconds"]
     for _, _, curated in BALANCE_ROWS:
         if curated:
             results["curation"][curated] = json.loads((runs / curated / "report.json").read_text())
@@ -72,7 +71,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(results: dict, command: str) -> str:
     models = results["models"]
     base = models["default:base_clip"]
-    lines = [BEGIN, "", f"Regenerate: `{command}` (about 80 minutes on 2 CPU cores; `REUSE_DEFAULT=1` reuses an "
+    lines = [BEGIN, "", f"Regenerate: `{command}` (72 min 33 s on this 2-core CPU machine, beside lighter jobs; `REUSE_DEFAULT=1` reuses an "
              "existing default run). Every student starts from the default run's base CLIP and trains 300 steps of "
              "128 pairs at learning rate 2e-4 against its teacher; evaluation on the 1,000 test scenes (one caption "
              "per image). T2I: text-to-image retrieval, I2T: image-to-text, ZS: zero-shot top-1, LP: linear probe "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every quality figure and plot of BENCHMARKS.md "Paper tables on the default data" (and the CLIP-CID
-# tables of README.md): one command, about 80 minutes on 2 CPU cores.
+# tables of README.md): one command, about 70 minutes on 2 CPU cores.
 #   0. the default run (the README's main job): detector, base CLIP, DCLIP teacher, DCLIP student, evaluated;
 #   1. students distilled from that run's base CLIP and teacher, 300 steps each, evaluated on the same 1,000 test
 #      scenes: without a teacher (contrastive only), CLIP-CID (cluster + instance), DCLIP + CLIP-CID, instance only,

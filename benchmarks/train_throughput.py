@@ -10,6 +10,7 @@ tensors, so no image decoding is timed), AdamW at a constant learning rate, each
 - `open_clip_distill`: `open_clip_train.train.train_one_epoch` with its distillation option (`dist_model`, a frozen
   CLIP of the same size run on every batch, `DistillClipLoss`);
 - `open_clip`: the same loop without distillation (its plain CLIP loss);
+- `models`: the two implementations alone, forward + backward of one batch (`--steps` times), and their sizes;
 - `scenes_cached`, `scenes_online` (teacher-target caching): the default run's (`--run`) student, DCLIP teacher and
   processor on the embedded scenes, images processed per batch as in the pipeline; cached targets (their one-off
   computation timed apart) against the teacher (detector, region crops, towers, fusion) on every batch.
@@ -33,7 +34,8 @@ import time
 import torch
 
 
-CONFIGS = ("dclip_cached", "dclip_online", "open_clip_distill", "open_clip", "scenes_cached", "scenes_online")
+CONFIGS = ("models", "dclip_cached", "dclip_online", "open_clip_distill", "open_clip", "scenes_cached",
+           "scenes_online")
 WIDTH, LAYERS, HEADS, PATCH, IMAGE_SIZE, CONTEXT, VOCAB = 128, 4, 4, 8, 64, 32, 1024
 
 
@@ -59,6 +61,65 @@ def resident_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def small_clip(seed: int):
+    """The `clip-small` student as a `DCLIPModel` (transformers' CLIP inside)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from modeling_dclip import DCLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, max_position_embeddings=CONTEXT, eos_token_id=VOCAB - 1,
+                         bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1),
+        vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                           num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH),
+        projection_dim=WIDTH)
+    return DCLIPModel.from_clip(CLIPModel(config))
+
+
+def small_open_clip(device: torch.device, precision: str = "fp32"):
+    """The same architecture in open_clip: its registered name and a new model."""
+    import open_clip
+
+    name = "dclip-bench-small"
+    open_clip.factory._MODEL_CONFIGS[name] = {
+        "embed_dim": WIDTH,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "layers": LAYERS, "width": WIDTH, "head_width": WIDTH // HEADS,
+                       "patch_size": PATCH, "mlp_ratio": 4},
+        "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB, "width": WIDTH, "heads": HEADS,
+                     "layers": LAYERS},
+    }
+    return name, open_clip.create_model(name, precision=precision, device=device, output_dict=True)
+
+
+def run_models(args, device: torch.device) -> dict:
+    """The two implementations alone: parameters, and forward + backward of one batch (no loop, no loss)."""
+    images, texts = (tensor.to(device) for tensor in batches(1, args.batch_size))
+    hf = small_clip(0).to(device)
+    _, oc = small_open_clip(device)
+
+    def hf_step():
+        out = hf(pixel_values=images, input_ids=texts, attention_mask=torch.ones_like(texts))
+        (out.image_embeds.sum() + out.text_embeds.sum()).backward()
+
+    def oc_step():
+        out = oc(images, texts)
+        (out["image_features"].sum() + out["text_features"].sum()).backward()
+
+    result = {}
+    for name, model, step in (("transformers", hf, hf_step), ("open_clip", oc, oc_step)):
+        step()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result[f"{name}_parameters"] = sum(p.numel() for p in model.parameters())
+        result[f"{name}_forward_backward_seconds"] = round((time.perf_counter() - started) / args.steps, 4)
+    return result
+
+
 def train_clocked(args, device: torch.device, student, train_dataset, data_collator, teacher=None) -> dict:
     """`DCLIPTrainer` on DCLIP's hybrid loss for `args.steps` steps; a timestamp at the end of each step."""
     from transformers import TrainerCallback, TrainingArguments
@@ -79,7 +140,8 @@ def train_clocked(args, device: torch.device, student, train_dataset, data_colla
         output_dir=os.path.join(args.scratch, "dclip"), per_device_train_batch_size=args.batch_size,
         max_steps=args.steps, learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         weight_decay=0.1, logging_steps=10**6, save_strategy="no", report_to=[], dataloader_num_workers=0,
-        remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=args.bf16, seed=0, disable_tqdm=True)
+        remove_unused_columns=False, use_cpu=device.type == "cpu", bf16=args.bf16, seed=0, disable_tqdm=True,
+        max_grad_norm=args.max_grad_norm)
     trainer = DCLIPTrainer(model=student, args=training_args, train_dataset=train_dataset, teacher=teacher,
                            data_collator=data_collator, callbacks=[clock],
                            loss_weights={"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0})
@@ -91,21 +153,6 @@ def train_clocked(args, device: torch.device, student, train_dataset, data_colla
 
 
 def run_dclip(args, device: torch.device, online: bool) -> dict:
-    from transformers import CLIPConfig, CLIPModel
-
-    from modeling_dclip import DCLIPModel
-
-    def small_clip(seed: int) -> DCLIPModel:
-        torch.manual_seed(seed)
-        config = CLIPConfig(
-            text_config=dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
-                             num_attention_heads=HEADS, max_position_embeddings=CONTEXT, eos_token_id=VOCAB - 1,
-                             bos_token_id=VOCAB - 2, pad_token_id=VOCAB - 1),
-            vision_config=dict(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
-                               num_attention_heads=HEADS, image_size=IMAGE_SIZE, patch_size=PATCH),
-            projection_dim=WIDTH)
-        return DCLIPModel.from_clip(CLIPModel(config))
-
     images, texts = batches(args.steps, args.batch_size)
     targets = torch.nn.functional.normalize(torch.randn(2, len(images), WIDTH), dim=-1)
 
@@ -165,18 +212,10 @@ def run_open_clip(args, device: torch.device, distill: bool) -> dict:
     from open_clip_train.scheduler import const_lr
     from open_clip_train.train import train_one_epoch
 
-    name = "dclip-bench-small"
-    open_clip.factory._MODEL_CONFIGS[name] = {
-        "embed_dim": WIDTH,
-        "vision_cfg": {"image_size": IMAGE_SIZE, "layers": LAYERS, "width": WIDTH, "head_width": WIDTH // HEADS,
-                       "patch_size": PATCH, "mlp_ratio": 4},
-        "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB, "width": WIDTH, "heads": HEADS,
-                     "layers": LAYERS},
-    }
     precision = "amp_bf16" if args.bf16 else "fp32"
     torch.manual_seed(0)
-    model = open_clip.create_model(name, precision=precision, device=device, output_dict=True)
-    dist_model = open_clip.create_model(name, precision=precision, device=device, output_dict=True) if distill else None
+    name, model = small_open_clip(device, precision)
+    dist_model = small_open_clip(device, precision)[1] if distill else None
     images, texts = batches(args.steps, args.batch_size)
     clock = []
 
@@ -218,6 +257,8 @@ def run_open_clip(args, device: torch.device, distill: bool) -> dict:
 def measure(config: str, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if config == "models":
+        return {"config": config, "device": str(device), **run_models(args, device)}
     if config.startswith("scenes"):
         result = run_scenes(args, device, online=config == "scenes_online")
     elif config.startswith("dclip"):
@@ -239,6 +280,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="dclip's gradient clipping (the Trainer's "
+                        "default 1.0; open_clip's loop does not clip); 0 turns it off")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU present")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--scratch", default="outputs/bench_throughput")
@@ -260,7 +303,7 @@ def main() -> None:
         print(json.dumps(results[config]), file=sys.stderr, flush=True)
     report = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "bf16": args.bf16,
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "results": results}
-    speed = {name: result["samples_per_second"] for name, result in results.items()}
+    speed = {name: result["samples_per_second"] for name, result in results.items() if "samples_per_second" in result}
     if "dclip_cached" in speed and "open_clip_distill" in speed:
         report["dclip_cached_over_open_clip_distill"] = round(speed["dclip_cached"] / speed["open_clip_distill"], 3)
     if "dclip_online" in speed and "open_clip_distill" in speed:
