@@ -115,8 +115,8 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to
     if backend == "sampled":
         rng = np.random.default_rng(seed)
         images_with_captions = np.unique(text_to_image)
-        caption_count = min(len(text_embeds), max(1, sample_pairs // len(image_embeds)))
-        image_count = min(len(images_with_captions), max(1, sample_pairs // len(text_embeds)))
+        caption_count = min(len(text_embeds), max(1, sample_pairs // max(len(image_embeds), 1)))
+        image_count = min(len(images_with_captions), max(1, sample_pairs // max(len(text_embeds), 1)))
         caption_sample = np.sort(rng.choice(len(text_embeds), caption_count, replace=False))
         image_sample = np.sort(rng.choice(images_with_captions, image_count, replace=False))
         logger.info("retrieval over %d x %d pairs: exact ranks of %d sampled captions and %d sampled images",
@@ -177,7 +177,10 @@ def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: t
     pair_counts = np.zeros(len(query_of_pair), dtype=np.int64)
     gallery_counts = None if gallery_threshold is None else np.zeros(len(gallery), dtype=np.int64)
     # each pair's place among its query's pairs: pass j compares every query with its j-th pair's threshold
-    first = np.flatnonzero(np.r_[True, query_of_pair[1:] != query_of_pair[:-1]]) if len(query_of_pair) else []
+    if np.any(np.diff(query_of_pair) < 0):
+        raise ValueError("_count_higher needs `query_of_pair` sorted (pairs grouped by query)")
+    first = np.flatnonzero(np.r_[True, query_of_pair[1:] != query_of_pair[:-1]]) if len(query_of_pair) \
+        else np.zeros(0, dtype=np.int64)
     place = np.arange(len(query_of_pair)) - np.repeat(first, np.diff(np.r_[first, len(query_of_pair)]))
     rows = max(1, min(block_queries, len(queries), max_block_elements))
     chunk = max(1, max_block_elements // rows)
@@ -594,11 +597,25 @@ def zero_shot_top1_keys(metrics: dict[str, float]) -> list[str]:
 def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
     """A plain-text table of `metrics` (model -> metric -> value): a row per metric, retrieval first, a column per
     model ("-" where a model lacks the metric)."""
-    names = sorted({key for values in metrics.values() for key in values},
+    names = sorted({key for values in metrics.values() for key in values if not is_estimate_detail(key)},
                    key=lambda key: (not key.startswith(("image_", "text_")), key))
     width = max([len(name) for name in names] + [6])
-    lines = [f"{'metric':<{width}}" + "".join(f"{model:>14}" for model in metrics)]
+    lines = [f"{'metric':<{width}}" + "".join(f"{model:>16}" for model in metrics)]
     for name in names:
-        cells = "".join(f"{values[name]:>14.4f}" if name in values else f"{'-':>14}" for values in metrics.values())
+        cells = "".join(f"{format_estimate(values, name):>16}" if name in values else f"{'-':>16}"
+                        for values in metrics.values())
         lines.append(f"{name:<{width}}{cells}")
     return "\n".join(lines)
+
+
+def is_estimate_detail(key: str) -> bool:
+    """A sampled evaluation's standard error (`<metric>_stderr`) or query count (`*_queries`): a detail of another
+    metric's estimate, not a metric of its own."""
+    return key.endswith(("_stderr", "_queries"))
+
+
+def format_estimate(metrics: dict[str, float], key: str, digits: int = 4) -> str:
+    """`metrics[key]`, with `±` its standard error where a sampled evaluation gave a finite one."""
+    stderr = metrics.get(f"{key}_stderr")
+    text = f"{metrics[key]:.{digits}f}"
+    return text + (f"±{stderr:.{digits}f}" if stderr is not None and np.isfinite(stderr) else "")

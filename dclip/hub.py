@@ -60,7 +60,9 @@ def _zero_shot_parts(key: str) -> tuple[str, str]:
 def reported_keys(metrics: dict[str, float]) -> list[str]:
     """The metrics a card reports, in display order: not the standard errors (`<key>_stderr`) and query counts
     (`*_queries`) that a sampled retrieval evaluation adds beside its estimates (the table shows them as `±`)."""
-    return sorted((key for key in metrics if not key.endswith(("_stderr", "_queries"))), key=_metric_order)
+    from .evaluation import is_estimate_detail
+
+    return sorted((key for key in metrics if not is_estimate_detail(key)), key=_metric_order)
 
 
 def _metric_order(key: str) -> tuple:
@@ -206,12 +208,10 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
         eval_results=eval_results(metrics, info.dataset_type, info.dataset_name, info.dataset_split) or None,
     )
     baseline = baseline or {}
-    def value(values: dict[str, float], key: str) -> str:
-        stderr = values.get(f"{key}_stderr")
-        return f"{values[key]:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+    from .evaluation import format_estimate
 
-    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": value(metrics, key),
-             "baseline": value(baseline, key) if key in baseline else "-"}
+    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": format_estimate(metrics, key).replace("±", " ± "),
+             "baseline": format_estimate(baseline, key).replace("±", " ± ") if key in baseline else "-"}
             for key in reported_keys(metrics)]
     card = ModelCard.from_template(
         card_data, template_path=str(template_path(template)), repo_id=info.repo_id,

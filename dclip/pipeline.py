@@ -365,7 +365,7 @@ def train_teacher(model_args, data_args, training_args, args, data, processor, b
                                                 **_region_settings(data_args))
         train, collator = features.select_columns(list(TEACHER_FEATURE_COLUMNS)), TeacherFeatureCollator()
     else:
-        train, collator = data["train"], _TeacherCollator(processor)
+        train, collator = data["train"], _TeacherCollator(processor, **_region_settings(data_args))
     trainer = Trainer(model=teacher, args=stage_args, train_dataset=train, data_collator=collator)
     log["teacher"] = _train(trainer, training_args, stage_args)
     return _save(teacher, processor, os.path.join(training_args.output_dir, "teacher", "final"), training_args)
@@ -379,8 +379,8 @@ def _student_embed_dim(model_args: ModelArguments, base_clip: str) -> int:
 
 
 class _TeacherCollator(DCLIPCollator):
-    def __init__(self, processor):
-        super().__init__(processor, with_teacher_inputs=True)
+    def __init__(self, processor, **region_settings):
+        super().__init__(processor, with_teacher_inputs=True, **region_settings)
 
     def __call__(self, rows):
         return {**super().__call__(rows), "return_loss": True}

@@ -367,6 +367,27 @@ def test_sampled_backend_ranks_its_queries_exactly_and_estimates_within_its_erro
     assert {key: everything[key] for key in exact} == pytest.approx(exact, abs=1e-12)
 
 
+def test_retrieval_without_captions_gives_nan_not_an_error():
+    image_embeds, text_embeds, text_to_image = five_captions_per_image(images=4)
+    for backend in ("exact", "sampled"):
+        metrics = retrieval_metrics(image_embeds, text_embeds[:0], text_to_image[:0], backend=backend)
+        assert np.isnan(metrics["image_retrieval_recall@1"]) and np.isnan(metrics["text_retrieval_mAP"]), backend
+
+
+def test_metrics_table_shows_estimates_with_their_errors():
+    from dclip.evaluation import format_metrics_table
+
+    table = format_metrics_table({
+        "sampled": {"image_retrieval_recall@1": 0.8786, "image_retrieval_recall@1_stderr": 0.0021,
+                    "image_retrieval_queries": 25000, "text_retrieval_mAP": 0.5,
+                    "text_retrieval_mAP_stderr": float("nan")},
+        "exact": {"image_retrieval_recall@1": 0.8802, "text_retrieval_mAP": 0.51}})
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
+    assert set(rows) == {"image_retrieval_recall@1", "text_retrieval_mAP"}  # no stderr or query-count rows
+    assert rows["image_retrieval_recall@1"] == ["0.8786±0.0021", "0.8802"]
+    assert rows["text_retrieval_mAP"] == ["0.5000", "0.5100"]  # a NaN error (one query) is not shown
+
+
 def test_retrieval_rejects_inconsistent_inputs():
     image_embeds, text_embeds, text_to_image = five_captions_per_image(images=4)
     with pytest.raises(ValueError, match="one image index per caption"):
