@@ -68,10 +68,11 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def markdown(results: dict, command: str) -> str:
+def markdown(results: dict, command: str, seconds: float | None = None) -> str:
     models = results["models"]
     base = models["default:base_clip"]
-    lines = [BEGIN, "", f"Regenerate: `{command}` (72 min 33 s on this 2-core CPU machine, beside lighter jobs; `REUSE_DEFAULT=1` reuses an "
+    took = f"{int(seconds // 60)} min {int(seconds % 60)} s for the run these figures come from; " if seconds else ""
+    lines = [BEGIN, "", f"Regenerate: `{command}` ({took}`REUSE_DEFAULT=1` reuses an "
              "existing default run). Every student starts from the default run's base CLIP and trains 300 steps of "
              "128 pairs at learning rate 2e-4 against its teacher; evaluation on the 1,000 test scenes (one caption "
              "per image). T2I: text-to-image retrieval, I2T: image-to-text, ZS: zero-shot top-1, LP: linear probe "
@@ -171,12 +172,13 @@ def main() -> None:
     parser.add_argument("--default", default="outputs/default")
     parser.add_argument("--runs", default="outputs/paper_tables")
     parser.add_argument("--write", default=None, help="markdown file whose paper-tables section is replaced")
+    parser.add_argument("--seconds", type=float, default=None, help="how long the runs took (paper_tables.sh passes it)")
     args = parser.parse_args()
     results = load_results(Path(args.default), Path(args.runs))
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "paper_tables.json").write_text(json.dumps(results, indent=2))
     plot(results, HERE / "figures")
-    text = markdown(results, "bash benchmarks/paper_tables.sh")
+    text = markdown(results, "bash benchmarks/paper_tables.sh", args.seconds)
     if args.write:
         target = Path(args.write)
         current = target.read_text() if target.exists() else ""

