@@ -175,7 +175,10 @@ def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: t
     query_of_pair = query_of_pair.numpy()
     pair_threshold = pair_threshold.numpy()
     pair_counts = np.zeros(len(query_of_pair), dtype=np.int64)
-    gallery_counts = None if gallery_threshold is None else np.zeros(len(gallery), dtype=np.int64)
+    gallery_counts = None
+    if gallery_threshold is not None:
+        gallery_threshold = gallery_threshold.numpy()
+        gallery_counts = np.zeros(len(gallery), dtype=np.int64)
     # each pair's place among its query's pairs: pass j compares every query with its j-th pair's threshold
     if np.any(np.diff(query_of_pair) < 0):
         raise ValueError("_count_higher needs `query_of_pair` sorted (pairs grouped by query)")
@@ -190,7 +193,7 @@ def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: t
         stop, end = min(start + rows, len(queries)), min(begin + chunk, len(gallery))
         scores = (queries[start:stop] @ gallery[begin:end].t()).numpy()  # (rows, chunk)
         if gallery_counts is not None:
-            gallery_counts[begin:end] += np.count_nonzero(scores > gallery_threshold[begin:end].numpy()[None, :], axis=0)
+            gallery_counts[begin:end] += np.count_nonzero(scores > gallery_threshold[None, begin:end], axis=0)
         if begin == 0:  # this block's pairs, split by their place: pass j covers each query's j-th pair
             lo, hi = np.searchsorted(query_of_pair, [start, stop])
             passes = [lo + np.flatnonzero(place[lo:hi] == j) for j in range(int(place[lo:hi].max()) + 1 if hi > lo else 0)]
@@ -614,8 +617,8 @@ def is_estimate_detail(key: str) -> bool:
     return key.endswith(("_stderr", "_queries"))
 
 
-def format_estimate(metrics: dict[str, float], key: str, digits: int = 4) -> str:
-    """`metrics[key]`, with `±` its standard error where a sampled evaluation gave a finite one."""
+def format_estimate(metrics: dict[str, float], key: str, digits: int = 4, separator: str = "±") -> str:
+    """`metrics[key]`, with `separator` and its standard error where a sampled evaluation gave a finite one."""
     stderr = metrics.get(f"{key}_stderr")
     text = f"{metrics[key]:.{digits}f}"
-    return text + (f"±{stderr:.{digits}f}" if stderr is not None and np.isfinite(stderr) else "")
+    return text + (f"{separator}{stderr:.{digits}f}" if stderr is not None and np.isfinite(stderr) else "")

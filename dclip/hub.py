@@ -210,8 +210,8 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
     baseline = baseline or {}
     from .evaluation import format_estimate
 
-    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": format_estimate(metrics, key).replace("±", " ± "),
-             "baseline": format_estimate(baseline, key).replace("±", " ± ") if key in baseline else "-"}
+    rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": format_estimate(metrics, key, separator=" ± "),
+             "baseline": format_estimate(baseline, key, separator=" ± ") if key in baseline else "-"}
             for key in reported_keys(metrics)]
     card = ModelCard.from_template(
         card_data, template_path=str(template_path(template)), repo_id=info.repo_id,
