@@ -180,7 +180,8 @@ def run_scenes(args, device: torch.device, online: bool) -> dict:
     import datasets
 
     from dclip.data.collator import DCLIPCollator
-    from dclip.pipeline import DataArguments, load_data
+    from dclip.arguments import DataArguments
+    from dclip.data.loading import load_data
     from dclip.targets import compute_teacher_features, fuse_teacher_targets
     from modeling_dclip import DCLIPModel, DCLIPTeacherModel
     from processing_dclip import DCLIPProcessor

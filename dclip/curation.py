@@ -251,15 +251,13 @@ def semantic_balance(embeddings: np.ndarray, config: SemanticBalanceConfig | Non
 
 def plot_cluster_sizes(result: BalanceResult, path: str | Path) -> str:
     """Cluster-size histograms before and after balancing, and the sizes by rank, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays the user's
 
     num_clusters = len(result.centers)
     before = np.bincount(result.cluster, minlength=num_clusters)
     after = np.bincount(result.cluster[result.reason == KEPT], minlength=num_clusters)
-    figure, (histogram, ranks) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    histogram, ranks = figure.subplots(1, 2)
     bins = np.linspace(0, max(int(before.max()), 1), min(50, int(before.max()) + 1) + 1)
     histogram.hist(before, bins=bins, alpha=0.6, label=f"before ({int(before.sum()):,} pairs)")
     histogram.hist(after, bins=bins, alpha=0.6, label=f"after ({int(after.sum()):,} pairs)")
@@ -271,7 +269,6 @@ def plot_cluster_sizes(result: BalanceResult, path: str | Path) -> str:
     ranks.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return str(path)
 
 

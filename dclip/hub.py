@@ -120,25 +120,20 @@ def _grouped_bars(axes, names: list[str], series: list[tuple[str, dict]], title:
 
 
 def _save_figure(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
 
 
 def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None, path: Path, model_label: str,
                    baseline_label: str) -> Path:
     """Bar chart of Recall@K both ways (and mAP), the model beside the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays the user's
 
     keys = [key for key in reported_keys(metrics) if key.startswith(("image_retrieval_", "text_retrieval_"))]
     series = [(model_label, metrics)] + ([(baseline_label, baseline)] if baseline else [])
-    figure, axes = plt.subplots(figsize=(max(6, 0.9 * len(keys)), 3.6))
+    figure = Figure(figsize=(max(6, 0.9 * len(keys)), 3.6))
+    axes = figure.subplots()
     _grouped_bars(axes, keys, series, "Retrieval")
     axes.set_xticklabels([metric_title(key) for key in keys])
     return _save_figure(figure, path)
@@ -147,13 +142,11 @@ def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None,
 def plot_zero_shot_per_class(per_class: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | None,
                              path: Path, model_label: str, baseline_label: str) -> Path:
     """Per-class zero-shot recall, one panel per task, the model beside the baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     tasks = list(per_class)
-    figure, axes_list = plt.subplots(len(tasks), 1, figsize=(10, 2.6 * len(tasks)), squeeze=False)
+    figure = Figure(figsize=(10, 2.6 * len(tasks)))
+    axes_list = figure.subplots(len(tasks), 1, squeeze=False)
     for axes, task in zip(axes_list[:, 0], tasks):
         series = [(model_label, per_class[task])]
         if baseline and task in baseline:
@@ -271,6 +264,54 @@ def write_model_card(folder: str | Path, info: CardInfo, metrics: dict[str, floa
 
 
 # ----- upload ---------------------------------------------------------------------------------------------------
+
+
+def write_student_card(summary: dict, model_args, data_args, args, training_args, processor, command: str) -> Path:
+    """The student folder's model card from a training run's summary and arguments (`dclip.arguments`): its metrics
+    against the base CLIP it started from, and the run's recipe."""
+    from .data.scenes import zero_shot_tasks
+
+    metrics, per_class = summary["metrics"], summary.get("per_class_recall", {})
+    student_dir = summary["artefacts"]["student"]
+    embedded = data_args.dataset_name is None
+    weights = {term: weight for term, weight in args.loss_weights().items() if weight}
+    recipe = [f"method: {args.method}; loss terms (weights): "
+              + ", ".join(f"{term} ({weight:g})" for term, weight in weights.items()),
+              f"student initialised from {model_args.student_model or 'the base CLIP pretrained in this run'}; "
+              f"teacher towers: {model_args.teacher_model or 'the same base CLIP'}, fusion width "
+              f"{model_args.fusion_hidden_size}, {model_args.fusion_num_layers} layers, "
+              f"{model_args.num_negatives} hard negatives",
+              f"{args.distill_steps} steps at learning rate {args.distill_learning_rate:g}, batch "
+              f"{training_args.per_device_train_batch_size} per device x {training_args.world_size} processes"
+              + (f", LoRA rank {model_args.lora_rank} (merged)" if model_args.lora_rank else ""),
+              f"training data: {data_args.dataset_name or 'the embedded procedural scenes'}"
+              + (f", {data_args.num_train_scenes} scenes at {data_args.image_size} px" if embedded else "")]
+    recipe += [f"stage {stage}: {info['global_step']} steps in {info['seconds']} s"
+               for stage, info in summary.get("training", {}).items()]
+    claims = summary.get("claims", {})
+    note = (f"Measured by dclip on the first {data_args.max_eval_samples} pairs of the `{data_args.eval_split}` "
+            f"split, after training; the baseline is the CLIP the student started from.")
+    if "student_zero_shot_retention" in claims:
+        note += (f" Text-to-image Recall@1 relative gain over it: "
+                 f"{claims['student_text_to_image_recall@1_relative_gain']:+.1%}; zero-shot accuracy kept: "
+                 f"{claims['student_zero_shot_retention']:.1%}.")
+    crop = (processor.image_processor.crop_size or {}).get("height", data_args.image_size)
+    labels = zero_shot_tasks()["label_color_shape"][:3] if embedded else ["cat", "dog", "car"]
+    hub_dataset = data_args.dataset_name if data_args.dataset_name and not Path(data_args.dataset_name).exists() \
+        else None
+    info = CardInfo(
+        repo_id=training_args.hub_model_id or str(Path(student_dir).resolve()),
+        model_name=(training_args.hub_model_id or "dclip-student").split("/")[-1], method=args.method,
+        base_model=model_args.student_model if model_args.student_model and not Path(model_args.student_model).exists()
+        else None,
+        datasets=[hub_dataset] if hub_dataset else [],
+        dataset_type=hub_dataset or ("dclip-scenes" if embedded else Path(data_args.dataset_name).name),
+        dataset_name=("dclip procedural scenes (embedded default)" if embedded else data_args.dataset_name),
+        dataset_split=data_args.eval_split, recipe=recipe, command=command, evaluation_note=note,
+        image_size=int(crop), example_labels=labels,
+    )
+    return write_model_card(student_dir, info, metrics["student"], metrics.get("base_clip"),
+                            per_class.get("student"), per_class.get("base_clip"))
 
 
 def upload_files(folder: str | Path) -> list[str]:

@@ -14,14 +14,11 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .data.collator import teacher_inputs
+from .columns import TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
+from .data.collator import TeacherFeatureCollator, teacher_inputs
 
 
 TOWER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
-TEACHER_FEATURE_COLUMNS = (
-    "image_global_features", "region_features", "region_boxes", "region_mask",
-    "text_global_features", "span_features", "span_mask",
-)
 
 
 def model_fingerprint(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
@@ -109,8 +106,8 @@ def compute_teacher_targets(
         with torch.no_grad():
             out = teacher(**{k: v.to(device) for k, v in inputs.items()})
         return {
-            "teacher_image_embeds": out.image_embeds.float().cpu().numpy().astype(np.float32),
-            "teacher_text_embeds": out.text_embeds.float().cpu().numpy().astype(np.float32),
+            TEACHER_IMAGE_EMBEDS: out.image_embeds.float().cpu().numpy().astype(np.float32),
+            TEACHER_TEXT_EMBEDS: out.text_embeds.float().cpu().numpy().astype(np.float32),
         }
 
     return dataset.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc=desc)
@@ -173,8 +170,6 @@ def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size
                          device: str | torch.device | None = None) -> Dataset:
     """Teacher targets (`teacher_image_embeds`, `teacher_text_embeds`) from `compute_teacher_features` columns:
     the fusion block only, no tower. Cached by a fingerprint of the data and the whole teacher."""
-    from .data.collator import TeacherFeatureCollator
-
     teacher, device = _place_teacher(teacher, device)
     collate = TeacherFeatureCollator(return_loss=False)
     fingerprint = hashlib.sha256(f"{features._fingerprint}-{model_fingerprint(teacher)}".encode()).hexdigest()[:16]
@@ -184,8 +179,8 @@ def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size
         with torch.no_grad():
             out = teacher(**{k: v.to(device) for k, v in collate(rows).items()})
         return {
-            "teacher_image_embeds": out.image_embeds.float().cpu().numpy(),
-            "teacher_text_embeds": out.text_embeds.float().cpu().numpy(),
+            TEACHER_IMAGE_EMBEDS: out.image_embeds.float().cpu().numpy(),
+            TEACHER_TEXT_EMBEDS: out.text_embeds.float().cpu().numpy(),
         }
 
     return features.map(fuse, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc="teacher targets")

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from .columns import (
+    CLUSTER_LABELS, STUDENT_INPUTS, TEACHER_IMAGE_EMBEDS, TEACHER_REGION_INPUTS, TEACHER_TARGETS, TEACHER_TEXT_EMBEDS,
+)
 from .losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 
 
-STUDENT_INPUTS = ("input_ids", "attention_mask", "pixel_values")
-TEACHER_TARGETS = ("teacher_image_embeds", "teacher_text_embeds")
-COSINE_TARGETS = {"cosine_image": "teacher_image_embeds", "cosine_text": "teacher_text_embeds"}
+COSINE_TARGETS = {"cosine_image": TEACHER_IMAGE_EMBEDS, "cosine_text": TEACHER_TEXT_EMBEDS}
 CLUSTER_TERMS = ("cluster_image", "cluster_text")
 LOSS_TERMS = ("contrastive", *COSINE_TARGETS, *CLUSTER_TERMS, "instance")
 METHOD_LOSS_WEIGHTS = {  # each method's terms at weight 1
@@ -67,24 +68,24 @@ class DCLIPTrainer(Trainer):
 
     def _teacher_targets(self, inputs: dict) -> dict[str, torch.Tensor]:
         targets = {name: inputs.pop(name) for name in TEACHER_TARGETS if name in inputs}
-        teacher_inputs = {k: inputs.pop(k) for k in list(inputs) if k.startswith(("region_", "span_"))}
+        teacher_inputs = {name: inputs.pop(name) for name in TEACHER_REGION_INPUTS if name in inputs}
         needed = {target for term, target in COSINE_TARGETS.items() if term in self.loss_weights}
         if "instance" in self.loss_weights:
             needed |= set(TEACHER_TARGETS)
-        if "cluster_labels" in inputs:
-            targets["cluster_labels"] = inputs.pop("cluster_labels")
+        if CLUSTER_LABELS in inputs:
+            targets[CLUSTER_LABELS] = inputs.pop(CLUSTER_LABELS)
         elif self.cluster_loss is not None:
-            needed.add("teacher_image_embeds")
+            needed.add(TEACHER_IMAGE_EMBEDS)
         if needed - set(targets):
             if self.teacher is None:
                 raise ValueError(f"the cosine terms need {sorted(needed - set(targets))} in the batch or a "
                                  "`teacher` for online targets.")
             with torch.no_grad():
                 out = self.teacher(**{k: inputs[k] for k in STUDENT_INPUTS if k in inputs}, **teacher_inputs)
-            targets.update(teacher_image_embeds=out.image_embeds, teacher_text_embeds=out.text_embeds)
-        if self.cluster_loss is not None and "cluster_labels" not in targets:
+            targets.update({TEACHER_IMAGE_EMBEDS: out.image_embeds, TEACHER_TEXT_EMBEDS: out.text_embeds})
+        if self.cluster_loss is not None and CLUSTER_LABELS not in targets:
             centers = self.cluster_loss.centers
-            targets["cluster_labels"] = (targets["teacher_image_embeds"].to(centers) @ centers.t()).argmax(-1)
+            targets[CLUSTER_LABELS] = (targets[TEACHER_IMAGE_EMBEDS].to(centers) @ centers.t()).argmax(-1)
         return targets
 
     def compute_terms(self, model: nn.Module, inputs: dict) -> tuple[dict[str, torch.Tensor], object]:
@@ -104,11 +105,11 @@ class DCLIPTrainer(Trainer):
         for term in CLUSTER_TERMS:
             if term in self.loss_weights:
                 student_embeds = outputs.image_embeds if term == "cluster_image" else outputs.text_embeds
-                terms[term] = self.cluster_loss(student_embeds, targets["cluster_labels"].to(student_embeds.device))
+                terms[term] = self.cluster_loss(student_embeds, targets[CLUSTER_LABELS].to(student_embeds.device))
         if "instance" in self.loss_weights:
             terms["instance"] = self.instance_loss(
-                outputs.image_embeds, outputs.text_embeds, targets["teacher_image_embeds"],
-                targets["teacher_text_embeds"], self.accelerator.unwrap_model(model).logit_scale)
+                outputs.image_embeds, outputs.text_embeds, targets[TEACHER_IMAGE_EMBEDS],
+                targets[TEACHER_TEXT_EMBEDS], self.accelerator.unwrap_model(model).logit_scale)
         return terms, outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from dclip.curation import SemanticBalanceConfig, curate_dataset
-from dclip.pipeline import DataArguments, load_data
+from dclip.arguments import DataArguments
+from dclip.cli import setup_logging
+from dclip.data.loading import load_data
 
 
 @dataclass
@@ -37,6 +39,7 @@ class CurationArguments:
 def main() -> None:
     parser = HfArgumentParser((CurationArguments, DataArguments, SemanticBalanceConfig))
     args, data_args, config = parser.parse_args_into_dataclasses()
+    setup_logging()
     dataset = None
     if args.embeddings is None or data_args.dataset_name is not None or args.save_dataset:
         data, _ = load_data(data_args, args.data_seed)

@@ -21,7 +21,9 @@ from transformers import HfArgumentParser
 
 from dclip.data.scenes import zero_shot_tasks
 from dclip.evaluation import evaluate_checkpoint, format_metrics_table
-from dclip.pipeline import DataArguments, load_data
+from dclip.arguments import DataArguments
+from dclip.cli import setup_logging
+from dclip.data.loading import load_data
 
 
 @dataclass
@@ -47,6 +49,7 @@ class EvaluateArguments:
 def main() -> None:
     parser = HfArgumentParser((EvaluateArguments, DataArguments))
     args, data_args = parser.parse_args_into_dataclasses()
+    setup_logging()
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
     if (args.write_card or args.push_to_hub) and not Path(args.model_name_or_path).is_dir():

@@ -3,6 +3,7 @@
     accelerate launch examples/train.py                                   # the embedded default, end to end
     python examples/train.py --stage distill --output_dir outputs/default  # one stage, reusing earlier ones
     accelerate launch examples/train.py --resume_from_checkpoint true      # after an interruption
+    accelerate launch examples/train.py --resume_from_checkpoint outputs/default/student/checkpoint-200
     accelerate launch examples/train.py --push_to_hub --hub_model_id you/dclip-student  # card + upload at the end
     accelerate launch --multi_gpu --num_processes 8 examples/train.py --dataset_name dataset_coco.json \
         --image_root coco/ --student_model openai/clip-vit-base-patch32 \
@@ -15,22 +16,18 @@ import shlex
 import sys
 
 from accelerate import PartialState
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
-from dclip.pipeline import DataArguments, DistillationArguments, ModelArguments, format_summary, run
+from dclip.arguments import DataArguments, DCLIPTrainingArguments, DistillationArguments, ModelArguments
+from dclip.cli import setup_logging
+from dclip.pipeline import run
+from dclip.reporting import format_summary
 
 
 def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationArguments, TrainingArguments))
-    argv = sys.argv[1:]
-    if not any(a.startswith("--output_dir") for a in argv):
-        argv += ["--output_dir", "outputs/default"]
-    defaults = {"--per_device_train_batch_size": "128", "--logging_steps": "25", "--save_steps": "100",
-                "--save_total_limit": "1", "--report_to": "none", "--dataloader_num_workers": "0"}
-    for flag, value in defaults.items():
-        if not any(a.startswith(flag) for a in argv):
-            argv += [flag, value]
-    model_args, data_args, distill_args, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, DistillationArguments, DCLIPTrainingArguments))
+    model_args, data_args, distill_args, training_args = parser.parse_args_into_dataclasses()
+    setup_logging(training_args.process_index)
     command = " ".join(["accelerate launch examples/train.py"] + [shlex.quote(a) for a in sys.argv[1:]])
     summary = run(model_args, data_args, distill_args, training_args, command=command)
     if training_args.process_index == 0:

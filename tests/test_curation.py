@@ -125,7 +125,7 @@ def test_curate_script_on_injected_redundancy(tmp_path, tiny_clip_dir):
     assert np.load(output / "image_embeddings.npy").shape[0] == 300
 
     # train.py refuses the indices for another data set (report.json says 300 rows)
-    from dclip.pipeline import select_rows
+    from dclip.data.loading import select_rows
 
     with pytest.raises(ValueError, match="curated from 300 rows"):
         select_rows(list(range(200)), str(output / "kept_indices.npy"))
@@ -163,7 +163,8 @@ def test_find_duplicates_uses_pairs_found_from_either_side():
 
 def test_train_indices_apply_after_max_train_samples(tmp_path):
     """curate.py and train.py with the same --max_train_samples: the indices refer to the shortened split."""
-    from dclip.pipeline import DataArguments, load_data
+    from dclip.arguments import DataArguments
+    from dclip.data.loading import load_data
 
     np.save(tmp_path / "kept.npy", np.array([0, 5, 49]))
     (tmp_path / "report.json").write_text(json.dumps({"rows": 50}))
@@ -183,7 +184,7 @@ def test_cluster_centres_are_redone_for_other_embeddings(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from dclip.pipeline import cluster_teacher_embeddings
+    from dclip.stages import cluster_teacher_embeddings
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=0)
     first = Dataset.from_dict({"teacher_image_embeds": unit_rows(200, 8, seed=1).tolist()})

@@ -5,20 +5,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-TEACHER_TARGET_COLUMNS = ("teacher_image_embeds", "teacher_text_embeds")
+from ..columns import (
+    BOXES, CAPTION, CLUSTER_LABELS, IMAGE, ROW_COLUMNS, SPANS, TEACHER_FEATURE_COLUMNS, TEACHER_FEATURE_MASKS,
+    TEACHER_TARGETS,
+)
 
 
 def teacher_inputs(processor, batch: dict, use_given_boxes: bool = True, use_given_spans: bool = True) -> dict:
     """Processor inputs for the teacher from a batch of rows (`image`, `caption`, optional `boxes`, `spans`): the
     rows' own boxes and spans where given and allowed, else the processor's detector and span extractor."""
     inputs = processor(
-        text=batch["caption"],
-        images=batch["image"],
+        images=batch[IMAGE],
+        text=batch[CAPTION],
         return_regions=True,
         return_spans=True,
-        region_boxes=batch["boxes"] if use_given_boxes and "boxes" in batch else None,
-        spans=batch["spans"] if use_given_spans and "spans" in batch else None,
+        region_boxes=batch[BOXES] if use_given_boxes and BOXES in batch else None,
+        spans=batch[SPANS] if use_given_spans and SPANS in batch else None,
     )
     inputs.pop("region_source", None)
     return dict(inputs)
@@ -40,18 +42,17 @@ class DCLIPCollator:
         self.use_given_spans = use_given_spans
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        columns = {name: [row[name] for row in rows] for name in ("caption", "image", "boxes", "spans")
-                   if name in rows[0]}
+        columns = {name: [row[name] for row in rows] for name in ROW_COLUMNS if name in rows[0]}
         if self.with_teacher_inputs:
             batch = teacher_inputs(self.processor, columns, self.use_given_boxes, self.use_given_spans)
         else:
-            batch = self.processor(text=columns["caption"], images=columns["image"])
+            batch = self.processor(images=columns[IMAGE], text=columns[CAPTION])
         batch = dict(batch)
-        for name in TEACHER_TARGET_COLUMNS:
+        for name in TEACHER_TARGETS:
             if name in rows[0]:
                 batch[name] = torch.from_numpy(np.stack([np.asarray(row[name], dtype=np.float32) for row in rows]))
-        if "cluster_labels" in rows[0]:
-            batch["cluster_labels"] = torch.tensor([row["cluster_labels"] for row in rows], dtype=torch.long)
+        if CLUSTER_LABELS in rows[0]:
+            batch[CLUSTER_LABELS] = torch.tensor([row[CLUSTER_LABELS] for row in rows], dtype=torch.long)
         return batch
 
 
@@ -62,13 +63,11 @@ class TeacherFeatureCollator:
         self.return_loss = return_loss
 
     def __call__(self, rows: list[dict]) -> dict:
-        from ..targets import TEACHER_FEATURE_COLUMNS
-
         batch = {}
         for name in TEACHER_FEATURE_COLUMNS:
             array = np.stack([np.asarray(row[name]) for row in rows])
-            batch[name] = torch.from_numpy(array if name.endswith("_mask") else array.astype(np.float32))
-        batch["region_mask"], batch["span_mask"] = batch["region_mask"].bool(), batch["span_mask"].bool()
+            masks = name in TEACHER_FEATURE_MASKS
+            batch[name] = torch.from_numpy(array).bool() if masks else torch.from_numpy(array.astype(np.float32))
         if self.return_loss:
             batch["return_loss"] = True
         return batch

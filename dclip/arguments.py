@@ -1,0 +1,167 @@
+"""The command-line arguments of a run, as dataclasses for `HfArgumentParser`: the models, the data, the distillation
+recipe, and `DCLIPTrainingArguments` (`transformers.TrainingArguments` with this recipe's defaults and a CPU setup
+chosen where there is no accelerator). `python examples/train.py --help` prints these defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS
+
+
+STAGES = ("detector", "pretrain", "teacher", "distill", "evaluate", "all")
+
+
+@dataclass
+class ModelArguments:
+    student_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint to start the student from; "
+                                                              "default: the base CLIP of the `pretrain` stage"})
+    teacher_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint for the teacher's towers; "
+                                                              "default: the student's base CLIP"})
+    preset: str = field(default="clip-small", metadata={"help": "size of the base CLIP trained from scratch"})
+    # CPU-sized defaults: the teacher's pairwise objective fuses batch x (1 + num_negatives) x 2 pairs per step
+    fusion_hidden_size: int = 128
+    fusion_num_layers: int = 2
+    fusion_num_heads: int = 4
+    num_negatives: int = 3
+    detector_path: str | None = field(default=None, metadata={"help": "YOLO weights for region extraction; default "
+                                                              "on the embedded data: the `detector` stage's"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student's attention (peft); 0: full "
+                                                "fine-tuning. Adapters are merged into the saved student."})
+    lora_alpha: float = 16.0
+    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,out_proj",
+                                     metadata={"help": "comma-separated module names for LoRA"})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub name or local file/folder of captioned "
+                                                             "images (dclip.data.loaders); default: the embedded "
+                                                             "procedural scenes"})
+    dataset_format: str | None = field(default=None, metadata={"help": "loader format; default: inferred"})
+    image_root: str | None = field(default=None, metadata={"help": "image folder for COCO/Flickr JSON files"})
+    train_split: str = "train"
+    eval_split: str = "test"
+    cache_dir: str = "outputs/cache"
+    num_train_scenes: int = 20_000
+    image_size: int = 64
+    vocab_size: int = 1024
+    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    train_indices: str | None = field(default=None, metadata={"help": "a .npy of training-split rows to train on, "
+                                                              "e.g. `kept_indices.npy` of examples/curate.py"})
+    exact_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: fraction of training "
+                                                                   "scenes that are byte copies of earlier ones"})
+    near_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...re-rendered copies "
+                                                                  "with a small jitter"})
+    concept_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...repeats of a few "
+                                                           "over-represented concepts"})
+    max_eval_samples: int = 1000
+    use_annotated_regions: bool = field(default=False, metadata={"help": "train the teacher on the data's own "
+                                                                  "boxes and spans, not the detector's and the span "
+                                                                  "extractor's (evaluation always uses the latter)"})
+
+    def region_settings(self) -> dict[str, bool]:
+        """Where the teacher's training regions and spans come from: the data's annotations, or detector + extractor
+        (keyword arguments of `teacher_inputs`, `DCLIPCollator` and the teacher-target passes)."""
+        return {"use_given_boxes": self.use_annotated_regions, "use_given_spans": self.use_annotated_regions}
+
+
+@dataclass
+class DistillationArguments:
+    stage: str = field(default="all", metadata={"help": f"one of {STAGES}"})
+    method: str = field(default="dclip", metadata={"help": "dclip (contrastive + cosine to the teacher), clip_cid "
+                                                   "(cluster + instance discrimination) or dclip+clip_cid"})
+    # loss weights; unset: 1 for the method's terms, 0 for the others
+    contrastive_weight: float | None = None
+    cosine_image_weight: float | None = None
+    cosine_text_weight: float | None = None
+    cluster_image_weight: float | None = None
+    cluster_text_weight: float | None = None
+    instance_weight: float | None = None
+    num_clusters: int = field(default=64, metadata={"help": "k-means clusters of the teacher's image embeddings "
+                                                   "(CLIP-CID's cluster discrimination)"})
+    cluster_scale: float = field(default=16.0, metadata={"help": "margin softmax scale s"})
+    cluster_margin: float = field(default=0.2, metadata={"help": "additive angular margin m, radians"})
+    detector_epochs: int = field(default=6, metadata={"help": "0: no detector stage (regions: the data's boxes "
+                                                     "with --use_annotated_regions, else the whole image)"})
+    detector_train_samples: int = 5000
+    pretrain_steps: int = 300
+    teacher_steps: int = 150
+    distill_steps: int = 300
+    pretrain_learning_rate: float = 1e-3
+    teacher_learning_rate: float = 5e-4
+    distill_learning_rate: float = 2e-4
+    online_teacher: bool = field(default=False, metadata={"help": "run the teacher per batch instead of caching"})
+    cpu_threads: int | None = field(default=None, metadata={"help": "torch threads per process on CPU; default: "
+                                                      "the cores this process may use / processes per machine "
+                                                      "(`accelerate launch` alone would leave 1)"})
+    eval_models: str = field(default="base_clip,teacher,student", metadata={"help": "comma-separated models the "
+                                                                         "evaluation covers"})
+    eval_top_k: int = field(default=16, metadata={"help": "candidates per query that the teacher's fused score "
+                                                  "re-ranks in retrieval evaluation"})
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
+        if self.method not in METHOD_LOSS_WEIGHTS:
+            raise ValueError(f"--method must be one of {list(METHOD_LOSS_WEIGHTS)}, got {self.method!r}")
+        if self.num_clusters < 1:
+            raise ValueError(f"--num_clusters must be at least 1, got {self.num_clusters}")
+        if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):
+            raise ValueError("the cluster terms (--method clip_cid) need the teacher's embeddings of the whole "
+                             "training set for k-means: drop --online_teacher or set the cluster weights to 0")
+
+    def runs(self, stage: str) -> bool:
+        """Whether this run includes `stage` (`--stage all` runs every stage)."""
+        return self.stage in (stage, "all")
+
+    def loss_weights(self) -> dict[str, float]:
+        """Each loss term's weight: the explicit `--<term>_weight`, else 1 for the method's terms and 0 otherwise."""
+        defaults = METHOD_LOSS_WEIGHTS[self.method]
+        weights = {}
+        for term in LOSS_TERMS:
+            explicit = getattr(self, f"{term}_weight")
+            weights[term] = float(explicit) if explicit is not None else float(term in defaults)
+        return weights
+
+
+def accelerator_available() -> bool:
+    """Whether this process can see a GPU (CUDA/ROCm), an Apple MPS device or an Intel XPU."""
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+@dataclass
+class DCLIPTrainingArguments(TrainingArguments):
+    """
+    `transformers.TrainingArguments` with the recipe's defaults (batch 128 per device, a log line every 25 steps, a
+    checkpoint every 100 kept once, `outputs/default`), and `use_cpu` chosen where no accelerator is visible. Without
+    it, `TrainingArguments` on a CPU-only machine sees world size 1 in every process of a multi-process launch (each
+    would run the whole job alone on the same files) and refuses `--bf16`.
+    """
+
+    output_dir: str = field(default="outputs/default", metadata={"help": "the run's folder: one sub-folder per stage"})
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "pairs per device and step"})
+    logging_steps: float = field(default=25, metadata={"help": "log every N steps"})
+    save_steps: float = field(default=100, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept per stage"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes"})
+
+    def __post_init__(self):
+        if not self.use_cpu and not accelerator_available():
+            self.use_cpu = True
+        super().__post_init__()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world_size != launched:  # never N independent copies of one job on the same files
+            raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but the training arguments see world "
+                               f"size {self.world_size}: the process group was not set up. Launch with `accelerate "
+                               f"launch` or `torchrun`, and pass --use_cpu on a machine without GPUs.")

@@ -1,0 +1,21 @@
+"""What the example CLIs share: logging set up once per process (INFO from dclip on the main process, warnings
+only elsewhere), for the library's loggers and those of transformers and datasets."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(process_index: int = 0, level: int = logging.INFO) -> None:
+    """Log dclip's messages at `level` on the main process and warnings only on the others, one handler on stderr;
+    transformers and datasets keep their own verbosity (warnings) so progress bars and reports are not doubled."""
+    import datasets
+    import transformers
+
+    own_level = level if process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, level=logging.WARNING, force=True)
+    logging.getLogger("dclip").setLevel(own_level)
+    transformers.utils.logging.set_verbosity(logging.WARNING if process_index == 0 else logging.ERROR)
+    datasets.utils.logging.set_verbosity(logging.WARNING if process_index == 0 else logging.ERROR)

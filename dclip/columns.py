@@ -1,0 +1,38 @@
+"""The names of the data columns and batch keys that the collators, the teacher-target passes and the trainer share.
+
+One place for them, so that a column written by one room (a `datasets.map` pass, a collator) is read under the same
+name by the next (the trainer), and none of these modules has to import another for a name.
+"""
+
+from __future__ import annotations
+
+
+# a captioned image, as every loader and the embedded scenes give it
+IMAGE = "image"
+CAPTION = "caption"
+BOXES = "boxes"  # optional: annotated regions, normalised (x1, y1, x2, y2)
+SPANS = "spans"  # optional: annotated phrases of the caption
+ROW_COLUMNS = (CAPTION, IMAGE, BOXES, SPANS)
+
+# what the student (any CLIP) takes
+STUDENT_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+
+# what the DCLIP teacher takes besides the student's inputs: its regions and caption spans
+TEACHER_REGION_INPUTS = (
+    "region_pixel_values", "region_boxes", "region_mask", "span_input_ids", "span_attention_mask", "span_mask",
+)
+
+# the teacher's enriched embeddings, precomputed once as columns or computed per batch (online teacher)
+TEACHER_IMAGE_EMBEDS = "teacher_image_embeds"
+TEACHER_TEXT_EMBEDS = "teacher_text_embeds"
+TEACHER_TARGETS = (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS)
+
+# the teacher towers' outputs, cached while the towers are frozen so that only the fusion block runs
+TEACHER_FEATURE_COLUMNS = (
+    "image_global_features", "region_features", "region_boxes", "region_mask",
+    "text_global_features", "span_features", "span_mask",
+)
+TEACHER_FEATURE_MASKS = ("region_mask", "span_mask")
+
+# CLIP-CID: each row's cluster among the k-means centres of the teacher's image embeddings
+CLUSTER_LABELS = "cluster_labels"

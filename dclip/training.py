@@ -1,0 +1,124 @@
+"""What every training stage shares: its `TrainingArguments`, training with resumption from a checkpoint, saving the
+final folder whole from any parallel setup (DDP, FSDP, DeepSpeed ZeRO-3), and the process plumbing around them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainingLog:
+    """How a stage trained: the checkpoint it resumed from (if any), the steps reached, its rows and seconds."""
+
+    resumed_from: str | None
+    global_step: int
+    train_rows: int
+    seconds: float
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the processes of a distributed run; nothing in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def cpu_threads_per_process(requested: int | None = None) -> int:
+    """`requested`, else this process's usable cores shared among the processes on this machine. `accelerate launch`
+    exports OMP_NUM_THREADS=1 unless given `--cpu`, which would leave a CPU run on one core."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--cpu_threads must be at least 1, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def stage_arguments(training_args: TrainingArguments, name: str, steps: int, learning_rate: float) -> TrainingArguments:
+    """The run's training arguments for one stage: its own folder, steps, learning rate and run name (one per stage
+    for `--report_to` integrations); the run pushes only the student, at the end."""
+    run_name = f"{training_args.run_name}-{name}" if training_args.run_name else name
+    return dataclasses.replace(
+        training_args, output_dir=os.path.join(training_args.output_dir, name), max_steps=steps,
+        learning_rate=learning_rate, remove_unused_columns=False, push_to_hub=False, run_name=run_name,
+    )
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` in `folder` that was completely written. The Trainer writes
+    `trainer_state.json` last, so a run killed while saving leaves a checkpoint without a readable one: skipped."""
+    folder = Path(folder)
+    steps = sorted((int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
+                   if path.is_dir() and path.name.split("-")[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            logger.warning("skipping incomplete checkpoint %s", path)
+            continue
+        return str(path)
+    return None
+
+
+def explicit_checkpoint(resume_from: str | bool | None) -> Path | None:
+    """The checkpoint folder that `--resume_from_checkpoint` names, or None for `true` / unset (checked complete)."""
+    if not resume_from or not isinstance(resume_from, str) or resume_from.lower() in ("true", "1", "yes"):
+        return None
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume_from}: not a complete Trainer checkpoint (no "
+                         "trainer_state.json): pass a `checkpoint-<step>` folder, or `true` for each stage's last one")
+    return path
+
+
+def train_stage(trainer: Trainer, resume_from: str | bool | None, explicit: Path | None = None) -> TrainingLog:
+    """`trainer.train()`; when resuming (`resume_from`), from `explicit` if given, else from the last complete
+    checkpoint in the stage's folder."""
+    checkpoint = None
+    if resume_from:
+        checkpoint = str(explicit) if explicit is not None else last_complete_checkpoint(trainer.args.output_dir)
+    if checkpoint:
+        logger.info("resuming %s from %s", trainer.args.output_dir, checkpoint)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return TrainingLog(resumed_from=checkpoint, global_step=trainer.state.global_step,
+                       train_rows=len(trainer.train_dataset), seconds=round(time.perf_counter() - started, 1))
+
+
+def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.Module | None = None,
+               export: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> str:
+    """
+    Save the trained model of `trainer` with `processor` as a Hub-ready folder, atomically (an interrupted save leaves
+    only `<folder>.partial`). Every process must call it: the full state dict is gathered through accelerate
+    (`Accelerator.get_state_dict`: whole under DDP, FSDP and DeepSpeed ZeRO-3), and the main process loads it into an
+    unsharded copy of the model, passes that through `export` (e.g. `DCLIPModel.to_clip`) and writes it. `model`
+    replaces the trainer's (e.g. LoRA adapters merged into it). Every process returns once the folder is written.
+    """
+    accelerator, folder = trainer.accelerator, Path(folder)
+    source = model if model is not None else trainer.model_wrapped
+    state_dict = accelerator.get_state_dict(source)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(source)
+        whole = type(model)(model.config)
+        whole.load_state_dict(state_dict, strict=True)
+        whole = (export(whole) if export is not None else whole).to(dtype=model.dtype)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        whole.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    accelerator.wait_for_everyone()
+    return str(folder)
