@@ -16,23 +16,28 @@ from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS
 STAGES = ("detector", "pretrain", "teacher", "distill", "evaluate", "all")
 
 
+def option(default, help: str):
+    """A dataclass field with a default and the help text `--help` prints beside it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelArguments:
     student_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint to start the student from; "
                                                               "default: the base CLIP of the `pretrain` stage"})
     teacher_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint for the teacher's towers; "
                                                               "default: the student's base CLIP"})
-    preset: str = field(default="clip-small", metadata={"help": "size of the base CLIP trained from scratch"})
+    preset: str = option("clip-small", "size of the base CLIP trained from scratch")
     # CPU-sized defaults: the teacher's pairwise objective fuses batch x (1 + num_negatives) x 2 pairs per step
-    fusion_hidden_size: int = 128
-    fusion_num_layers: int = 2
-    fusion_num_heads: int = 4
-    num_negatives: int = 3
+    fusion_hidden_size: int = option(128, "the teacher's fusion block width")
+    fusion_num_layers: int = option(2, "bidirectional cross-attention layers of the fusion block")
+    fusion_num_heads: int = option(4, "attention heads of the fusion block")
+    num_negatives: int = option(3, "hard negatives per pair in the teacher's pairwise objective")
     detector_path: str | None = field(default=None, metadata={"help": "YOLO weights for region extraction; default "
                                                               "on the embedded data: the `detector` stage's"})
     lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student's attention (peft); 0: full "
                                                 "fine-tuning. Adapters are merged into the saved student."})
-    lora_alpha: float = 16.0
+    lora_alpha: float = option(16.0, "LoRA scaling alpha")
     lora_target_modules: str = field(default="q_proj,k_proj,v_proj,out_proj",
                                      metadata={"help": "comma-separated module names for LoRA"})
 
@@ -42,15 +47,15 @@ class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub name or local file/folder of captioned "
                                                              "images (dclip.data.loaders); default: the embedded "
                                                              "procedural scenes"})
-    dataset_format: str | None = field(default=None, metadata={"help": "loader format; default: inferred"})
-    image_root: str | None = field(default=None, metadata={"help": "image folder for COCO/Flickr JSON files"})
-    train_split: str = "train"
-    eval_split: str = "test"
-    cache_dir: str = "outputs/cache"
-    num_train_scenes: int = 20_000
-    image_size: int = 64
-    vocab_size: int = 1024
-    max_train_samples: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    dataset_format: str | None = option(None, "loader format; default: inferred")
+    image_root: str | None = option(None, "image folder for COCO/Flickr JSON files")
+    train_split: str = option("train", "split trained on (real data sets)")
+    eval_split: str = option("test", "split evaluated on")
+    cache_dir: str = option("outputs/cache", "where the embedded scenes and the teacher passes are cached")
+    num_train_scenes: int = option(20_000, "embedded data: training scenes generated")
+    image_size: int = option(64, "embedded data: image side in pixels")
+    vocab_size: int = option(1024, "embedded data: BPE vocabulary trained on the captions")
+    max_train_samples: int | None = option(None, "use at most this many training pairs")
     train_indices: str | None = field(default=None, metadata={"help": "a .npy of training-split rows to train on, "
                                                               "e.g. `kept_indices.npy` of examples/curate.py"})
     exact_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: fraction of training "
@@ -59,7 +64,7 @@ class DataArguments:
                                                                   "with a small jitter"})
     concept_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...repeats of a few "
                                                            "over-represented concepts"})
-    max_eval_samples: int = 1000
+    max_eval_samples: int = option(1000, "evaluate on at most this many pairs of the eval split")
     use_annotated_regions: bool = field(default=False, metadata={"help": "train the teacher on the data's own "
                                                                   "boxes and spans, not the detector's and the span "
                                                                   "extractor's (evaluation always uses the latter)"})
@@ -70,32 +75,35 @@ class DataArguments:
         return {"use_given_boxes": self.use_annotated_regions, "use_given_spans": self.use_annotated_regions}
 
 
+_WEIGHT_HELP = "this loss term's weight; default: 1 if --method uses the term, else 0"
+
+
 @dataclass
 class DistillationArguments:
     stage: str = field(default="all", metadata={"help": f"one of {STAGES}"})
     method: str = field(default="dclip", metadata={"help": "dclip (contrastive + cosine to the teacher), clip_cid "
                                                    "(cluster + instance discrimination) or dclip+clip_cid"})
     # loss weights; unset: 1 for the method's terms, 0 for the others
-    contrastive_weight: float | None = None
-    cosine_image_weight: float | None = None
-    cosine_text_weight: float | None = None
-    cluster_image_weight: float | None = None
-    cluster_text_weight: float | None = None
-    instance_weight: float | None = None
+    contrastive_weight: float | None = option(None, _WEIGHT_HELP)
+    cosine_image_weight: float | None = option(None, _WEIGHT_HELP)
+    cosine_text_weight: float | None = option(None, _WEIGHT_HELP)
+    cluster_image_weight: float | None = option(None, _WEIGHT_HELP)
+    cluster_text_weight: float | None = option(None, _WEIGHT_HELP)
+    instance_weight: float | None = option(None, _WEIGHT_HELP)
     num_clusters: int = field(default=64, metadata={"help": "k-means clusters of the teacher's image embeddings "
                                                    "(CLIP-CID's cluster discrimination)"})
-    cluster_scale: float = field(default=16.0, metadata={"help": "margin softmax scale s"})
-    cluster_margin: float = field(default=0.2, metadata={"help": "additive angular margin m, radians"})
+    cluster_scale: float = option(16.0, "margin softmax scale s")
+    cluster_margin: float = option(0.2, "additive angular margin m, radians")
     detector_epochs: int = field(default=6, metadata={"help": "0: no detector stage (regions: the data's boxes "
                                                      "with --use_annotated_regions, else the whole image)"})
-    detector_train_samples: int = 5000
-    pretrain_steps: int = 300
-    teacher_steps: int = 150
-    distill_steps: int = 300
-    pretrain_learning_rate: float = 1e-3
-    teacher_learning_rate: float = 5e-4
-    distill_learning_rate: float = 2e-4
-    online_teacher: bool = field(default=False, metadata={"help": "run the teacher per batch instead of caching"})
+    detector_train_samples: int = option(5000, "scenes the detector trains on")
+    pretrain_steps: int = option(300, "steps of the base CLIP (embedded data)")
+    teacher_steps: int = option(150, "steps of the teacher's fusion block")
+    distill_steps: int = option(300, "steps of the student")
+    pretrain_learning_rate: float = option(1e-3, "learning rate of the base CLIP")
+    teacher_learning_rate: float = option(5e-4, "learning rate of the teacher")
+    distill_learning_rate: float = option(2e-4, "learning rate of the student")
+    online_teacher: bool = option(False, "run the teacher per batch instead of caching")
     cpu_threads: int | None = field(default=None, metadata={"help": "torch threads per process on CPU; default: "
                                                       "the cores this process may use / processes per machine "
                                                       "(`accelerate launch` alone would leave 1)"})
@@ -149,12 +157,12 @@ class DCLIPTrainingArguments(TrainingArguments):
     would run the whole job alone on the same files) and refuses `--bf16`.
     """
 
-    output_dir: str = field(default="outputs/default", metadata={"help": "the run's folder: one sub-folder per stage"})
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "pairs per device and step"})
-    logging_steps: float = field(default=25, metadata={"help": "log every N steps"})
-    save_steps: float = field(default=100, metadata={"help": "checkpoint every N steps"})
-    save_total_limit: int | None = field(default=1, metadata={"help": "checkpoints kept per stage"})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "data loading worker processes"})
+    output_dir: str = option("outputs/default", "the run's folder: one sub-folder per stage")
+    per_device_train_batch_size: int = option(128, "pairs per device and step")
+    logging_steps: float = option(25, "log every N steps")
+    save_steps: float = option(100, "checkpoint every N steps")
+    save_total_limit: int | None = option(1, "checkpoints kept per stage")
+    dataloader_num_workers: int = option(0, "data loading worker processes")
 
     def __post_init__(self):
         if not self.use_cpu and not accelerator_available():

@@ -1,0 +1,47 @@
+"""The example CLIs as a user meets them: `--help` shows the defaults a run really uses."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_help_shows_the_true_defaults():
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # one block per option: from its "  --flag" line to the next option's
+    blocks = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n  (?=--)", result.stdout)}
+    for flag, default in (("per_device_train_batch_size", "128"), ("logging_steps", "25"), ("save_steps", "100"),
+                          ("save_total_limit", "1"), ("output_dir", "outputs/default"), ("distill_steps", "300"),
+                          ("distill_learning_rate", "0.0002")):
+        assert f"(default: {default})" in blocks[f"--{flag}"], blocks[f"--{flag}"]
+
+
+def test_parsed_defaults_are_the_recipe_and_cpu_is_chosen_without_an_accelerator():
+    from dclip.arguments import DCLIPTrainingArguments, accelerator_available
+
+    (training_args,) = HfArgumentParser(DCLIPTrainingArguments).parse_args_into_dataclasses([])
+    assert (training_args.per_device_train_batch_size, training_args.logging_steps, training_args.save_steps,
+            training_args.save_total_limit, training_args.output_dir) == (128, 25, 100, 1, "outputs/default")
+    assert training_args.use_cpu == (not accelerator_available())
+    (bf16,) = HfArgumentParser(DCLIPTrainingArguments).parse_args_into_dataclasses(["--bf16"])
+    assert bf16.bf16  # on a CPU-only machine plain TrainingArguments refuses this ("You need to assign use_cpu")
+    (reporting,) = HfArgumentParser(DCLIPTrainingArguments).parse_args_into_dataclasses(["--report_to", "tensorboard"])
+    assert reporting.report_to == ["tensorboard"]
+
+
+def test_stage_arguments_name_each_stage_run():
+    from dclip.arguments import DCLIPTrainingArguments
+    from dclip.training import stage_arguments
+
+    args = DCLIPTrainingArguments(output_dir="out", run_name="exp")
+    stage = stage_arguments(args, "student", 7, 1e-3)
+    assert (stage.run_name, stage.output_dir, stage.max_steps, stage.learning_rate) == \
+        ("exp-student", str(Path("out") / "student"), 7, 1e-3)
+    assert stage_arguments(DCLIPTrainingArguments(output_dir="out"), "teacher", 1, 1.0).run_name == "teacher"

@@ -1,0 +1,58 @@
+"""The whole recipe through `examples/train.py` in 2 CPU processes (accelerate, gloo): every stage runs once as one
+distributed job (not as two copies of the job on the same files), and `--stage distill` alone with a new
+`--student_model` saves the same student as 1 process over the same global batch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num_train_scenes", "128", "--image_size", "32", "--preset", "clip-tiny", "--fusion_hidden_size", "32",
+        "--seed", "0", "--save_steps", "2", "--logging_steps", "1"]
+
+
+def _train(processes: int, port: int, *arguments: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launch = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--cpu", "--num_processes", "1"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               str(REPO_ROOT / "examples" / "train.py"), *TINY, *arguments]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def test_pipeline_in_two_processes_then_distill_alone_matches_one_process(tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "two"
+    stdout = _train(2, 29631, "--output_dir", str(run), "--cache_dir", str(cache), "--detector_epochs", "1",
+                    "--detector_train_samples", "32", "--pretrain_steps", "3", "--teacher_steps", "3",
+                    "--distill_steps", "3", "--per_device_train_batch_size", "8", "--max_eval_samples", "32")
+    assert stdout.count("\ntotal: ") == 1  # one job: the main process reports once
+    for name in ("base_clip", "teacher", "student"):
+        assert (run / name / "final" / "model.safetensors").is_file(), name
+        assert not (run / name / "final.partial").exists()
+    assert "batch 8 per device x 2 processes" in (run / "student" / "final" / "README.md").read_text()
+
+    students = {}
+    for processes, batch, port in ((2, 8, 29632), (1, 16, 29633)):
+        folder = tmp_path / f"distill{processes}"
+        shutil.copytree(run / "teacher", folder / "teacher")
+        _train(processes, port, "--stage", "distill", "--student_model", str(run / "base_clip" / "final"),
+               "--output_dir", str(folder), "--cache_dir", str(cache), "--distill_steps", "3",
+               "--distill_learning_rate", "1e-2", "--per_device_train_batch_size", str(batch))
+        students[processes] = load_file(folder / "student" / "final" / "model.safetensors")
+    base = load_file(run / "base_clip" / "final" / "model.safetensors")
+    assert set(students[1]) == set(students[2]) == set(base)
+    moved = max(float((students[1][name] - tensor).abs().max()) for name, tensor in base.items())
+    assert moved > 1e-2  # so agreeing to 1e-5 below means the same gradients, not two untrained copies
+    for name, tensor in students[1].items():
+        if name.endswith("k_proj.bias"):  # its true gradient is 0 (softmax ignores a constant per query), so
+            continue  # AdamW turns float noise of either run into full-size steps
+        torch.testing.assert_close(students[2][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
