@@ -1,0 +1,102 @@
+"""Classification metrics: zero-shot classification with prompt ensembles (`zero_shot_classifier`,
+`zero_shot_classification`, top-K and per-class recall in `classification_metrics`), the linear probe on frozen
+image features, and hard-negative accuracy (an image's own caption against captions that contradict it in one
+attribute, relation or count)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .embedding import embed_images, embed_texts
+
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def zero_shot_classifier(model, processor, class_names: list[str], templates=DEFAULT_TEMPLATES,
+                         device: str | torch.device | None = None) -> np.ndarray:
+    """`(classes, dim)` class embeddings: each class's prompts (`template.format(name)` for every template) embedded,
+    averaged and re-normalised, as in CLIP's prompt ensembling."""
+    if not class_names or not templates:
+        raise ValueError(f"zero-shot classification needs class names and templates, got {len(class_names)} and "
+                         f"{len(templates)}")
+    prompts = [template.format(name) for name in class_names for template in templates]
+    embeds = embed_texts(model, processor, prompts, device=device).reshape(len(class_names), len(templates), -1)
+    mean = embeds.mean(1)
+    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+
+
+def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
+                           ks: tuple[int, ...] = (1, 5)) -> dict:
+    """From `scores (samples, classes)` and integer `labels`: top-K accuracy `acc<K>` (K below the class count),
+    `mean_per_class_recall` over the classes present, and `per_class_recall` by class name (CLIP_benchmark names)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    results: dict = {}
+    for k in ks:
+        if k == 1 or k < scores.shape[1]:
+            results[f"acc{k}"] = float(np.mean((order[:, :k] == labels[:, None]).any(1)))
+    top1 = order[:, 0]
+    per_class = {name: float(np.mean(top1[labels == c] == c)) for c, name in enumerate(class_names)
+                 if np.any(labels == c)}
+    results["mean_per_class_recall"] = float(np.mean(list(per_class.values()))) if per_class else float("nan")
+    results["per_class_recall"] = per_class
+    return results
+
+
+@torch.no_grad()
+def zero_shot_classification(model, processor, dataset, label_column: str, class_names: list[str],
+                             templates=DEFAULT_TEMPLATES, image_embeds: np.ndarray | None = None,
+                             batch_size: int = 256, device: str | torch.device | None = None) -> dict:
+    """Zero-shot classification of `dataset`'s images among `class_names` (see `classification_metrics`);
+    `image_embeds` (normalised, a row per dataset row) saves embedding the images again."""
+    if image_embeds is None:
+        image_embeds = embed_images(model, processor, dataset, batch_size=batch_size, device=device)
+    classifier = zero_shot_classifier(model, processor, class_names, templates, device=device)
+    return classification_metrics(image_embeds @ classifier.T, dataset[label_column], class_names)
+
+
+def zero_shot_accuracy(model, processor, dataset, label_column: str, class_names: list[str],
+                       template: str = "a photo of a {}.", batch_size: int = 256,
+                       device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy of classifying `dataset` images among `class_names` prompts."""
+    return zero_shot_classification(model, processor, dataset, label_column, class_names, (template,),
+                                    batch_size=batch_size, device=device)["acc1"]
+
+
+def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
+                          regularization: float = 1.0, max_iter: int = 1000) -> float:
+    """Top-1 accuracy on `test_*` of a logistic regression (L-BFGS, inverse regularisation `regularization`) fitted
+    on frozen `train_*` features, as in CLIP's linear-probe evaluation."""
+    from sklearn.linear_model import LogisticRegression
+
+    classifier = LogisticRegression(C=regularization, max_iter=max_iter)
+    classifier.fit(train_features, np.asarray(train_labels))
+    return float((classifier.predict(test_features) == np.asarray(test_labels)).mean())
+
+
+def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, text_embeds: np.ndarray,
+                           device: str | torch.device | None = None) -> dict[str, float]:
+    """
+    How often each image scores its own caption above each of its hard-negative captions (`hard_negatives`,
+    with kinds in `hard_negative_types`: swapped attribute, swapped relation, wrong count): `hard_negative_accuracy`
+    over all (image, negative) pairs and `hard_negative_accuracy_<kind>` per kind. `image_embeds` / `text_embeds`:
+    normalised, a row per dataset row (the row's image and caption).
+    """
+    negatives = dataset["hard_negatives"]
+    kinds = dataset["hard_negative_types"] if "hard_negative_types" in dataset.column_names else \
+        [["all"] * len(row) for row in negatives]
+    rows = np.repeat(np.arange(len(negatives)), [len(row) for row in negatives])
+    if not len(rows):
+        return {}
+    flat_negatives = [text for row in negatives for text in row]
+    flat_kinds = np.array([kind for row in kinds for kind in row])
+    negative_embeds = embed_texts(model, processor, flat_negatives, device=device)
+    positive_scores = np.einsum("nd,nd->n", image_embeds[rows], text_embeds[rows])
+    negative_scores = np.einsum("nd,nd->n", image_embeds[rows], negative_embeds)
+    correct = positive_scores > negative_scores
+    results = {"hard_negative_accuracy": float(correct.mean())}
+    for kind in sorted(set(flat_kinds)):
+        results[f"hard_negative_accuracy_{kind}"] = float(correct[flat_kinds == kind].mean())
+    return results

@@ -1,0 +1,38 @@
+"""Metric reports: the plain-text table of several models' metrics, a sampled estimate written as value±error,
+and the helpers that tell an estimate's details (standard errors, query counts) and the zero-shot top-1 keys apart."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A plain-text table of `metrics` (model -> metric -> value): a row per metric, retrieval first, a column per
+    model ("-" where a model lacks the metric)."""
+    names = sorted({key for values in metrics.values() for key in values if not is_estimate_detail(key)},
+                   key=lambda key: (not key.startswith(("image_", "text_")), key))
+    width = max([len(name) for name in names] + [6])
+    lines = [f"{'metric':<{width}}" + "".join(f"{model:>16}" for model in metrics)]
+    for name in names:
+        cells = "".join(f"{format_estimate(values, name):>16}" if name in values else f"{'-':>16}"
+                        for values in metrics.values())
+        lines.append(f"{name:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def format_estimate(metrics: dict[str, float], key: str, digits: int = 4, separator: str = "±") -> str:
+    """`metrics[key]`, with `separator` and its standard error where a sampled evaluation gave a finite one."""
+    stderr = metrics.get(f"{key}_stderr")
+    text = f"{metrics[key]:.{digits}f}"
+    return text + (f"{separator}{stderr:.{digits}f}" if stderr is not None and np.isfinite(stderr) else "")
+
+
+def is_estimate_detail(key: str) -> bool:
+    """A sampled evaluation's standard error (`<metric>_stderr`) or query count (`*_queries`): a detail of another
+    metric's estimate, not a metric of its own."""
+    return key.endswith(("_stderr", "_queries"))
+
+
+def zero_shot_top1_keys(metrics: dict[str, float]) -> list[str]:
+    """The zero-shot top-1 accuracies among `metrics` (one per task)."""
+    return [key for key in metrics if key.startswith("zeroshot_") and key.endswith("_acc1")]

@@ -1,0 +1,95 @@
+"""Whole evaluations of a model: `evaluate_model` (retrieval, zero-shot classification, linear probe and hard
+negatives of a dual encoder), `evaluate_teacher` (the cross-modal teacher's re-ranked retrieval), `evaluate_checkpoint`
+(either, for a saved folder or Hub checkpoint), and the `EvaluationResult` they return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .classification import DEFAULT_TEMPLATES, hard_negative_accuracy, linear_probe_accuracy, zero_shot_classification
+from .embedding import embed_images, embed_texts, load_clip_towers
+from .retrieval import image_groups, retrieval_metrics
+from .teacher import teacher_retrieval
+
+
+@dataclass
+class EvaluationResult:
+    """Flat `metrics` (name -> value; the keys of summary tables and model cards) and `per_class_recall`
+    (zero-shot task -> class -> recall), with the sizes evaluated."""
+
+    metrics: dict[str, float]
+    per_class_recall: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_images: int = 0
+    num_texts: int = 0
+
+
+def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
+                   templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10), retrieval_backend: str = "auto",
+                   batch_size: int = 256) -> EvaluationResult:
+    """
+    Evaluate a dual encoder (`DCLIPModel`, `DCLIPTeacherModel` towers, or a CLIP wrapped by `load_clip_towers`) on
+    `test` (`image`, `caption`, optional `image_id` for several captions per image): retrieval both ways; for each
+    `tasks` label column present (column -> class names) zero-shot classification and, with `probe_train`, a linear
+    probe fitted on its images; hard-negative accuracy where `test` has `hard_negatives`.
+    """
+    image_rows, text_to_image = image_groups(test)
+    images = test.select(image_rows) if len(image_rows) != len(test) else test
+    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
+    text_embeds = embed_texts(model, processor, test["caption"], batch_size=batch_size)
+    metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks, backend=retrieval_backend)
+    result = EvaluationResult(metrics, num_images=len(image_embeds), num_texts=len(text_embeds))
+    tasks = {column: names for column, names in (tasks or {}).items() if column in test.column_names}
+    probe_embeds = None
+    if tasks and probe_train is not None:
+        probe_images = probe_train.select(image_groups(probe_train)[0])
+        probe_embeds = embed_images(model, processor, probe_images, batch_size=batch_size)
+    for column, names in tasks.items():
+        zero_shot = zero_shot_classification(model, processor, images, column, names, templates,
+                                             image_embeds=image_embeds)
+        for name in ("acc1", "acc5", "mean_per_class_recall"):
+            if name in zero_shot:
+                metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
+        result.per_class_recall[column] = zero_shot["per_class_recall"]
+        if probe_embeds is not None:
+            metrics[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
+                probe_embeds, probe_images[column], image_embeds, images[column])
+    if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
+        metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds))
+    return result
+
+
+def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
+                     batch_size: int = 256) -> EvaluationResult:
+    """The cross-modal teacher's retrieval Recall@K and mAP: global shortlist, fused re-ranking (`teacher_retrieval`);
+    regions from the processor's detector (if any) and spans from its extractor, as at test time."""
+    from ..targets import compute_teacher_features
+
+    features = compute_teacher_features(test, teacher, processor, batch_size=batch_size, use_given_boxes=False,
+                                        use_given_spans=False)
+    image_rows, text_to_image = image_groups(test)
+    metrics = teacher_retrieval(teacher, features, top_k=top_k, ks=ks, image_rows=image_rows,
+                                text_to_image=text_to_image)
+    return EvaluationResult(metrics, num_images=len(image_rows), num_texts=len(test))
+
+
+def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
+                        processor=None, templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10),
+                        retrieval_backend: str = "auto", teacher_top_k: int = 16) -> EvaluationResult:
+    """
+    Evaluate a saved model, local or on the Hub: a `DCLIPTeacherModel` folder by its fused retrieval
+    (`evaluate_teacher`), anything else (a `DCLIPModel` folder, any CLIP checkpoint) with `evaluate_model`.
+    `processor`: default, the checkpoint's own (a `DCLIPProcessor` around its tokenizer and image processor).
+    """
+    from transformers import PretrainedConfig
+
+    from modeling_dclip import DCLIPTeacherModel
+    from processing_dclip import DCLIPProcessor
+
+    processor = processor or DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)  # our class
+    if PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type") == "dclip_teacher":
+        teacher = DCLIPTeacherModel.from_pretrained(name_or_path).to("cuda" if torch.cuda.is_available() else "cpu")
+        return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks)
+    return evaluate_model(load_clip_towers(name_or_path), processor, test, probe_train=probe_train, tasks=tasks,
+                          templates=templates, ks=ks, retrieval_backend=retrieval_backend)

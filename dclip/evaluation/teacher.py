@@ -1,0 +1,73 @@
+"""Retrieval by the cross-modal teacher: its fused pair score cannot embed items one by one, so `teacher_retrieval`
+shortlists candidates by the towers' global similarity and re-ranks them with the fused score (`rerank_scores`),
+then counts Recall@K and mAP from the re-ranked scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .retrieval import recall_from_scores
+
+
+@torch.no_grad()
+def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
+                      image_rows: np.ndarray | None = None, text_to_image: np.ndarray | None = None,
+                      device: str | torch.device | None = None) -> dict[str, float]:
+    """
+    Recall@K of the cross-modal teacher on image-caption pairs, from the towers' cached outputs
+    (`dclip.targets.compute_teacher_features` columns, a row per pair; `image_rows` / `text_to_image` as from
+    `image_groups`, default: row `i` is image `i` and its caption). Fusion scores pairs, not single items, so
+    retrieval is two-stage, as with ITM models: the towers' global similarity shortlists `top_k` candidates per
+    query and the fused pair score re-ranks them. Candidates beyond the shortlist keep their global order.
+    """
+    from modeling_dclip import DCLIPTeacherImageFeatures, DCLIPTeacherTextFeatures
+
+    from ..targets import TEACHER_FEATURE_COLUMNS
+
+    device = torch.device(device or next(teacher.parameters()).device)
+    teacher.eval()
+    columns = features.with_format("torch", columns=list(TEACHER_FEATURE_COLUMNS))[:]
+    columns = {name: value.to(device) for name, value in columns.items()}
+    if image_rows is None:
+        image_rows = text_to_image = np.arange(len(features))
+    rows = torch.as_tensor(image_rows, device=device)
+    image_features = DCLIPTeacherImageFeatures(
+        global_embeds=columns["image_global_features"][rows].float(),
+        region_embeds=columns["region_features"][rows].float(),
+        region_boxes=columns["region_boxes"][rows].float(), region_mask=columns["region_mask"][rows].bool(),
+    )
+    text_features = DCLIPTeacherTextFeatures(
+        global_embeds=columns["text_global_features"].float(), span_embeds=columns["span_features"].float(),
+        span_mask=columns["span_mask"].bool(),
+    )
+    image_global = torch.nn.functional.normalize(image_features.global_embeds, dim=-1)
+    text_global = torch.nn.functional.normalize(text_features.global_embeds, dim=-1)
+    similarity = (image_global @ text_global.t()).float().cpu()  # (images, texts)
+
+    def fused(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+        return teacher.pair_logits(image_features, text_features, image_index.to(device), text_index.to(device))
+
+    image_query_scores = rerank_scores(similarity, fused, top_k)
+    text_query_scores = rerank_scores(similarity.t(), lambda text, image: fused(image, text), top_k)
+    return recall_from_scores(image_query_scores, text_query_scores, text_to_image, ks)
+
+
+def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int = 4096) -> torch.Tensor:
+    """
+    `scores (queries, candidates)` with each query's `top_k` candidates re-scored by `pair_score(query_index,
+    candidate_index) -> scores` (1-D index tensors) and placed above every other candidate, whose order is kept.
+    """
+    top_k = min(top_k, scores.shape[1])
+    if top_k <= 0:
+        return scores.float()
+    candidates = scores.topk(top_k, dim=1).indices  # (queries, top_k)
+    queries = torch.arange(scores.shape[0])[:, None].expand_as(candidates)
+    flat_queries, flat_candidates = queries.reshape(-1), candidates.reshape(-1)
+    new_scores = torch.cat([
+        pair_score(flat_queries[start : start + batch_size], flat_candidates[start : start + batch_size]).float().cpu()
+        for start in range(0, len(flat_queries), batch_size)
+    ]).reshape(candidates.shape)
+    # shift the rest below the lowest re-scored candidate, keeping their order
+    rest = scores.float() - (scores.max() - new_scores.min() + 1.0)
+    return rest.scatter(1, candidates, new_scores)
