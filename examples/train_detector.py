@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from dclip.cli import setup_logging
 from dclip.data.scenes import SceneConfig, load_scenes
 from dclip.detector import train_scene_detector
 
@@ -35,6 +36,7 @@ class DetectorArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(DetectorArguments).parse_args_into_dataclasses()
+    setup_logging()
     scenes = load_scenes(SceneConfig(seed=args.seed), cache_dir=args.cache_dir)
     metrics = train_scene_detector(
         scenes, args.output_dir, train_samples=args.train_samples, val_samples=args.val_samples,
