@@ -11,6 +11,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# First, before anything of transformers: importing the configuration checks the transformers version.
+try:
+    from .configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
+except ImportError:
+    if __package__:  # Hub remote code: the sibling is there, so this is its own error (e.g. the version check)
+        raise
+    from configuration_dclip import DCLIPConfig, DCLIPTeacherConfig  # a checkout or an install: top-level modules
+
 from transformers import CLIPConfig, CLIPModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import (
@@ -21,12 +31,6 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
-
-
-try:
-    from .configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
-except ImportError:  # imported from a checkout or an install, not as Hub remote code
-    from configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
 
 
 logger = logging.get_logger(__name__)
@@ -325,11 +329,8 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         if input_ids is None or pixel_values is None:
             raise ValueError("DCLIPModel.forward needs both `input_ids` and `pixel_values`.")
         # Only what is given: left out, each tower falls back on its own config, as in `CLIPModel`.
-        capture = {
-            name: value
-            for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states))
-            if value is not None
-        }
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        capture = {name: value for name, value in flags.items() if value is not None}
         vision_outputs = self.vision_model(
             pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **capture
         )
@@ -694,13 +695,14 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         cached features), and its fusion block keeps no attention weights. Ask the towers themselves, e.g.
         `teacher.vision_model(pixel_values, output_attentions=True)`.
         """
-        for name, value in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        for name, value in flags.items():
             if value if value is not None else getattr(self.config, name, False):
                 raise ValueError(
                     f"DCLIPTeacherModel does not return `{name.removeprefix('output_')}` (`{name}=True`"
                     f"{'' if value is not None else ' in its config'}): its outputs are fused embeddings. Ask a tower "
-                    f"instead, e.g. `teacher.vision_model(pixel_values, {name}=True)` or `teacher.text_model(input_ids, "
-                    f"{name}=True)`."
+                    f"instead, e.g. `teacher.vision_model(pixel_values, {name}=True)` or "
+                    f"`teacher.text_model(input_ids, {name}=True)`."
                 )
         if image_global_features is not None:
             self._check_cached_features_allowed(self.config.freeze_vision_tower, "vision")

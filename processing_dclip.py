@@ -1,7 +1,8 @@
 """DCLIP processor: CLIP image processor + tokenizer, plus YOLO region extraction and caption span extraction.
 
 Hub remote code: this file travels next to the weights, so it imports only numpy, PIL, torch, transformers and its
-siblings; `ultralytics` is imported only when a detector is first used.
+sibling `configuration_dclip` (which checks the transformers version); `ultralytics` is imported only when a detector
+is first used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+# First, before anything of transformers: importing the configuration checks the transformers version.
+try:
+    from .configuration_dclip import MIN_TRANSFORMERS_VERSION  # noqa: F401
+except ImportError:
+    if __package__:  # Hub remote code: the sibling is there, so this is its own error (e.g. the version check)
+        raise
+    from configuration_dclip import MIN_TRANSFORMERS_VERSION  # noqa: F401 (a checkout or an install)
+
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
