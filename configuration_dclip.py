@@ -1,10 +1,25 @@
 """DCLIP model configurations.
 
-Hub remote code: this file travels next to the weights, so it imports only `transformers` (and its own siblings).
+Hub remote code: this file travels next to the weights, so it imports only `transformers` and `packaging` (which
+transformers depends on), and its own siblings. It also checks the transformers version the remote code needs; the
+other two files import it first, so all three say so clearly instead of failing somewhere inside transformers.
 """
 
-from transformers import CLIPConfig
-from transformers.utils import logging
+import transformers
+from packaging import version
+
+
+MIN_TRANSFORMERS_VERSION = "5.0.0"
+
+# Pre-releases of the minimum (5.0.0.dev0, 5.0.0rc1) count as that version.
+if version.parse(version.parse(transformers.__version__).base_version) < version.parse(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"dclip's remote code needs transformers>={MIN_TRANSFORMERS_VERSION}, found {transformers.__version__}: "
+        "pip install -U transformers"
+    )
+
+from transformers import CLIPConfig  # noqa: E402 (after the version check, which must come first)
+from transformers.utils import logging  # noqa: E402
 
 
 logger = logging.get_logger(__name__)
@@ -98,4 +113,4 @@ class DCLIPTeacherConfig(CLIPConfig):
         super().__post_init__(**kwargs)
 
 
-__all__ = ["DCLIPConfig", "DCLIPTeacherConfig"]
+__all__ = ["MIN_TRANSFORMERS_VERSION", "DCLIPConfig", "DCLIPTeacherConfig"]

@@ -11,6 +11,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# First, before anything of transformers: importing the configuration checks the transformers version.
+try:
+    from .configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
+except ImportError:
+    if __package__:  # Hub remote code: the sibling is there, so this is its own error (e.g. the version check)
+        raise
+    from configuration_dclip import DCLIPConfig, DCLIPTeacherConfig  # a checkout or an install: top-level modules
+
 from transformers import CLIPConfig, CLIPModel
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import (
@@ -21,12 +31,6 @@ from transformers.models.clip.modeling_clip import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
-
-
-try:
-    from .configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
-except ImportError:  # imported from a checkout or an install, not as Hub remote code
-    from configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
 
 
 logger = logging.get_logger(__name__)
@@ -49,6 +53,15 @@ def _clip_architecture_kwargs(config: CLIPConfig) -> dict:
         "projection_dim": config_dict["projection_dim"],
         "logit_scale_init_value": config_dict["logit_scale_init_value"],
         "initializer_factor": config_dict.get("initializer_factor", 1.0),
+    }
+
+
+def _attn_implementations(config: CLIPConfig) -> dict:
+    """The attention implementation of a CLIP-style model and of each tower, in `set_attn_implementation`'s form."""
+    return {
+        "": config._attn_implementation,
+        "text_config": config.text_config._attn_implementation,
+        "vision_config": config.vision_config._attn_implementation,
     }
 
 
@@ -165,6 +178,13 @@ class DCLIPPreTrainedModel(CLIPPreTrainedModel):
     base_model_prefix = "dclip"
     _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings", "DCLIPFusionLayer"]
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from this file's source, and the teacher's fusion attention class (no attention
+        # interface) makes it say no. The setting is for the CLIP towers, which are CLIP's own and take it; the fusion
+        # block always runs torch's scaled_dot_product_attention, whatever the setting.
+        return True
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -265,6 +285,7 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         config = cls._config_from_clip(clip, name, **config_kwargs)
         model = cls(config)
         model.load_state_dict(clip.state_dict(), strict=True)
+        model.set_attn_implementation(_attn_implementations(clip.config))  # e.g. "eager" for attention weights
         return model.to(dtype=clip.dtype)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -281,6 +302,7 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         config = CLIPConfig(**_clip_architecture_kwargs(self.config))
         config._attn_implementation = self.config._attn_implementation
         clip = CLIPModel(config).to(dtype=self.dtype)
+        clip.set_attn_implementation(_attn_implementations(self.config))  # the towers' own, if set apart
         clip.load_state_dict(self.state_dict(), strict=True)
         return clip.to(self.device)
 
@@ -292,14 +314,29 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> DCLIPOutput | tuple:
-        """Same inputs and outputs as `transformers.CLIPModel.forward`."""
+        """
+        Same inputs and outputs as `transformers.CLIPModel.forward`. `output_attentions` and `output_hidden_states`
+        go to both towers, as `CLIPModel` passes them: `vision_model_output.attentions` / `.hidden_states` (and the
+        text tower's) are filled by the towers' output capturing. Attention weights need an attention implementation
+        that computes them: load with `attn_implementation="eager"` (or call `set_attn_implementation("eager")`);
+        under `sdpa` the towers warn and return no attentions, as `CLIPModel` does.
+        """
         if input_ids is None or pixel_values is None:
             raise ValueError("DCLIPModel.forward needs both `input_ids` and `pixel_values`.")
-        vision_outputs = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        text_outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        # Only what is given: left out, each tower falls back on its own config, as in `CLIPModel`.
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        capture = {name: value for name, value in flags.items() if value is not None}
+        vision_outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **capture
+        )
+        text_outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_dict=True, **capture
+        )
         image_embeds = _l2_normalize(self.visual_projection(vision_outputs.pooler_output))
         text_embeds = _l2_normalize(self.text_projection(text_outputs.pooler_output))
 
@@ -480,6 +517,7 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         clip_keys = set(clip.state_dict())
         if unexpected or any(key in clip_keys for key in missing):
             raise RuntimeError(f"CLIP weights do not fit the teacher's towers: missing={missing}, unexpected={unexpected}")
+        model.set_attn_implementation(_attn_implementations(clip.config))
         return model.to(dtype=clip.dtype)
 
     # ----- the two sides before fusion -----------------------------------------------------------------------
@@ -640,6 +678,8 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         text_global_features: torch.FloatTensor | None = None,
         span_features: torch.FloatTensor | None = None,
         return_loss: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> DCLIPTeacherOutput | tuple:
@@ -649,7 +689,21 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         The towers' outputs may be given instead of pixels and ids (precomputed once while the towers are frozen):
         `image_global_features (batch, projection_dim)` with `region_features (batch, regions, projection_dim)`,
         `region_boxes` and `region_mask`; `text_global_features` with `span_features` and `span_mask`.
+
+        `output_attentions` and `output_hidden_states` are refused (`ValueError`): the teacher's outputs are fused
+        embeddings, its towers run on whole images, region crops, captions and spans at once (or not at all, from
+        cached features), and its fusion block keeps no attention weights. Ask the towers themselves, e.g.
+        `teacher.vision_model(pixel_values, output_attentions=True)`.
         """
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        for name, value in flags.items():
+            if value if value is not None else getattr(self.config, name, False):
+                raise ValueError(
+                    f"DCLIPTeacherModel does not return `{name.removeprefix('output_')}` (`{name}=True`"
+                    f"{'' if value is not None else ' in its config'}): its outputs are fused embeddings. Ask a tower "
+                    f"instead, e.g. `teacher.vision_model(pixel_values, {name}=True)` or "
+                    f"`teacher.text_model(input_ids, {name}=True)`."
+                )
         if image_global_features is not None:
             self._check_cached_features_allowed(self.config.freeze_vision_tower, "vision")
             image_features = DCLIPTeacherImageFeatures(

@@ -1,7 +1,8 @@
 """DCLIP processor: CLIP image processor + tokenizer, plus YOLO region extraction and caption span extraction.
 
 Hub remote code: this file travels next to the weights, so it imports only numpy, PIL, torch, transformers and its
-siblings; `ultralytics` is imported only when a detector is first used.
+sibling `configuration_dclip` (which checks the transformers version); `ultralytics` is imported only when a detector
+is first used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+# First, before anything of transformers: importing the configuration checks the transformers version.
+try:
+    from .configuration_dclip import MIN_TRANSFORMERS_VERSION  # noqa: F401
+except ImportError:
+    if __package__:  # Hub remote code: the sibling is there, so this is its own error (e.g. the version check)
+        raise
+    from configuration_dclip import MIN_TRANSFORMERS_VERSION  # noqa: F401 (a checkout or an install)
+
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
@@ -248,6 +259,34 @@ def crop_region(image: Image.Image, box: np.ndarray) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
+_ARGUMENT_ORDER = (
+    "DCLIPProcessor takes `images` first, then `text`, as transformers 5 processors do: pass captions as `text=` "
+    "(e.g. `processor(images=images, text=captions)`)."
+)
+
+
+def _is_text(value) -> bool:
+    """A string, or a non-empty list or tuple of strings only."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(item, str) for item in value)
+
+
+def _check_not_captions(images, text) -> None:
+    """Refuse captions given as `images` (the argument order before transformers 5): strings in `images` must be
+    image files, and `text` must not hold the images."""
+    if not _is_text(images):
+        return
+    if text is not None and not _is_text(text):
+        raise ValueError(f"`images` holds strings and `text` does not: the arguments look swapped. {_ARGUMENT_ORDER}")
+    for index, path in enumerate([images] if isinstance(images, str) else images):
+        if not os.path.exists(path):
+            raise ValueError(
+                f"images[{index}]: file '{path}' does not exist. Strings in `images` are image file paths; "
+                f"{_ARGUMENT_ORDER}"
+            )
+
+
 class DCLIPProcessor(ProcessorMixin):
     r"""
     Prepares inputs for [`DCLIPModel`] (like `CLIPProcessor`) and [`DCLIPTeacherModel`] (regions and spans too).
@@ -343,8 +382,9 @@ class DCLIPProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        text: str | list[str] | None = None,
         images=None,
+        text: str | list[str] | None = None,
+        *,
         return_regions: bool = False,
         return_spans: bool = False,
         spans: list[list[str]] | None = None,
@@ -356,14 +396,21 @@ class DCLIPProcessor(ProcessorMixin):
         **kwargs,
     ) -> BatchFeature:
         """
-        Tokenise `text` and/or process `images` as `CLIPProcessor` does. With `return_regions`, also crop regions
+        Process `images` and/or tokenise `text` as `CLIPProcessor` does. With `return_regions`, also crop regions
         (from `region_boxes` if given, else the detector) into `region_pixel_values (batch, regions, 3, H, W)`,
         `region_boxes (batch, regions, 4)`, `region_mask` and `region_source`; with `return_spans`, also tokenise
         spans (from `spans` if given, else extracted from `text`) into `span_input_ids (batch, spans, length)`,
         `span_attention_mask` and `span_mask`.
+
+        `images` comes first, then `text`, as in every transformers 5 processor: `processor(images, text)` is
+        `processor(images=images, text=text)`; the other arguments are keyword-only. Strings in `images` are image
+        file paths, so the old order, `processor(text, images)`, is refused with a `ValueError`: captions arriving
+        as `images` name no file (or `text` then holds the images).
         """
         if text is None and images is None:
-            raise ValueError("Give `text`, `images` or both.")
+            raise ValueError("Give `images`, `text` or both.")
+        if images is not None:
+            _check_not_captions(images, text)
         data: dict = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)

@@ -55,7 +55,7 @@ class OneHotModel(torch.nn.Module):
 class FakeProcessor:
     words = {"red": 0, "green": 1, "blue": 2}
 
-    def __call__(self, text=None, images=None):
+    def __call__(self, images=None, text=None):  # the transformers 5 order, as DCLIPProcessor
         if text is not None:
             return {"input_ids": torch.tensor([[self.words[t.split()[-1].rstrip(".")]] for t in text])}
         return {"pixel_values": torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1) for im in images])}

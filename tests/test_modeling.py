@@ -77,6 +77,77 @@ def test_zero_shot_pipeline_same_scores_as_export(tiny_clip, tokenizer, image_pr
         assert results[0][label] == pytest.approx(results[1][label], abs=1e-6)
 
 
+@pytest.mark.parametrize("output_attentions, output_hidden_states", [(True, True), (True, False), (False, True)])
+def test_attentions_and_hidden_states_equal_clip(tiny_clip, text_inputs, pixel_values, output_attentions,
+                                                 output_hidden_states):
+    student = DCLIPModel.from_clip(tiny_clip).eval()
+    student.set_attn_implementation("eager")  # attention weights need eager attention, as in CLIPModel
+    assert student.config._attn_implementation == "eager"  # set, not refused by transformers' source heuristic
+    clip = student.to_clip().eval()
+    assert clip.vision_model.config._attn_implementation == "eager"
+    flags = dict(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+    with torch.no_grad():
+        ours = student(**text_inputs, pixel_values=pixel_values, **flags)
+        theirs = clip(**text_inputs, pixel_values=pixel_values, **flags)
+        plain = student(**text_inputs, pixel_values=pixel_values)
+    layers = tiny_clip.config.vision_config.num_hidden_layers
+    for tower in ("vision_model_output", "text_model_output"):
+        for name, wanted, count in (("attentions", output_attentions, layers), ("hidden_states", output_hidden_states,
+                                                                                 layers + 1)):
+            got, expected = getattr(getattr(ours, tower), name), getattr(getattr(theirs, tower), name)
+            if not wanted:
+                assert got is None and expected is None, (tower, name)
+                continue
+            assert len(got) == len(expected) == count, (tower, name)
+            for index, (a, b) in enumerate(zip(got, expected)):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=f"{tower}.{name}[{index}]")
+        assert getattr(plain, tower).attentions is None and getattr(plain, tower).hidden_states is None
+    attentions = ours.vision_model_output.attentions
+    if output_attentions:  # real weights: each row of each head sums to one
+        assert attentions[0].shape == (2, 2, 17, 17)
+        torch.testing.assert_close(attentions[0].sum(-1), torch.ones(2, 2, 17))
+    torch.testing.assert_close(ours.logits_per_image, plain.logits_per_image, atol=0, rtol=0)
+    # as a tuple too, like CLIPModel's
+    with torch.no_grad():
+        as_tuple = student(**text_inputs, pixel_values=pixel_values, return_dict=False, **flags)
+    assert len(as_tuple[-1]) == len(ours.vision_model_output.to_tuple())
+
+
+def test_from_clip_keeps_an_eager_clip_eager(tokenizer, text_inputs, pixel_values):
+    from conftest import tiny_clip_config_kwargs
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(**tiny_clip_config_kwargs(tokenizer))
+    config._attn_implementation = "eager"
+    eager_clip = CLIPModel(config).eval()
+    assert eager_clip.vision_model.config._attn_implementation == "eager"
+    for model in (DCLIPModel.from_clip(eager_clip), DCLIPTeacherModel.from_clip(eager_clip, fusion_hidden_size=32,
+                                                                                fusion_num_heads=4)):
+        for tower in (model.vision_model, model.text_model):
+            assert tower.config._attn_implementation == "eager", type(model).__name__
+    with torch.no_grad():
+        out = DCLIPModel.from_clip(eager_clip).eval()(**text_inputs, pixel_values=pixel_values, output_attentions=True)
+    assert len(out.text_model_output.attentions) == config.text_config.num_hidden_layers
+
+
+def test_towers_attention_implementations_survive_from_clip_and_to_clip(tiny_clip):
+    mixed = {"": "sdpa", "text_config": "sdpa", "vision_config": "eager"}
+    clip = DCLIPModel.from_clip(tiny_clip).to_clip()
+    clip.set_attn_implementation(mixed)
+    for model in (DCLIPModel.from_clip(clip), DCLIPModel.from_clip(clip).to_clip()):
+        assert model.vision_model.config._attn_implementation == "eager", type(model).__name__
+        assert model.text_model.config._attn_implementation == "sdpa", type(model).__name__
+
+
+def test_attentions_under_sdpa_behave_as_clip(tiny_clip, text_inputs, pixel_values):
+    student = DCLIPModel.from_clip(tiny_clip).eval()
+    assert student.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        ours = student(**text_inputs, pixel_values=pixel_values, output_attentions=True)
+        theirs = student.to_clip().eval()(**text_inputs, pixel_values=pixel_values, output_attentions=True)
+    assert ours.vision_model_output.attentions == theirs.vision_model_output.attentions == ()
+
+
 # ----- the teacher ----------------------------------------------------------------------------------------------
 
 
@@ -191,3 +262,24 @@ def test_teacher_config_validation():
         DCLIPTeacherConfig(max_regions=0)
     with pytest.raises(ValueError, match="distillation_method"):
         DCLIPConfig(distillation_method="kd")
+
+
+@pytest.mark.parametrize("name", ["output_attentions", "output_hidden_states"])
+def test_teacher_refuses_attentions_and_hidden_states(teacher, tokenizer, name):
+    teacher.eval()
+    batch = mixed_batch(tokenizer)
+    with pytest.raises(ValueError, match=rf"DCLIPTeacherModel does not return .*`{name}=True`.*teacher\.vision_model"):
+        teacher(**batch, **{name: True})
+    with torch.no_grad():  # False (or left out) is no request: the same outputs
+        torch.testing.assert_close(teacher(**batch, **{name: False}).image_embeds, teacher(**batch).image_embeds)
+
+
+
+def test_teacher_refuses_hidden_states_asked_for_by_its_config(teacher, tokenizer):
+    # (a config under sdpa refuses `output_attentions=True` itself)
+    teacher.config.output_hidden_states = True
+    try:
+        with pytest.raises(ValueError, match=r"`output_hidden_states=True` in its config"):
+            teacher(**mixed_batch(tokenizer))
+    finally:
+        teacher.config.output_hidden_states = False

@@ -90,6 +90,51 @@ def test_to_rgb_image_rejects_empty_images():
         to_rgb_image(Image.new("RGB", (0, 5)), "sample 7")
 
 
+# ----- argument order ------------------------------------------------------------------------------------------
+
+
+def assert_same_features(first, second):
+    assert first.keys() == second.keys()
+    for key in first:
+        if isinstance(first[key], torch.Tensor):
+            torch.testing.assert_close(first[key], second[key], atol=0, rtol=0, msg=key)
+        else:
+            assert first[key] == second[key], key
+
+
+def test_images_come_before_text_as_in_transformers_5(processor, tmp_path):
+    images = random_images(2, size=64)
+    texts = ["a small red circle to the left of two blue squares", "a purple square"]
+    keyword = processor(text=texts, images=images, return_regions=True, return_spans=True)
+    assert {"pixel_values", "input_ids", "region_pixel_values", "span_input_ids"} <= set(keyword)
+    assert_same_features(processor(images, texts, return_regions=True, return_spans=True), keyword)
+    assert_same_features(processor(images=images, text=texts, return_regions=True, return_spans=True), keyword)
+    # one positional argument is images; images given as file paths still work positionally
+    assert_same_features(processor(images), processor(images=images))
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(tmp_path / f"image{index}.png"))
+        image.save(paths[-1])
+    assert_same_features(processor(paths, texts), processor(images=images, text=texts))
+    assert_same_features(processor(paths[0]), processor(images=images[:1]))
+    # the rest is keyword-only: nothing binds silently to `return_regions`
+    with pytest.raises(TypeError):
+        processor(images, texts, True)
+
+
+def test_old_text_images_order_is_refused_clearly(processor):
+    images = random_images(2)
+    texts = ["a red circle", "a blue square"]
+    with pytest.raises(ValueError, match=r"arguments look swapped.*takes `images` first, then `text`"):
+        processor(texts, images)
+    with pytest.raises(ValueError, match=r"arguments look swapped"):
+        processor("a red circle", images[0])
+    # captions alone, positionally: they are read as file paths, which they are not
+    with pytest.raises(ValueError, match=r"images\[0\]: file 'a red circle' does not exist.*pass captions as `text=`"):
+        processor(texts)
+    assert processor(text=texts)["input_ids"].shape[0] == 2
+
+
 # ----- captions -----------------------------------------------------------------------------------------------
 
 

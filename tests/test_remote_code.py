@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_REPO_IMPORTS, random_images
+from conftest import BLOCK_REPO_IMPORTS, REPO_ROOT, random_images
 from transformers import pipeline
 
 from modeling_dclip import DCLIPModel, DCLIPTeacherModel
@@ -133,3 +133,109 @@ def test_fresh_process_loads_identical_models_and_processor(saved, processor):
     assert {r["label"]: round(r["score"], 6) for r in results["pipeline"]} == {
         r["label"]: round(r["score"], 6) for r in local
     }
+
+
+# ----- the transformers version the remote code needs --------------------------------------------------------------
+
+REMOTE_MODULES = ("configuration_dclip", "modeling_dclip", "processing_dclip")
+
+
+def old_transformers_message(found: str) -> str:
+    return f"dclip's remote code needs transformers>=5.0.0, found {found}: pip install -U transformers"
+
+
+def test_remote_code_checks_the_transformers_version_at_import():
+    """Each file, imported as a top-level module (a checkout or an install), under a patched transformers version."""
+    code = textwrap.dedent(
+        """
+        import importlib, json, sys
+        import transformers
+
+        real = transformers.__version__
+        results = {}
+        for found in ("4.57.1", "4.99.0", "5.0.0.dev0", "5.0.0rc1", "5.0.0", real):
+            for name in MODULES:
+                for loaded in MODULES:
+                    sys.modules.pop(loaded, None)
+                # the module the next `import transformers` gets: some imports put a new one in sys.modules
+                sys.modules["transformers"].__version__ = found
+                try:
+                    importlib.import_module(name)
+                    results[f"{found} {name}"] = "imported"
+                except ImportError as error:
+                    results[f"{found} {name}"] = str(error)
+        print(json.dumps({"real": real, "results": results}))
+        """
+    ).replace("MODULES", repr(REMOTE_MODULES))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    for found in ("4.57.1", "4.99.0"):
+        for name in REMOTE_MODULES:
+            assert report["results"][f"{found} {name}"] == old_transformers_message(found), name
+    for found in ("5.0.0.dev0", "5.0.0rc1", "5.0.0", report["real"]):  # pre-releases of 5.0.0 count as 5.0.0
+        for name in REMOTE_MODULES:
+            assert report["results"][f"{found} {name}"] == "imported", (found, name)
+
+
+def test_minimum_transformers_version_matches_the_install_requirement():
+    import configparser
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from configuration_dclip import MIN_TRANSFORMERS_VERSION
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO_ROOT / "setup.cfg")
+    requirements = [Requirement(line) for line in setup["options"]["install_requires"].splitlines()
+                    if line.strip() and not line.strip().startswith("#")]
+    (transformers,) = [r for r in requirements if r.name == "transformers"]
+    (minimum,) = [Version(spec.version) for spec in transformers.specifier if spec.operator == ">="]
+    assert minimum == Version(MIN_TRANSFORMERS_VERSION)
+
+
+def test_hub_loading_under_old_transformers_says_which_version_it_needs(saved):
+    """The saved folder loaded as Hub remote code (the repo blocked) under a patched transformers version: every
+    entry point ends in the version error, not in a missing module or a failure inside transformers."""
+    root = saved[0]
+    code = BLOCK_REPO_IMPORTS + textwrap.dedent(
+        """
+        import json
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoProcessor
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        folder = sys.argv[1]
+        entry_points = {
+            "AutoConfig": lambda: AutoConfig.from_pretrained(folder, trust_remote_code=True),
+            "AutoModel": lambda: AutoModel.from_pretrained(folder, trust_remote_code=True),
+            "AutoProcessor": lambda: AutoProcessor.from_pretrained(folder, trust_remote_code=True),
+            "modeling_dclip": lambda: get_class_from_dynamic_module("modeling_dclip.DCLIPModel", folder),
+            "processing_dclip": lambda: get_class_from_dynamic_module("processing_dclip.DCLIPProcessor", folder),
+        }
+        results = {}
+        for name, load in entry_points.items():
+            for module in [m for m in sys.modules if m.endswith("_dclip")]:  # a failed import leaves a husk
+                del sys.modules[module]
+            # the module the remote code's `import transformers` gets: some imports put a new one in sys.modules
+            sys.modules["transformers"].__version__ = "4.57.1"
+            try:
+                load()
+                results[name] = "loaded"
+            except ImportError as error:
+                results[name] = str(error)
+        print(json.dumps(results))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(root / "modules-old-transformers")
+    env["HF_HUB_OFFLINE"] = "1"
+    completed = subprocess.run([sys.executable, "-c", code, str(root / "student")], cwd=root, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert results == {name: old_transformers_message("4.57.1") for name in results}, results
+    assert len(results) == 5
