@@ -653,6 +653,63 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
                 f"(`freeze_{tower}_tower=False`): pass pixels/ids instead."
             )
 
+    def _refuse_output_flags(self, **flags: bool | None) -> None:
+        for name, value in flags.items():
+            if value if value is not None else getattr(self.config, name, False):
+                raise ValueError(
+                    f"DCLIPTeacherModel does not return `{name.removeprefix('output_')}` (`{name}=True`"
+                    f"{'' if value is not None else ' in its config'}): its outputs are fused embeddings. Ask a tower "
+                    f"instead, e.g. `teacher.vision_model(pixel_values, {name}=True)` or "
+                    f"`teacher.text_model(input_ids, {name}=True)`."
+                )
+
+    def _image_features(
+        self, pixel_values, region_pixel_values, region_boxes, region_mask, image_global_features, region_features
+    ) -> DCLIPTeacherImageFeatures:
+        """The image side from pixels and region crops, or from the towers' cached outputs."""
+        if image_global_features is not None:
+            self._check_cached_features_allowed(self.config.freeze_vision_tower, "vision")
+            return DCLIPTeacherImageFeatures(
+                global_embeds=image_global_features, region_embeds=region_features, region_boxes=region_boxes,
+                region_mask=region_mask.bool(),
+            )
+        if pixel_values is not None:
+            return self.encode_image_side(pixel_values, region_pixel_values, region_boxes, region_mask)
+        raise ValueError("DCLIPTeacherModel.forward needs `pixel_values` or `image_global_features`.")
+
+    def _text_features(
+        self, input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask, text_global_features,
+        span_features,
+    ) -> DCLIPTeacherTextFeatures:
+        """The text side from ids and span ids, or from the towers' cached outputs."""
+        if text_global_features is not None:
+            self._check_cached_features_allowed(self.config.freeze_text_tower, "text")
+            return DCLIPTeacherTextFeatures(
+                global_embeds=text_global_features, span_embeds=span_features, span_mask=span_mask.bool()
+            )
+        if input_ids is not None:
+            return self.encode_text_side(input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask)
+        raise ValueError("DCLIPTeacherModel.forward needs `input_ids` or `text_global_features`.")
+
+    def _training_loss(self, image_features, text_features, global_image_embeds, global_text_embeds):
+        """The pairwise (ITM-style) loss over each pair and its hard negatives both ways (plus the global contrastive
+        loss when a tower trains), and the per-image pair logits."""
+        with torch.no_grad():
+            similarity = global_image_embeds @ global_text_embeds.t()
+        text_candidates = self._candidates(similarity, self.config.num_negatives)  # per image
+        image_candidates = self._candidates(similarity.t(), self.config.num_negatives)  # per caption
+        rows = torch.arange(similarity.shape[0], device=similarity.device)[:, None]
+        pair_logits = self.pair_logits(image_features, text_features, rows.expand_as(text_candidates), text_candidates)
+        caption_pair_logits = self.pair_logits(
+            image_features, text_features, image_candidates, rows.expand_as(image_candidates)
+        )
+        targets = torch.zeros(similarity.shape[0], dtype=torch.long, device=similarity.device)
+        loss = (F.cross_entropy(pair_logits, targets) + F.cross_entropy(caption_pair_logits, targets)) / 2
+        if not (self.config.freeze_vision_tower and self.config.freeze_text_tower):
+            global_logits = self.logit_scale.exp() * global_text_embeds @ global_image_embeds.t()
+            loss = loss + image_text_contrastive_loss(global_logits)
+        return loss, pair_logits
+
     def _candidates(self, similarity: torch.Tensor, num_negatives: int) -> torch.LongTensor:
         """For each row: its own index first, then its `num_negatives` most similar other columns."""
         batch = similarity.shape[0]
@@ -695,57 +752,21 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         cached features), and its fusion block keeps no attention weights. Ask the towers themselves, e.g.
         `teacher.vision_model(pixel_values, output_attentions=True)`.
         """
-        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
-        for name, value in flags.items():
-            if value if value is not None else getattr(self.config, name, False):
-                raise ValueError(
-                    f"DCLIPTeacherModel does not return `{name.removeprefix('output_')}` (`{name}=True`"
-                    f"{'' if value is not None else ' in its config'}): its outputs are fused embeddings. Ask a tower "
-                    f"instead, e.g. `teacher.vision_model(pixel_values, {name}=True)` or "
-                    f"`teacher.text_model(input_ids, {name}=True)`."
-                )
-        if image_global_features is not None:
-            self._check_cached_features_allowed(self.config.freeze_vision_tower, "vision")
-            image_features = DCLIPTeacherImageFeatures(
-                global_embeds=image_global_features, region_embeds=region_features, region_boxes=region_boxes,
-                region_mask=region_mask.bool(),
-            )
-        elif pixel_values is not None:
-            image_features = self.encode_image_side(pixel_values, region_pixel_values, region_boxes, region_mask)
-        else:
-            raise ValueError("DCLIPTeacherModel.forward needs `pixel_values` or `image_global_features`.")
-        if text_global_features is not None:
-            self._check_cached_features_allowed(self.config.freeze_text_tower, "text")
-            text_features = DCLIPTeacherTextFeatures(
-                global_embeds=text_global_features, span_embeds=span_features, span_mask=span_mask.bool()
-            )
-        elif input_ids is not None:
-            text_features = self.encode_text_side(
-                input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask
-            )
-        else:
-            raise ValueError("DCLIPTeacherModel.forward needs `input_ids` or `text_global_features`.")
+        self._refuse_output_flags(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        image_features = self._image_features(
+            pixel_values, region_pixel_values, region_boxes, region_mask, image_global_features, region_features
+        )
+        text_features = self._text_features(
+            input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask, text_global_features,
+            span_features,
+        )
         image_embeds, text_embeds = self.fuse(image_features, text_features)
         global_image_embeds = _l2_normalize(image_features.global_embeds)
         global_text_embeds = _l2_normalize(text_features.global_embeds)
-
         loss = pair_logits = None
         if return_loss:
-            with torch.no_grad():
-                similarity = global_image_embeds @ global_text_embeds.t()
-            text_candidates = self._candidates(similarity, self.config.num_negatives)  # per image
-            image_candidates = self._candidates(similarity.t(), self.config.num_negatives)  # per caption
-            rows = torch.arange(similarity.shape[0], device=similarity.device)[:, None]
-            pair_logits = self.pair_logits(image_features, text_features, rows.expand_as(text_candidates), text_candidates)
-            caption_pair_logits = self.pair_logits(
-                image_features, text_features, image_candidates, rows.expand_as(image_candidates)
-            )
-            targets = torch.zeros(similarity.shape[0], dtype=torch.long, device=similarity.device)
-            loss = (F.cross_entropy(pair_logits, targets) + F.cross_entropy(caption_pair_logits, targets)) / 2
-            if not (self.config.freeze_vision_tower and self.config.freeze_text_tower):
-                global_logits = self.logit_scale.exp() * global_text_embeds @ global_image_embeds.t()
-                loss = loss + image_text_contrastive_loss(global_logits)
-
+            loss, pair_logits = self._training_loss(image_features, text_features, global_image_embeds,
+                                                    global_text_embeds)
         output = DCLIPTeacherOutput(
             loss=loss,
             pair_logits=pair_logits,

@@ -324,5 +324,5 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
     if save_dataset and dataset is not None:
         dataset.select(result.kept_indices).save_to_disk(str(output_dir / "dataset"))
         report["dataset"] = str(output_dir / "dataset")
-    logger.warning("semantic balance: kept %d of %d (%s)", report["kept"], report["samples"], report["removed"])
+    logger.info("semantic balance: kept %d of %d (%s)", report["kept"], report["samples"], report["removed"])
     return report

@@ -348,5 +348,5 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     info = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
                              commit_message=commit_message)
-    logger.warning("pushed %d files of %s to %s", len(files), folder, repo_id)
+    logger.info("pushed %d files of %s to %s", len(files), folder, repo_id)
     return str(getattr(info, "commit_url", info))

@@ -17,7 +17,7 @@ TINY = ["--num_train_scenes", "128", "--image_size", "32", "--preset", "clip-tin
         "--seed", "0", "--save_steps", "2", "--logging_steps", "1"]
 
 
-def _train(processes: int, port: int, *arguments: str) -> str:
+def _train(processes: int, port: int, *arguments: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     launch = ["--multi_gpu", "--num_processes", "2"] if processes == 2 else ["--cpu", "--num_processes", "1"]
@@ -26,15 +26,16 @@ def _train(processes: int, port: int, *arguments: str) -> str:
                str(REPO_ROOT / "examples" / "train.py"), *TINY, *arguments]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout
+    return result
 
 
 def test_pipeline_in_two_processes_then_distill_alone_matches_one_process(tmp_path):
     cache, run = tmp_path / "cache", tmp_path / "two"
-    stdout = _train(2, 29631, "--output_dir", str(run), "--cache_dir", str(cache), "--detector_epochs", "1",
+    result = _train(2, 29631, "--output_dir", str(run), "--cache_dir", str(cache), "--detector_epochs", "1",
                     "--detector_train_samples", "32", "--pretrain_steps", "3", "--teacher_steps", "3",
                     "--distill_steps", "3", "--per_device_train_batch_size", "8", "--max_eval_samples", "32")
-    assert stdout.count("\ntotal: ") == 1  # one job: the main process reports once
+    assert result.stdout.count("\ntotal: ") == 1  # one job: the main process reports once
+    assert result.stderr.count("INFO dclip.stages: detector: mAP50") == 1  # logged at INFO, by the main process
     for name in ("base_clip", "teacher", "student"):
         assert (run / name / "final" / "model.safetensors").is_file(), name
         assert not (run / name / "final.partial").exists()
