@@ -23,13 +23,13 @@ except ImportError:
 
 from transformers import CLIPConfig, CLIPModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import (
     CLIPPreTrainedModel,
     CLIPTextModel,
     CLIPVisionModel,
     image_text_contrastive_loss,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 
@@ -276,7 +276,7 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
     @classmethod
     def from_clip(
         cls, clip: str | os.PathLike | CLIPModel, from_pretrained_kwargs: dict | None = None, **config_kwargs
-    ) -> "DCLIPModel":
+    ) -> DCLIPModel:
         """
         A student with the exact weights of a CLIP checkpoint (a Hub name, a local folder or a `CLIPModel`).
         `config_kwargs` set [`DCLIPConfig`] fields such as `distillation_method`.
@@ -505,7 +505,7 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
     @classmethod
     def from_clip(
         cls, clip: str | os.PathLike | CLIPModel, from_pretrained_kwargs: dict | None = None, **config_kwargs
-    ) -> "DCLIPTeacherModel":
+    ) -> DCLIPTeacherModel:
         """
         A teacher whose towers are a CLIP checkpoint's (unchanged) and whose fusion block is freshly initialised.
         `config_kwargs` set [`DCLIPTeacherConfig`] fields (fusion size, `embed_dim`, freezing, ...).

@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dclip.evaluation import retrieval_metrics  # noqa: E402

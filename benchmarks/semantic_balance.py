@@ -20,6 +20,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dclip.curation import SemanticBalanceConfig, semantic_balance  # noqa: E402

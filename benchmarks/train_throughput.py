@@ -179,8 +179,8 @@ def run_scenes(args, device: torch.device, online: bool) -> dict:
     crops, towers, fusion) runs on every batch."""
     import datasets
 
-    from dclip.data.collator import DCLIPCollator
     from dclip.arguments import DataArguments
+    from dclip.data.collator import DCLIPCollator
     from dclip.data.loading import load_data
     from dclip.targets import compute_teacher_features, fuse_teacher_targets
     from modeling_dclip import DCLIPModel, DCLIPTeacherModel

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 REMOTE_CODE_FILES = ("configuration_dclip.py", "modeling_dclip.py", "processing_dclip.py")

@@ -18,7 +18,13 @@ from .data.processor import build_processor
 from .detector import import_ultralytics_as_one_process
 from .reporting import paper_claims
 from .stages import (
-    STAGE_FOLDERS, RunContext, distill, evaluate_models, pretrain, train_default_detector, train_teacher,
+    STAGE_FOLDERS,
+    RunContext,
+    distill,
+    evaluate_models,
+    pretrain,
+    train_default_detector,
+    train_teacher,
 )
 from .training import cpu_threads_per_process, wait_for_everyone
 

@@ -9,7 +9,12 @@ from torch import nn
 from transformers import Trainer
 
 from .columns import (
-    CLUSTER_LABELS, STUDENT_INPUTS, TEACHER_IMAGE_EMBEDS, TEACHER_REGION_INPUTS, TEACHER_TARGETS, TEACHER_TEXT_EMBEDS,
+    CLUSTER_LABELS,
+    STUDENT_INPUTS,
+    TEACHER_IMAGE_EMBEDS,
+    TEACHER_REGION_INPUTS,
+    TEACHER_TARGETS,
+    TEACHER_TEXT_EMBEDS,
 )
 from .losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 

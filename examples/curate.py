@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from dclip.curation import SemanticBalanceConfig, curate_dataset
 from dclip.arguments import DataArguments
 from dclip.cli import setup_logging
+from dclip.curation import SemanticBalanceConfig, curate_dataset
 from dclip.data.loading import load_data
 
 

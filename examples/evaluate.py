@@ -19,11 +19,11 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from dclip.data.scenes import zero_shot_tasks
-from dclip.evaluation import evaluate_checkpoint, format_metrics_table
 from dclip.arguments import DataArguments
 from dclip.cli import setup_logging
 from dclip.data.loading import load_data
+from dclip.data.scenes import zero_shot_tasks
+from dclip.evaluation import evaluate_checkpoint, format_metrics_table
 
 
 @dataclass

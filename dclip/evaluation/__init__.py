@@ -6,14 +6,26 @@ task, as CLIP_benchmark's `metrics/`: `retrieval`, `classification`, `teacher`; 
 they share, `suite` the whole evaluations, `report` the metric tables. This package re-exports their public names."""
 
 from .classification import (
-    DEFAULT_TEMPLATES, classification_metrics, hard_negative_accuracy, linear_probe_accuracy, zero_shot_accuracy,
-    zero_shot_classification, zero_shot_classifier,
+    DEFAULT_TEMPLATES,
+    classification_metrics,
+    hard_negative_accuracy,
+    linear_probe_accuracy,
+    zero_shot_accuracy,
+    zero_shot_classification,
+    zero_shot_classifier,
 )
 from .embedding import embed_images, embed_texts, load_clip_towers
 from .report import format_estimate, format_metrics_table, is_estimate_detail, zero_shot_top1_keys
 from .retrieval import (
-    exact_positive_ranks, faiss_positive_ranks, image_groups, metrics_from_ranks, nearest_neighbours, ranks_from_scores,
-    recall_from_scores, retrieval_metrics, sampled_positive_ranks,
+    exact_positive_ranks,
+    faiss_positive_ranks,
+    image_groups,
+    metrics_from_ranks,
+    nearest_neighbours,
+    ranks_from_scores,
+    recall_from_scores,
+    retrieval_metrics,
+    sampled_positive_ranks,
 )
 from .suite import EvaluationResult, evaluate_checkpoint, evaluate_model, evaluate_teacher
 from .teacher import rerank_scores, teacher_retrieval

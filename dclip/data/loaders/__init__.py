@@ -21,8 +21,7 @@ entries-to-pairs pipeline), `files` (COCO / Flickr30k Karpathy JSON, Flickr30k C
 """
 
 from .auto import FILE_FORMATS, FORMATS, LOADERS, infer_format, load_caption_dataset
-from .common import CAPTION_KEYS, LoadReport, caption_list, check_image
-from .common import _expand_batch, _has_no_problem  # noqa: F401 - their import path (see the end of `common`)
+from .common import CAPTION_KEYS, LoadReport, _expand_batch, _has_no_problem, caption_list, check_image  # noqa: F401 - their import path (see the end of `common`)
 from .files import CSV_HEADER, KARPATHY_SPLITS, load_cc_tsv, load_coco_karpathy, load_flickr30k, load_imagefolder
 from .hub import HUB_CAPTION_COLUMNS, load_hub_dataset
 from .webdataset import IMAGE_EXTENSIONS, load_webdataset

@@ -14,6 +14,7 @@ from .files import load_cc_tsv, load_coco_karpathy, load_flickr30k, load_imagefo
 from .hub import load_hub_dataset
 from .webdataset import load_webdataset
 
+
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .common import CAPTION_KEYS, LoadReport, _add_entry, _entries_to_pairs, _new_entries, _single_split
 
+
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 

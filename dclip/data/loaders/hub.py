@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .common import LoadReport, _to_pairs
 
+
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 

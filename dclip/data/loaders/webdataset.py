@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .common import CAPTION_KEYS, LoadReport, _entry_features, _to_pairs, caption_list
 
+
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
 

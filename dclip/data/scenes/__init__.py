@@ -13,8 +13,18 @@ zero-shot tasks); it re-exports their public names.
 
 from .compose import Caption, Mention, SceneObject, _groups, _relation  # noqa: F401 - tests import the private two
 from .config import (
-    BACKGROUNDS, COLORS, COUNT_WORDS, GENERATOR_VERSION, OPPOSITE, POPULAR_CONCEPTS, RELATIONS, SHAPES, SIZES, SPLITS,
-    TEMPLATES, SceneConfig,
+    BACKGROUNDS,
+    COLORS,
+    COUNT_WORDS,
+    GENERATOR_VERSION,
+    OPPOSITE,
+    POPULAR_CONCEPTS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    TEMPLATES,
+    SceneConfig,
 )
 from .generate import generate_scenes, load_scenes, scene_features, zero_shot_tasks
 from .render import render_scene

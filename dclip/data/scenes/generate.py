@@ -131,7 +131,8 @@ def _generate_chunk(args) -> list[dict]:
 
 
 def scene_features():
-    from datasets import ClassLabel, Features, Image as ImageFeature, List, Value
+    from datasets import ClassLabel, Features, List, Value
+    from datasets import Image as ImageFeature
 
     return Features({
         "image": ImageFeature(),
