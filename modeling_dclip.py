@@ -516,7 +516,8 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         missing, unexpected = model.load_state_dict(clip.state_dict(), strict=False)
         clip_keys = set(clip.state_dict())
         if unexpected or any(key in clip_keys for key in missing):
-            raise RuntimeError(f"CLIP weights do not fit the teacher's towers: missing={missing}, unexpected={unexpected}")
+            raise RuntimeError(f"CLIP weights do not fit the teacher's towers: missing={missing}, "
+                               f"unexpected={unexpected}")
         model.set_attn_implementation(_attn_implementations(clip.config))
         return model.to(dtype=clip.dtype)
 
@@ -626,7 +627,9 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         for layer in self.fusion_layers:
             image_states, text_states = layer(image_states, image_mask, text_states, text_mask)
 
-        image_delta = self.image_output_projection(self.image_output_norm(_masked_mean(image_states[:, 1:], region_mask)))
+        image_delta = self.image_output_projection(
+            self.image_output_norm(_masked_mean(image_states[:, 1:], region_mask))
+        )
         text_delta = self.text_output_projection(self.text_output_norm(_masked_mean(text_states[:, 1:], span_mask)))
         image_delta = image_delta * region_mask.any(1, keepdim=True).to(image_delta.dtype)
         text_delta = text_delta * span_mask.any(1, keepdim=True).to(text_delta.dtype)
@@ -643,7 +646,9 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
     ) -> torch.FloatTensor:
         """Scaled fused cosine similarity of each pair `(image_index[p], text_index[p])`; any index shape."""
         shape = image_index.shape
-        image_embeds, text_embeds = self.fuse(image_features, text_features, image_index.reshape(-1), text_index.reshape(-1))
+        image_embeds, text_embeds = self.fuse(
+            image_features, text_features, image_index.reshape(-1), text_index.reshape(-1)
+        )
         return (self.fusion_logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).reshape(shape)
 
     def _check_cached_features_allowed(self, frozen: bool, tower: str) -> None:

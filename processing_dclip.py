@@ -86,7 +86,8 @@ def to_rgb_image(image, name: str = "image") -> Image.Image:
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"{name}: expected an array of shape (H, W), (H, W, 3|4) or (3|4, H, W), got {array.shape}.")
+            raise ValueError(f"{name}: expected an array of shape (H, W), (H, W, 3|4) or (3|4, H, W), "
+                             f"got {array.shape}.")
         image = Image.fromarray(_to_uint8(array))
     if not isinstance(image, Image.Image):
         raise TypeError(f"{name}: expected a path, PIL image, numpy array or tensor, got {type(image).__name__}.")
@@ -365,7 +366,9 @@ class DCLIPProcessor(ProcessorMixin):
             else:
                 from transformers.utils import cached_file
 
-                hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+                hub_kwargs = {
+                    k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs
+                }
                 resolved = cached_file(pretrained_model_name_or_path, path, **hub_kwargs)
             processor.set_detector(resolved)
         return processor
@@ -461,7 +464,9 @@ class DCLIPProcessor(ProcessorMixin):
         flat = [span for sample_spans in spans for span in sample_spans]
         length = 1
         if flat:
-            encoded = self.tokenizer(flat, padding=True, truncation=True, max_length=self.max_span_length, return_tensors="pt")
+            encoded = self.tokenizer(
+                flat, padding=True, truncation=True, max_length=self.max_span_length, return_tensors="pt"
+            )
             length = encoded["input_ids"].shape[1]
         span_input_ids = torch.full((batch, count, length), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         span_attention_mask = torch.zeros((batch, count, length), dtype=torch.long)
@@ -489,14 +494,16 @@ class DCLIPProcessor(ProcessorMixin):
                 boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)[: self.max_regions]
                 if boxes.size and (boxes.min() < 0 or boxes.max() > 1 or (boxes[:, 2:] <= boxes[:, :2]).any()):
                     raise ValueError(
-                        f"region_boxes[{index}] must be normalised (x1, y1, x2, y2) with 0 <= x1 < x2 <= 1, got {boxes.tolist()}."
+                        f"region_boxes[{index}] must be normalised (x1, y1, x2, y2) with 0 <= x1 < x2 <= 1, "
+                        f"got {boxes.tolist()}."
                     )
                 found.append(Regions(boxes, np.ones(len(boxes), np.float32), "given"))
         else:
             found = self.region_extractor(rgb_images)
         count = max([len(r.boxes) for r in found] + [0])
         crop_size = self.image_processor.crop_size
-        height, width = (crop_size["height"], crop_size["width"]) if crop_size else self._pixels(rgb_images[:1]).shape[-2:]
+        height, width = ((crop_size["height"], crop_size["width"]) if crop_size
+                         else self._pixels(rgb_images[:1]).shape[-2:])
         region_pixel_values = torch.zeros(len(found), count, 3, height, width)
         boxes_out = torch.zeros(len(found), count, 4)
         region_mask = torch.zeros(len(found), count, dtype=torch.bool)
@@ -526,5 +533,6 @@ class DCLIPProcessor(ProcessorMixin):
 DCLIPProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
-    "DCLIPProcessor", "RegionExtractor", "Regions", "SpanExtractor", "crop_region", "keep_torch_threads", "to_rgb_image",
+    "DCLIPProcessor", "RegionExtractor", "Regions", "SpanExtractor", "crop_region", "keep_torch_threads",
+    "to_rgb_image",
 ]

@@ -33,8 +33,9 @@ CLUSTER_ROWS = (
     ("cluster + instance, K = 64 (default)", "clip_cid", "`--method clip_cid`"),
     ("cluster + instance, K = 256", "clip_cid_k256", "`--method clip_cid --num_clusters 256`"),
 )
-BALANCE_ROWS = (("all pairs", "redundant_full", None), ("balanced, semantic threshold 0.9999", "redundant_balanced_0.9999",
-                "curated_0.9999"), ("balanced, semantic threshold 0.9998", "redundant_balanced_0.9998", "curated_0.9998"))
+BALANCE_ROWS = (("all pairs", "redundant_full", None),
+                ("balanced, semantic threshold 0.9999", "redundant_balanced_0.9999", "curated_0.9999"),
+                ("balanced, semantic threshold 0.9998", "redundant_balanced_0.9998", "curated_0.9998"))
 
 
 def zero_shot_mean(metrics: dict) -> float:
@@ -172,7 +173,8 @@ def main() -> None:
     parser.add_argument("--default", default="outputs/default")
     parser.add_argument("--runs", default="outputs/paper_tables")
     parser.add_argument("--write", default=None, help="markdown file whose paper-tables section is replaced")
-    parser.add_argument("--seconds", type=float, default=None, help="how long the runs took (paper_tables.sh passes it)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="how long the runs took (paper_tables.sh passes it)")
     args = parser.parse_args()
     results = load_results(Path(args.default), Path(args.runs))
     (HERE / "results").mkdir(exist_ok=True)

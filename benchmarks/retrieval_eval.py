@@ -54,8 +54,12 @@ def naive_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_imag
     top_images = scores.topk(max(ks), dim=1).indices  # (texts, K)
     top_texts = scores.t().topk(max(ks), dim=1).indices  # (images, K)
     for k in ks:
-        metrics[f"image_retrieval_recall@{k}"] = float(positive_pairs.gather(1, top_images[:, :k]).any(1).float().mean())
-        metrics[f"text_retrieval_recall@{k}"] = float(positive_pairs.t().gather(1, top_texts[:, :k]).any(1).float().mean())
+        metrics[f"image_retrieval_recall@{k}"] = float(
+            positive_pairs.gather(1, top_images[:, :k]).any(1).float().mean()
+        )
+        metrics[f"text_retrieval_recall@{k}"] = float(
+            positive_pairs.t().gather(1, top_texts[:, :k]).any(1).float().mean()
+        )
     return metrics
 
 

@@ -66,16 +66,17 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    embeddings, injected = synthetic_embeddings(args.samples, args.dim, args.concepts, args.duplicate_fraction, args.seed)
+    embeddings, injected = synthetic_embeddings(args.samples, args.dim, args.concepts, args.duplicate_fraction,
+                                                args.seed)
     generate_seconds = time.perf_counter() - started
     config = SemanticBalanceConfig(semantic_threshold=args.semantic_threshold, kmeans_seed=args.seed)
     result = semantic_balance(embeddings, config, verbose=True)
     report = result.report()
     import faiss
 
-    report.update(samples=args.samples, injected_duplicates=injected, dim=args.dim, generate_seconds=round(generate_seconds, 1),
-                  faiss_threads=faiss.omp_get_max_threads(), cpu_count=os.cpu_count(), machine=platform.processor()
-                  or platform.machine(), config=asdict(config))
+    report.update(samples=args.samples, injected_duplicates=injected, dim=args.dim,
+                  generate_seconds=round(generate_seconds, 1), faiss_threads=faiss.omp_get_max_threads(),
+                  cpu_count=os.cpu_count(), machine=platform.processor() or platform.machine(), config=asdict(config))
     print(json.dumps(report, indent=2))
     if args.markdown:
         seconds = report["seconds"]

@@ -16,7 +16,8 @@ tensors, so no image decoding is timed), AdamW at a constant learning rate, each
   computation timed apart) against the teacher (detector, region crops, towers, fusion) on every batch.
 
 Throughput is samples per second over the steps after `--warmup`; memory is the process's peak resident set minus
-the resident set just before training (CPU) or the peak allocated during training (CUDA). Prints one JSON object; the ratios compare per-sample speed.
+the resident set just before training (CPU) or the peak allocated during training (CUDA). Prints one JSON object; the
+ratios compare per-sample speed.
 
     pip install -e ".[bench]"
     python benchmarks/train_throughput.py                   # CPU here; CUDA (and --bf16) when a GPU is present
@@ -43,7 +44,8 @@ def batches(count: int, batch_size: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(count * batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     texts = torch.randint(1, VOCAB - 2, (count * batch_size, CONTEXT), generator=generator)
-    texts[:, 0], texts[:, -1] = VOCAB - 2, VOCAB - 1  # bos ... eos (the eos id is the highest: open_clip pools at argmax)
+    # bos ... eos (the eos id is the highest: open_clip pools at argmax)
+    texts[:, 0], texts[:, -1] = VOCAB - 2, VOCAB - 1
     return images, texts
 
 
@@ -162,7 +164,8 @@ def run_dclip(args, device: torch.device, online: bool) -> dict:
             return len(images)
 
         def __getitem__(self, i):
-            row = {"pixel_values": images[i], "input_ids": texts[i], "attention_mask": torch.ones(CONTEXT, dtype=torch.long)}
+            row = {"pixel_values": images[i], "input_ids": texts[i],
+                   "attention_mask": torch.ones(CONTEXT, dtype=torch.long)}
             if not online:
                 row.update(teacher_image_embeds=targets[0, i], teacher_text_embeds=targets[1, i])
             return row
@@ -203,7 +206,8 @@ def run_scenes(args, device: torch.device, online: bool) -> dict:
         train = fuse_teacher_targets(features, teacher)
         caching["fusion_seconds"] = time.perf_counter() - started
         caching["pairs_per_second"] = len(train) / (caching["tower_features_seconds"] + caching["fusion_seconds"])
-    result = train_clocked(args, device, student, train, DCLIPCollator(processor, with_teacher_inputs=online, **regions),
+    result = train_clocked(args, device, student, train,
+                           DCLIPCollator(processor, with_teacher_inputs=online, **regions),
                            teacher=teacher if online else None)
     return {**result, **{f"caching_{key}": round(value, 1) for key, value in caching.items()}}
 

@@ -54,7 +54,8 @@ class ClipLoss(nn.Module):
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
         rank, world_size = _world()
         scale = logit_scale.exp() if logit_scale.dim() == 0 or logit_scale.numel() == 1 else logit_scale
         all_images = gather_features(image_features, self.gather_with_grad)
@@ -139,7 +140,8 @@ class InstanceDistillLoss(nn.Module):
         scale = logit_scale.exp() if logit_scale.dim() == 0 or logit_scale.numel() == 1 else logit_scale
         teacher_image = gather_features(teacher_image.detach().to(student_image.dtype), gather_with_grad=False)
         teacher_text = gather_features(teacher_text.detach().to(student_text.dtype), gather_with_grad=False)
-        image_targets, text_targets = (teacher_text, teacher_image) if self.cross_modal else (teacher_image, teacher_text)
+        image_targets, text_targets = ((teacher_text, teacher_image) if self.cross_modal
+                                       else (teacher_image, teacher_text))
         labels = torch.arange(student_image.shape[0], device=student_image.device) + rank * student_image.shape[0]
         return (F.cross_entropy(scale * student_image @ image_targets.t(), labels)
                 + F.cross_entropy(scale * student_text @ text_targets.t(), labels)) / 2

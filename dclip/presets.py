@@ -13,7 +13,8 @@ SMALL_CLIP_PRESETS = {
 }
 
 
-def small_clip_config(tokenizer, image_size: int = 64, preset: str = "clip-small", projection_dim: int | None = None) -> CLIPConfig:
+def small_clip_config(tokenizer, image_size: int = 64, preset: str = "clip-small",
+                      projection_dim: int | None = None) -> CLIPConfig:
     """A `CLIPConfig` of a `SMALL_CLIP_PRESETS` size whose text side fits `tokenizer` (vocabulary, special tokens)."""
     if preset not in SMALL_CLIP_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SMALL_CLIP_PRESETS)}")

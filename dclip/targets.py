@@ -141,7 +141,8 @@ def compute_teacher_features(
     fingerprint = _map_fingerprint(dataset, processor, "towers:" + towers, use_given_boxes, use_given_spans)
 
     def encode(batch: dict) -> dict:
-        inputs = {k: v.to(device) for k, v in teacher_inputs(processor, batch, use_given_boxes, use_given_spans).items()}
+        inputs = {k: v.to(device)
+                  for k, v in teacher_inputs(processor, batch, use_given_boxes, use_given_spans).items()}
         with torch.no_grad():
             image = teacher.encode_image_side(
                 inputs["pixel_values"], inputs["region_pixel_values"], inputs["region_boxes"], inputs["region_mask"]

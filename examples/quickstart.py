@@ -21,7 +21,8 @@ from processing_dclip import DCLIPProcessor
 
 @dataclass
 class QuickstartArguments:
-    clip: str | None = field(default=None, metadata={"help": "CLIP checkpoint (Hub name or folder); default: tiny random"})
+    clip: str | None = field(default=None,
+                             metadata={"help": "CLIP checkpoint (Hub name or folder); default: tiny random"})
     output_dir: str = field(default="outputs/quickstart", metadata={"help": "where the two model folders go"})
 
 
@@ -60,7 +61,8 @@ def main() -> None:
     print(f"AutoModel loaded {type(reloaded).__name__}; exported to {type(reloaded.to_clip()).__name__}")
     image = Image.fromarray(np.full((80, 80, 3), (200, 30, 30), dtype=np.uint8))
     classifier = pipeline("zero-shot-image-classification", model=str(output / "student"), trust_remote_code=True)
-    print("zero-shot (untrained weights, so near uniform):", classifier(image, candidate_labels=["circle", "square", "star"]))
+    print("zero-shot (untrained weights, so near uniform):",
+          classifier(image, candidate_labels=["circle", "square", "star"]))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ def train_clip_tokenizer(
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     minimum = 2 * len(alphabet) + 2
     if vocab_size < minimum:
-        raise ValueError(f"`vocab_size` must be at least {minimum} (byte symbols with and without `</w>`), got {vocab_size}.")
+        raise ValueError(f"`vocab_size` must be at least {minimum} (byte symbols with and without `</w>`), "
+                         f"got {vocab_size}.")
     bpe = Tokenizer(models.BPE(unk_token=EOS_TOKEN, continuing_subword_prefix="", end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]

@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 def load_clip_towers(name_or_path: str):
     """A [`DCLIPModel`] or [`DCLIPTeacherModel`] folder as itself, any CLIP checkpoint (local or Hub) as a
-    [`DCLIPModel`]: each has `get_image_features` / `get_text_features` returning tensors. On the GPU if there is one."""
+    [`DCLIPModel`]: each has `get_image_features` / `get_text_features` returning tensors. On the GPU if there is
+    one."""
     from transformers import PretrainedConfig
 
     from modeling_dclip import DCLIPModel, DCLIPTeacherModel

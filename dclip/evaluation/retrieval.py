@@ -100,7 +100,8 @@ def _positive_scores(images: torch.Tensor, texts: torch.Tensor, owner: torch.Ten
 @torch.no_grad()
 def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: torch.Tensor,
                   pair_threshold: torch.Tensor, gallery_threshold: torch.Tensor | None = None,
-                  max_block_elements: int = 1 << 24, block_queries: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  max_block_elements: int = 1 << 24,
+                  block_queries: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     One pass of `(block_queries, gallery chunk)` score tiles of at most `max_block_elements`, never the whole
     `(queries, gallery)` matrix (tiles with many query rows keep the matrix products near the machine's peak). For
@@ -133,7 +134,8 @@ def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: t
             gallery_counts[begin:end] += np.count_nonzero(scores > gallery_threshold[None, begin:end], axis=0)
         if begin == 0:  # this block's pairs, split by their place: pass j covers each query's j-th pair
             lo, hi = np.searchsorted(query_of_pair, [start, stop])
-            passes = [lo + np.flatnonzero(place[lo:hi] == j) for j in range(int(place[lo:hi].max()) + 1 if hi > lo else 0)]
+            passes = [lo + np.flatnonzero(place[lo:hi] == j)
+                      for j in range(int(place[lo:hi].max()) + 1 if hi > lo else 0)]
         for pairs in passes:
             local = query_of_pair[pairs] - start
             own = scores if len(local) == stop - start else scores[local]  # every query has a j-th pair: no copy
@@ -142,7 +144,8 @@ def _count_higher(queries: torch.Tensor, gallery: torch.Tensor, query_of_pair: t
 
 
 def exact_positive_ranks(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray,
-                         max_block_elements: int = 1 << 24, tie_tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+                         max_block_elements: int = 1 << 24,
+                         tie_tolerance: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """`(image_ranks, text_ranks)` (see above), exact, both from one pass of image-by-caption score blocks."""
     images, texts = torch.from_numpy(image_embeds), torch.from_numpy(text_embeds)
     owner = torch.from_numpy(text_to_image)

@@ -35,7 +35,7 @@ Examples:
     >>> retrieval = evaluate.load("metrics/retrieval")
     >>> retrieval.compute(predictions=[[0.9, 0.1], [0.2, 0.8], [0.7, 0.6]], references=[0, 1, 1], ks=[1])
     {'image_retrieval_recall@1': 0.6666666666666666, 'text_retrieval_recall@1': 1.0, 'image_retrieval_mAP': 0.8333333333333334, 'text_retrieval_mAP': 1.0}
-"""
+"""  # noqa: E501 (a doctest's expected output is one line)
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

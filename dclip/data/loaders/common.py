@@ -256,7 +256,8 @@ def _add_entry(entries: dict[str, list], path: str, captions: Any, image_id: str
 
 def _single_split(split: str | None, source: str) -> None:
     if split not in (None, "train"):
-        raise ValueError(f"{source} has a single split, read as 'train'; got `split`={split!r}, expected 'train' or None.")
+        raise ValueError(f"{source} has a single split, read as 'train'; got `split`={split!r}, "
+                         "expected 'train' or None.")
 
 
 # `datasets` fingerprints a `map` / `filter` function by its import path, and a loaded data set's fingerprint keys the

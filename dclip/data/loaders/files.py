@@ -44,7 +44,8 @@ def load_coco_karpathy(
         with open(json_path, encoding="utf-8") as handle:
             images = json.load(handle)["images"]
     except json.JSONDecodeError as error:
-        raise ValueError(f"{json_path} line {error.lineno}, column {error.colno}: invalid JSON ({error.msg}).") from None
+        raise ValueError(f"{json_path} line {error.lineno}, column {error.colno}: "
+                         f"invalid JSON ({error.msg}).") from None
     except (KeyError, TypeError):
         raise ValueError(f"{json_path}: expected a Karpathy-split JSON object with an 'images' list.") from None
     entries = _new_entries()
@@ -158,7 +159,8 @@ def load_imagefolder(
     elif split in (None, "train") and os.path.isfile(os.path.join(folder, "metadata.jsonl")):
         directory = folder
     else:
-        found = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "metadata.jsonl")))
+        found = sorted(name for name in os.listdir(folder)
+                       if os.path.isfile(os.path.join(folder, name, "metadata.jsonl")))
         raise ValueError(f"{folder}: no metadata.jsonl for split {split!r} (expected {folder}/{split}/metadata.jsonl, "
                          f"or {folder}/metadata.jsonl for 'train'); splits with one: {found}.")
     metadata = os.path.join(directory, "metadata.jsonl")

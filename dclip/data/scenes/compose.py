@@ -96,7 +96,8 @@ def _shape_points(shape: str, box: tuple[float, float, float, float], scale: flo
     return None  # circle
 
 
-def _place_objects(rng: np.random.Generator, specs: list[tuple[str, str, str]], jitter: float = 0.0) -> list[SceneObject]:
+def _place_objects(rng: np.random.Generator, specs: list[tuple[str, str, str]],
+                   jitter: float = 0.0) -> list[SceneObject]:
     """Non-overlapping boxes for `(shape, colour, size)` specs, by rejection sampling (smaller sizes if crowded)."""
     for attempt in range(60):
         placed: list[SceneObject] = []
@@ -194,7 +195,8 @@ def _hard_negatives(rng: np.random.Generator, caption: Caption) -> list[tuple[st
     mentions = caption.mentions
     # swapped attribute: exchange two mentions' colours, or recolour the only one
     swapped = [Mention(m.count, m.color, m.shape, m.size, m.objects) for m in mentions]
-    pairs = [(i, j) for i in range(len(mentions)) for j in range(i + 1, len(mentions)) if mentions[i].color != mentions[j].color]
+    pairs = [(i, j) for i in range(len(mentions)) for j in range(i + 1, len(mentions))
+             if mentions[i].color != mentions[j].color]
     if pairs:
         i, j = pairs[int(rng.integers(len(pairs)))]
         swapped[i].color, swapped[j].color = mentions[j].color, mentions[i].color

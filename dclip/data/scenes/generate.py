@@ -48,7 +48,8 @@ def _record(rng, config: SceneConfig, objects: list[SceneObject], background: st
         "hard_negative_types": [kind for kind, _ in negatives],
         "label_shape": SHAPES.index(objects[primary].shape),
         "label_color": list(COLORS).index(objects[primary].color),
-        "label_color_shape": list(COLORS).index(objects[primary].color) * len(SHAPES) + SHAPES.index(objects[primary].shape),
+        "label_color_shape": (list(COLORS).index(objects[primary].color) * len(SHAPES)
+                              + SHAPES.index(objects[primary].shape)),
         "redundancy": redundancy,
         "source_index": source,
         "_caption": caption,
@@ -185,7 +186,8 @@ def generate_scenes(config: SceneConfig | None = None, num_proc: int | None = No
     return DatasetDict(splits)
 
 
-def load_scenes(config: SceneConfig | None = None, cache_dir: str | os.PathLike = "outputs/cache", num_proc: int | None = None):
+def load_scenes(config: SceneConfig | None = None, cache_dir: str | os.PathLike = "outputs/cache",
+                num_proc: int | None = None):
     """`generate_scenes`, saved to `cache_dir/scenes-<config hash>` on first use and reloaded from there after."""
     from datasets import load_from_disk
 
