@@ -10,6 +10,11 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from dclip.pipeline import DataArguments, DistillationArguments, ModelArguments, run
+from dclip.trainer import DCLIPTrainer
+
+
+TINY_MODEL = dict(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4)
+TINY_DATA = dict(num_train_scenes=200, max_eval_samples=50, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +271,137 @@ def test_ultralytics_is_imported_as_one_process_under_a_distributed_launch():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-3:] == ["-1", "-1", "2"]
+
+
+# ----- a stage run again on a copy of the tiny run ------------------------------------------------------------------
+
+
+def _copy_of_tiny_run(tiny_run, tmp_path, keep_cached_maps: bool = True) -> Path:
+    """The tiny run's outputs and data cache, copied; without `keep_cached_maps`, not the cached `datasets.map`
+    results (teacher features and targets), so that a stage run on the copy computes them afresh."""
+    import shutil
+
+    root, _ = tiny_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    ignore = None if keep_cached_maps else shutil.ignore_patterns("cache-*.arrow")
+    shutil.copytree(root / "cache", tmp_path / "cache", ignore=ignore)
+    return tmp_path
+
+
+def _run_stage(folder: Path, data_kwargs: dict | None = None, resume: bool = False, **distill_kwargs) -> dict:
+    training_args = TrainingArguments(
+        output_dir=str(folder / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True, save_steps=2,
+        logging_steps=1, dataloader_num_workers=0, seed=0, resume_from_checkpoint="true" if resume else None,
+    )
+    arguments = dict(pretrain_steps=3, teacher_steps=3, distill_steps=3, detector_epochs=1, detector_train_samples=64)
+    return run(ModelArguments(**TINY_MODEL),
+               DataArguments(cache_dir=str(folder / "cache"), **TINY_DATA, **(data_kwargs or {})),
+               DistillationArguments(**{**arguments, **distill_kwargs}), training_args)
+
+
+class Recorder:
+    """Wraps a method on its class and records each call's keyword arguments (then calls the original)."""
+
+    def __init__(self, monkeypatch, owner, name: str):
+        self.calls: list[dict] = []
+        original = getattr(owner, name)
+
+        def wrapper(this, *args, **kwargs):
+            self.calls.append({"self": this, "args": args, **kwargs})
+            return original(this, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+
+def _region_calls(processor_calls: list[dict]) -> list[dict]:
+    """The processor calls that made teacher inputs (regions and spans)."""
+    return [call for call in processor_calls if call.get("return_regions") or call.get("region_boxes") is not None]
+
+
+def test_resumed_stage_continues_from_its_checkpoint_and_matches_an_uninterrupted_run(tiny_run, tmp_path,
+                                                                                    monkeypatch):
+    """The student stage killed after its step-2 checkpoint: resuming trains only the last step, from that
+    checkpoint's weights, optimizer and data position, and ends with the uninterrupted run's weights."""
+    import shutil
+
+    _, summary = tiny_run
+    folder = _copy_of_tiny_run(tiny_run, tmp_path)
+    shutil.rmtree(folder / "out" / "student" / "final")
+    shutil.rmtree(folder / "out" / "student" / "checkpoint-3")  # killed between the step-2 and step-3 saves
+    steps = Recorder(monkeypatch, DCLIPTrainer, "training_step")
+    result = _run_stage(folder, resume=True, stage="distill")
+    distill = result["training"]["distill"]
+    assert distill["resumed_from"] is not None and Path(distill["resumed_from"]).name == "checkpoint-2"
+    assert distill["global_step"] == 3
+    assert len(steps.calls) == 1  # one step run: from step 2 to 3
+    resumed = load_file(f"{result['artefacts']['student']}/model.safetensors")
+    uninterrupted = load_file(f"{summary['artefacts']['student']}/model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_distillation_trains_every_term_of_the_method(tiny_run):
+    """DCLIP's hybrid loss: each logged student step has the contrastive and both cosine terms, and the loss is
+    their sum (weight 1 each); the base CLIP is trained on the contrastive term alone."""
+    root, _ = tiny_run
+    assert DistillationArguments().loss_weights() == {
+        "contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0, "cluster_image": 0.0, "cluster_text": 0.0,
+        "instance": 0.0}
+    assert DistillationArguments(cosine_text_weight=0.25).loss_weights()["cosine_text"] == 0.25
+    logs = {}
+    for stage in ("base_clip", "student"):
+        state = json.loads((root / "out" / stage / "checkpoint-3" / "trainer_state.json").read_text())
+        logs[stage] = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logs["student"]] == [1, 2, 3]
+    for entry in logs["student"]:
+        terms = {key: value for key, value in entry.items() if key.startswith("loss_")}
+        assert set(terms) == {"loss_contrastive", "loss_cosine_image", "loss_cosine_text"}
+        assert terms["loss_cosine_image"] > 0 and terms["loss_cosine_text"] > 0
+        assert entry["loss"] == pytest.approx(sum(terms.values()), abs=1e-5)
+    for entry in logs["base_clip"]:
+        assert {key for key in entry if key.startswith("loss_")} == {"loss_contrastive"}
+        assert entry["loss"] == pytest.approx(entry["loss_contrastive"], abs=1e-5)
+
+
+@pytest.mark.parametrize("annotated", [True, False], ids=["annotated", "detected"])
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_use_annotated_regions_decides_the_teacher_inputs(tiny_run, tmp_path, monkeypatch, stage, annotated):
+    """--use_annotated_regions: the teacher stage's tower features and the student stage's teacher targets are made
+    from the rows' own boxes and spans; without it, from the detector's boxes and the extractor's spans."""
+    from processing_dclip import DCLIPProcessor
+
+    folder = _copy_of_tiny_run(tiny_run, tmp_path, keep_cached_maps=False)
+    calls = Recorder(monkeypatch, DCLIPProcessor, "__call__")
+    _run_stage(folder, data_kwargs={"use_annotated_regions": annotated}, stage=stage)
+    made = _region_calls(calls.calls)
+    assert sum(len(call["images"]) for call in made) >= 200  # every training row
+    for call in made:
+        if annotated:
+            assert call["region_boxes"] is not None and len(call["region_boxes"]) == len(call["images"])
+            assert call["spans"] is not None and len(call["spans"]) == len(call["text"])
+            assert any(len(boxes) > 1 for boxes in call["region_boxes"])  # the scenes' objects
+        else:
+            assert call["region_boxes"] is None and call["spans"] is None
+
+
+def test_online_teacher_gets_the_rows_regions_and_spans(tiny_run, tmp_path, monkeypatch):
+    """--online_teacher: each batch's teacher forward gets region crops and spans, with --use_annotated_regions the
+    rows' own boxes."""
+    from modeling_dclip import DCLIPTeacherModel
+    from processing_dclip import DCLIPProcessor
+
+    folder = _copy_of_tiny_run(tiny_run, tmp_path)
+    processor_calls = Recorder(monkeypatch, DCLIPProcessor, "__call__")
+    teacher_calls = Recorder(monkeypatch, DCLIPTeacherModel, "forward")
+    result = _run_stage(folder, data_kwargs={"use_annotated_regions": True}, stage="distill", online_teacher=True,
+                        distill_steps=2)
+    assert result["training"]["distill"]["global_step"] == 2
+    assert len(teacher_calls.calls) == 2  # one teacher forward per batch, nothing cached
+    for call in teacher_calls.calls:
+        for name in ("region_pixel_values", "region_boxes", "span_input_ids", "span_attention_mask"):
+            assert call.get(name) is not None, name
+        assert call["region_mask"].sum(1).min() >= 1 and call["span_mask"].sum(1).min() >= 1
+        assert (call["region_mask"].sum(1) > 1).any()  # the scenes' objects, not the whole image
+    made = _region_calls(processor_calls.calls)
+    assert len(made) >= 2 and all(call["region_boxes"] is not None and call["spans"] is not None for call in made)
