@@ -85,6 +85,30 @@ def test_arrays_and_tensors_are_accepted(processor):
         processor(images=[123])
 
 
+def test_float_arrays_in_unit_range_are_scaled_once(processor):
+    """Float images are on the [0, 1] scale when their maximum is at most 1, else on the 0-255 scale: either way the
+    pixels are those of the same uint8 image, never divided by 255 twice (or not at all)."""
+    image = random_images(1)[0]
+    array = np.array(image)
+    expected = pixels(processor, image)
+    unit = array.astype(np.float32) / 255.0
+    assert unit.max() <= 1.0
+    torch.testing.assert_close(pixels(processor, unit), expected)
+    torch.testing.assert_close(pixels(processor, unit.astype(np.float64)), expected)
+    torch.testing.assert_close(pixels(processor, torch.from_numpy(unit).permute(2, 0, 1)), expected)  # CHW tensor
+    torch.testing.assert_close(pixels(processor, array.astype(np.float32)), expected)  # 0-255 floats: as they are
+    np.testing.assert_array_equal(np.asarray(to_rgb_image(unit)), array)
+    np.testing.assert_array_equal(np.asarray(to_rgb_image(array.astype(np.float64))), array)
+    # the boundary: a maximum of exactly 1.0 is the [0, 1] scale (white), anything above is the 0-255 scale
+    assert np.asarray(to_rgb_image(np.ones((3, 3, 3), np.float32))).tolist() == [[[255] * 3] * 3] * 3
+    assert np.asarray(to_rgb_image(np.full((3, 3, 3), 0.5, np.float32))).max() == 128
+    above = np.full((3, 3, 3), 1.0, np.float32)
+    above[0, 0, 0] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert np.asarray(to_rgb_image(above))[1, 1].tolist() == [1, 1, 1]
+    gray = to_rgb_image(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32))  # 2-d: grayscale, same rule
+    assert np.asarray(gray)[..., 0].tolist() == [[0, 64], [128, 255]]
+
+
 def test_to_rgb_image_rejects_empty_images():
     with pytest.raises(ValueError, match="no pixels"):
         to_rgb_image(Image.new("RGB", (0, 5)), "sample 7")
@@ -173,6 +197,24 @@ def test_mixed_region_counts_are_padded(processor):
 def test_bad_boxes_are_named(processor):
     with pytest.raises(ValueError, match=r"region_boxes\[0\] must be normalised"):
         processor(images=random_images(1), region_boxes=[[[0.5, 0.5, 0.2, 0.9]]])
+
+
+def test_region_boxes_must_match_the_images(processor):
+    images = random_images(2, size=40)
+    with pytest.raises(ValueError, match=r"`region_boxes` has 1 entries for 2 images"):
+        processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]]])
+    with pytest.raises(ValueError, match=r"`region_boxes` has 3 entries for 2 images"):
+        processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]]] * 3)
+    with pytest.raises(ValueError, match=r"`region_boxes` has 0 entries for 1 images"):
+        processor(images=images[:1], region_boxes=[])
+    # a box per image, the edges of the image included: accepted
+    out = processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]], [[0.0, 0.5, 0.5, 1.0]]])
+    assert out["region_mask"].tolist() == [[True], [True]]
+    # boxes outside [0, 1] or of no width or height are refused, at the boundary too
+    bad = ([[-1e-6, 0.0, 0.5, 0.5]], [[0.0, 0.0, 1.0 + 1e-6, 0.5]], [[0.25, 0.0, 0.25, 0.5]], [[0.0, 0.5, 0.5, 0.5]])
+    for boxes in bad:
+        with pytest.raises(ValueError, match=r"region_boxes\[1\] must be normalised"):
+            processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]], boxes])
 
 
 class FakeBoxes:
