@@ -385,23 +385,27 @@ def test_use_annotated_regions_decides_the_teacher_inputs(tiny_run, tmp_path, mo
             assert call["region_boxes"] is None and call["spans"] is None
 
 
-def test_online_teacher_gets_the_rows_regions_and_spans(tiny_run, tmp_path, monkeypatch):
-    """--online_teacher: each batch's teacher forward gets region crops and spans, with --use_annotated_regions the
-    rows' own boxes."""
+@pytest.mark.parametrize("annotated", [True, False], ids=["annotated", "detected"])
+def test_online_teacher_gets_the_rows_regions_and_spans(tiny_run, tmp_path, monkeypatch, annotated):
+    """--online_teacher: each batch's teacher forward gets region crops, boxes and spans: with
+    --use_annotated_regions the rows' own, else the detector's and the extractor's."""
     from modeling_dclip import DCLIPTeacherModel
     from processing_dclip import DCLIPProcessor
 
     folder = _copy_of_tiny_run(tiny_run, tmp_path)
     processor_calls = Recorder(monkeypatch, DCLIPProcessor, "__call__")
     teacher_calls = Recorder(monkeypatch, DCLIPTeacherModel, "forward")
-    result = _run_stage(folder, data_kwargs={"use_annotated_regions": True}, stage="distill", online_teacher=True,
-                        distill_steps=2)
+    result = _run_stage(folder, data_kwargs={"use_annotated_regions": annotated}, stage="distill",
+                        online_teacher=True, distill_steps=2)
     assert result["training"]["distill"]["global_step"] == 2
     assert len(teacher_calls.calls) == 2  # one teacher forward per batch, nothing cached
     for call in teacher_calls.calls:
         for name in ("region_pixel_values", "region_boxes", "span_input_ids", "span_attention_mask"):
             assert call.get(name) is not None, name
         assert call["region_mask"].sum(1).min() >= 1 and call["span_mask"].sum(1).min() >= 1
-        assert (call["region_mask"].sum(1) > 1).any()  # the scenes' objects, not the whole image
+        if annotated:
+            assert (call["region_mask"].sum(1) > 1).any()  # the scenes' objects, not the whole image
     made = _region_calls(processor_calls.calls)
-    assert len(made) >= 2 and all(call["region_boxes"] is not None and call["spans"] is not None for call in made)
+    assert len(made) >= 2
+    for call in made:
+        assert (call["region_boxes"] is not None) == annotated and (call["spans"] is not None) == annotated
