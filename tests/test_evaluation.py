@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dclip.evaluation import (
-    image_groups, recall_from_scores, rerank_scores, retrieval_metrics, teacher_retrieval, zero_shot_accuracy,
-    zero_shot_classification,
+    evaluate_model, image_groups, recall_from_scores, rerank_scores, retrieval_metrics, teacher_retrieval,
+    zero_shot_accuracy, zero_shot_classification,
 )
 
 
@@ -469,8 +469,6 @@ def captioned_lookup_rows(noise: float, seed: int = 0):
 
 
 def test_evaluate_model_scores_each_caption_against_its_own_image():
-    from dclip.evaluation import evaluate_model
-
     # no noise: every caption's embedding is its image's, so every metric is exactly 1
     rows, model, processor, _ = captioned_lookup_rows(noise=0.0)
     result = evaluate_model(model, processor, rows, ks=(1, 5), retrieval_backend="exact")

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-from dclip.pipeline import DataArguments, DistillationArguments, ModelArguments, run
+from dclip.pipeline import (  # imported once here: they move when dclip/pipeline.py is split
+    DataArguments, DistillationArguments, ModelArguments, build_processor, cpu_threads_per_process, paper_claims, run,
+)
 from dclip.trainer import DCLIPTrainer
 
 
@@ -88,8 +90,6 @@ def test_metrics_are_probabilities(tiny_run):
 
 
 def test_claims_are_read_from_the_metrics():
-    from dclip.pipeline import paper_claims
-
     base = {"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.3, "zeroshot_a_acc1": 0.5,
             "zeroshot_b_acc1": 0.7, "zeroshot_b_acc5": 0.1}
     student = {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.31, "zeroshot_a_acc1": 0.5,
@@ -224,8 +224,6 @@ def test_dataset_without_student_checkpoint_is_refused(tmp_path):
 
 
 def test_cpu_threads_are_shared_among_local_processes(monkeypatch):
-    from dclip.pipeline import cpu_threads_per_process
-
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cpu_threads_per_process() == 4
@@ -250,7 +248,6 @@ def test_student_folder_runs_in_the_zero_shot_pipeline(tiny_run):
 
 def test_saved_processor_is_reused_only_for_the_same_source(tmp_path):
     from dclip.data.scenes import SceneConfig, generate_scenes
-    from dclip.pipeline import build_processor
 
     data = generate_scenes(SceneConfig(num_train=40, num_validation=1, num_test=1, image_size=32, seed=1), num_proc=1)
     folder = tmp_path / "processor"
