@@ -111,3 +111,17 @@ def random_images(count: int, seed: int = 0, size: int = 48):
 
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def fused_teacher(tiny_clip, seed: int = 0):
+    """A teacher from the tiny CLIP whose fused residual is large enough that regions and spans change its
+    embeddings (a fresh teacher's output projections start near zero, which would hide lost region inputs)."""
+    from modeling_dclip import DCLIPTeacherModel
+
+    torch.manual_seed(seed)
+    model = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4, max_regions=4,
+                                        max_spans=4)
+    with torch.no_grad():
+        model.image_output_projection.weight.normal_(std=0.2)
+        model.text_output_projection.weight.normal_(std=0.2)
+    return model.eval()

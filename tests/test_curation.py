@@ -10,6 +10,9 @@ from dclip.curation import (
     normalize_embeddings, semantic_balance, _ivf_index, spherical_kmeans,
 )
 from conftest import REPO_ROOT
+from dclip.arguments import DataArguments
+from dclip.data.loading import load_data, select_rows
+from dclip.stages import cluster_teacher_embeddings
 
 
 def unit_rows(rows, dim, seed):
@@ -89,6 +92,65 @@ def test_semantic_balance_cap_and_keep_order():
     np.testing.assert_array_equal(np.sort(outlying.kept_indices), np.sort(np.argsort(centrality)[:10]))
 
 
+# Unit vectors with dyadic coordinates: their norms and dot products are exact in float32, so a similarity can sit
+# exactly on a threshold. e0 . h = e1 . h = 0.5, e0 . e1 = 0.
+E0, E1, H = [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]
+JUST_ABOVE_HALF = float(np.nextafter(np.float32(0.5), np.float32(1.0)))
+
+
+@pytest.mark.parametrize("block_size", [1, 1024])  # compared across blocks, and inside one block
+def test_greedy_subset_drops_a_similarity_equal_to_the_threshold(block_size):
+    vectors = np.array([E0, H, E1], dtype=np.float32)
+    assert float(vectors[0] @ vectors[1]) == 0.5
+    assert greedy_diverse_subset(vectors, 0.5, block_size=block_size).tolist() == [True, False, True]
+    assert greedy_diverse_subset(vectors, JUST_ABOVE_HALF, block_size=block_size).tolist() == [True, True, True]
+
+
+def test_duplicate_and_semantic_thresholds_include_their_boundary():
+    vectors = np.array([E0, E1, H], dtype=np.float32)  # H is 0.5 from both earlier ones
+    exact = {"num_clusters": 1, "duplicate_nprobe": 1}
+    duplicates = semantic_balance(vectors, SemanticBalanceConfig(**exact, duplicate_threshold=0.5,
+                                                                 semantic_threshold=1.0))
+    assert duplicates.reason.tolist() == [KEPT, KEPT, DUPLICATE]  # similarity == threshold: a duplicate
+    below = semantic_balance(vectors, SemanticBalanceConfig(**exact, duplicate_threshold=JUST_ABOVE_HALF,
+                                                            semantic_threshold=1.0))
+    assert below.reason.tolist() == [KEPT, KEPT, KEPT]
+    redundant = semantic_balance(vectors, SemanticBalanceConfig(**exact, duplicate_threshold=1.0,
+                                                                semantic_threshold=0.5))
+    # H, the most central, is visited first: both 0.5-neighbours are redundant with it
+    assert redundant.reason.tolist() == [SEMANTIC, SEMANTIC, KEPT]
+    kept = semantic_balance(vectors, SemanticBalanceConfig(**exact, duplicate_threshold=1.0,
+                                                           semantic_threshold=JUST_ABOVE_HALF))
+    assert kept.reason.tolist() == [KEPT, KEPT, KEPT]
+    # identical vectors reach the largest threshold, 1.0
+    copies = np.array([E0, E1, E0], dtype=np.float32)
+    assert semantic_balance(copies, SemanticBalanceConfig(**exact, duplicate_threshold=1.0)).reason.tolist() == [
+        KEPT, KEPT, DUPLICATE]
+
+
+def test_config_bounds_are_inclusive():
+    for threshold in (-1.0, 1.0):
+        SemanticBalanceConfig(duplicate_threshold=threshold, semantic_threshold=threshold)
+    for threshold in (float(np.nextafter(1.0, 2.0)), float(np.nextafter(-1.0, -2.0))):
+        with pytest.raises(ValueError, match="duplicate_threshold"):
+            SemanticBalanceConfig(duplicate_threshold=threshold)
+        with pytest.raises(ValueError, match="semantic_threshold"):
+            SemanticBalanceConfig(semantic_threshold=threshold)
+    SemanticBalanceConfig(samples_per_cluster=1, num_clusters=1, max_per_cluster=1)
+    for name in ("samples_per_cluster", "num_clusters", "max_per_cluster"):
+        with pytest.raises(ValueError, match=name):
+            SemanticBalanceConfig(**{name: 0})
+    # as many clusters as samples is allowed, one more is not
+    vectors = unit_rows(5, 4, seed=0)
+    assert spherical_kmeans(vectors, 5).shape == (5, 4)
+    with pytest.raises(ValueError, match="cannot make 6 clusters of 5 samples"):
+        spherical_kmeans(vectors, 6)
+    # a cluster of exactly `max_per_cluster` members keeps them all
+    capped = semantic_balance(vectors, SemanticBalanceConfig(num_clusters=1, semantic_threshold=1.0,
+                                                             duplicate_threshold=1.0, max_per_cluster=5))
+    assert (capped.reason == KEPT).all()
+
+
 def test_semantic_balance_rejects_bad_input():
     with pytest.raises(ValueError, match="keep_order"):
         SemanticBalanceConfig(keep_order="random")
@@ -100,35 +162,71 @@ def test_semantic_balance_rejects_bad_input():
         semantic_balance(bad, SemanticBalanceConfig(num_clusters=2))
 
 
-def test_curate_script_on_injected_redundancy(tmp_path, tiny_clip_dir):
-    """examples/curate.py on scenes with injected copies: every exact copy goes as a duplicate; files written."""
+def test_curate_script_on_injected_redundancy(tmp_path):
+    """examples/curate.py on scenes with injected byte copies, with image embeddings that tell the scenes apart
+    (their centred pixels: distinct scenes stay below 0.96, copies are at 1): exactly the later copies go, as
+    perceptual duplicates, and every other row is kept, as a brute-force greedy over all pairs says."""
+    data_args = ["--num_train_scenes", "300", "--image_size", "32", "--cache_dir", str(tmp_path / "cache"),
+                 "--exact_duplicate_fraction", "0.2", "--concept_fraction", "0.2"]
+    data, _ = load_data(DataArguments(num_train_scenes=300, image_size=32, cache_dir=str(tmp_path / "cache"),
+                                      exact_duplicate_fraction=0.2, concept_fraction=0.2), seed=42)  # --data_seed
+    train = data["train"]
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32).ravel() for image in train["image"]])
+    embeddings = pixels - pixels.mean(0)
+    np.save(tmp_path / "embeddings.npy", embeddings)
+    expected_dropped = exact_duplicate_greedy(normalize_embeddings(embeddings), 0.98)
+    kinds = np.asarray(train["redundancy"])
+    assert expected_dropped.sum() == (kinds == "exact").sum() > 30  # the reference itself: the copies, only them
+
     output = tmp_path / "curated"
     command = [
-        sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--model_name_or_path", str(tiny_clip_dir),
-        "--num_train_scenes", "300", "--image_size", "32", "--cache_dir", str(tmp_path / "cache"),
-        "--exact_duplicate_fraction", "0.2", "--concept_fraction", "0.2", "--num_clusters", "4",
-        "--semantic_threshold", "0.999", "--output_dir", str(output), "--save_dataset", "true",
+        sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--embeddings", str(tmp_path / "embeddings.npy"),
+        *data_args, "--num_clusters", "4", "--duplicate_nprobe", "4", "--semantic_threshold", "0.999",
+        "--output_dir", str(output), "--save_dataset", "true",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads((output / "report.json").read_text())
-    injected = report["removed_by_injected_kind"]
-    assert injected["exact"]["kept"] == 0 and injected["exact"]["perceptual_duplicate"] > 30
     assert report["rows"] == report["samples"] == 300
+    assert report["removed"] == {"perceptual_duplicate": int(expected_dropped.sum()), "semantic_redundant": 0,
+                                 "cluster_cap": 0}
     kept = np.load(output / "kept_indices.npy")
-    assert len(kept) == report["kept"] and np.all(np.diff(kept) > 0)
+    np.testing.assert_array_equal(kept, np.flatnonzero(~expected_dropped))
+    assert report["kept"] == len(kept) == 300 - expected_dropped.sum()
+    injected = report["removed_by_injected_kind"]
+    assert injected["exact"]["kept"] == 0 and injected["exact"]["perceptual_duplicate"] == (kinds == "exact").sum()
+    assert injected["none"]["kept"] == (kinds == "none").sum()
+    assert injected["concept"]["kept"] == (kinds == "concept").sum()
     from datasets import load_from_disk
     from PIL import Image
 
-    assert len(load_from_disk(str(output / "dataset"))) == report["kept"]
+    saved = load_from_disk(str(output / "dataset"))
+    assert saved["caption"] == [train[int(i)]["caption"] for i in kept]
     assert Image.open(output / "cluster_sizes.png").size[0] > 500
-    assert np.load(output / "image_embeddings.npy").shape[0] == 300
 
     # train.py refuses the indices for another data set (report.json says 300 rows)
-    from dclip.data.loading import select_rows
-
     with pytest.raises(ValueError, match="curated from 300 rows"):
         select_rows(list(range(200)), str(output / "kept_indices.npy"))
+
+
+def test_curate_dataset_embeds_images_with_the_named_checkpoint(tmp_path, tiny_clip_dir, tiny_clip, processor):
+    """--model_name_or_path: the saved image embeddings are the checkpoint's (normalised CLIP image features)."""
+    import torch
+    from datasets import Dataset
+
+    from dclip.curation import curate_dataset
+    from conftest import random_images
+
+    dataset = Dataset.from_dict({"image": random_images(12, seed=2), "caption": ["a circle"] * 12})
+    report = curate_dataset(dataset, tmp_path / "curated", SemanticBalanceConfig(num_clusters=2),
+                            model_name_or_path=str(tiny_clip_dir), batch_size=5)
+    saved = np.load(tmp_path / "curated" / "image_embeddings.npy")
+    with torch.no_grad():
+        features = tiny_clip.get_image_features(processor(images=dataset["image"])["pixel_values"])
+    features = getattr(features, "pooler_output", features)
+    expected = torch.nn.functional.normalize(features, dim=-1).numpy()
+    np.testing.assert_allclose(saved, expected, atol=1e-5)
+    assert report["samples"] == 12 and report["embeddings_from"] == str(tiny_clip_dir)
 
 
 def exact_duplicate_greedy(embeddings, threshold, block=2000):
@@ -163,9 +261,6 @@ def test_find_duplicates_uses_pairs_found_from_either_side():
 
 def test_train_indices_apply_after_max_train_samples(tmp_path):
     """curate.py and train.py with the same --max_train_samples: the indices refer to the shortened split."""
-    from dclip.arguments import DataArguments
-    from dclip.data.loading import load_data
-
     np.save(tmp_path / "kept.npy", np.array([0, 5, 49]))
     (tmp_path / "report.json").write_text(json.dumps({"rows": 50}))
     data_args = DataArguments(num_train_scenes=120, image_size=32, cache_dir=str(tmp_path / "cache"),
@@ -183,8 +278,6 @@ def test_cluster_centres_are_redone_for_other_embeddings(tmp_path):
     import torch
     from datasets import Dataset
     from transformers import TrainingArguments
-
-    from dclip.stages import cluster_teacher_embeddings
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=0)
     first = Dataset.from_dict({"teacher_image_embeds": unit_rows(200, 8, seed=1).tolist()})

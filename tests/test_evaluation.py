@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dclip.evaluation import (
-    image_groups, recall_from_scores, rerank_scores, retrieval_metrics, teacher_retrieval, zero_shot_accuracy,
-    zero_shot_classification,
+    evaluate_model, image_groups, recall_from_scores, rerank_scores, retrieval_metrics, teacher_retrieval,
+    zero_shot_accuracy, zero_shot_classification,
 )
 
 
@@ -419,3 +419,76 @@ def test_evaluate_metric_module_matches_the_naive_loops():
                                   "image_retrieval_mAP": 2.5 / 3, "text_retrieval_mAP": 1.0})
     with pytest.raises(ValueError, match="must index the 2 images"):
         retrieval.compute(predictions=[[0.1, 0.2]], references=[2])
+
+
+# ----- evaluate_model: each caption scored against its own image ------------------------------------------------
+
+
+class LookupModel(torch.nn.Module):
+    """Embeddings by lookup: image `k` is a solid grey of level `10 * k`, caption `c` is `captions.index(c)`."""
+
+    def __init__(self, image_table, text_table):
+        super().__init__()
+        self.image_table, self.text_table = torch.tensor(image_table), torch.tensor(text_table)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def get_image_features(self, pixel_values):
+        return self.image_table[(pixel_values[:, 0, 0, 0] / 10).round().long()]
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        return self.text_table[input_ids[:, 0]]
+
+
+class LookupProcessor:
+    def __init__(self, captions):
+        self.index = {caption: i for i, caption in enumerate(captions)}
+
+    def __call__(self, text=None, images=None):
+        if text is not None:
+            return {"input_ids": torch.tensor([[self.index[t]] for t in text])}
+        return {"pixel_values": torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1)
+                                             for im in images])}
+
+
+def captioned_lookup_rows(noise: float, seed: int = 0):
+    """12 captions of 7 images, several images with 2 or 3 captions, rows in no particular order; a lookup model
+    whose caption embeddings are their image's plus `noise`."""
+    from datasets import Dataset
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    owners = [4, 1, 4, 0, 6, 1, 2, 5, 3, 4, 6, 2]  # the image of each row
+    captions = [f"caption {row} of image {owner}" for row, owner in enumerate(owners)]
+    image_table = rng.normal(size=(7, 8)).astype(np.float32)
+    text_table = (image_table[owners] + noise * rng.normal(size=(len(owners), 8))).astype(np.float32)
+    rows = Dataset.from_dict({
+        "image": [Image.new("RGB", (4, 4), (10 * owner,) * 3) for owner in owners],
+        "caption": captions, "image_id": [f"img-{owner}" for owner in owners],
+    })
+    return rows, LookupModel(image_table, text_table), LookupProcessor(captions), owners
+
+
+def test_evaluate_model_scores_each_caption_against_its_own_image():
+    # no noise: every caption's embedding is its image's, so every metric is exactly 1
+    rows, model, processor, _ = captioned_lookup_rows(noise=0.0)
+    result = evaluate_model(model, processor, rows, ks=(1, 5), retrieval_backend="exact")
+    assert (result.num_images, result.num_texts) == (7, 12)
+    for key in ("image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_mAP", "text_retrieval_mAP"):
+        assert result.metrics[key] == pytest.approx(1.0), key
+
+    # with noise: the naive loops on embeddings looked up for each row's own image and caption
+    rows, model, processor, owners = captioned_lookup_rows(noise=1.2, seed=3)
+    result = evaluate_model(model, processor, rows, ks=(1, 5), retrieval_backend="exact")
+    distinct = sorted(set(owners))
+    image_embeds = model.image_table[distinct].numpy()
+    image_embeds /= np.linalg.norm(image_embeds, axis=1, keepdims=True)
+    text_embeds = model.text_table.numpy() / np.linalg.norm(model.text_table.numpy(), axis=1, keepdims=True)
+    text_to_image = np.array([distinct.index(owner) for owner in owners])
+    for k in (1, 5):
+        i2t, t2i = naive_recall(image_embeds, text_embeds, text_to_image, k)
+        assert result.metrics[f"image_retrieval_recall@{k}"] == pytest.approx(t2i), k
+        assert result.metrics[f"text_retrieval_recall@{k}"] == pytest.approx(i2t), k
+    t2i_map, i2t_map = naive_average_precisions(image_embeds, text_embeds, text_to_image)
+    assert result.metrics["image_retrieval_mAP"] == pytest.approx(t2i_map, abs=1e-6)
+    assert result.metrics["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-6)
+    assert 0 < result.metrics["image_retrieval_recall@1"] < 1  # not a trivial case

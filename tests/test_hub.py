@@ -93,8 +93,54 @@ def test_card_metadata_validates_and_shows_the_numbers(student_folder):
         validate_model_card(bad_index)
 
 
-def test_card_usage_snippet_runs_as_written(student_folder, tmp_path):
-    write_model_card(student_folder, card_info(str(student_folder)), METRICS, BASELINE)
+def test_model_index_that_does_not_round_trip_is_refused(student_folder, monkeypatch):
+    """validate_model_card converts the card's model-index to huggingface_hub EvalResults and back, and refuses a
+    card whose model-index changes on the way. With huggingface_hub as installed no card text can trip it (parsing
+    the card already drops what an EvalResult cannot hold, and the conversion is idempotent after that), so a
+    lossy conversion is injected: one that loses the last metric each time it runs."""
+    from huggingface_hub import repocard_data
+
+    write_model_card(student_folder, card_info("someone/dclip-student"), METRICS, BASELINE)
+    text = (student_folder / "README.md").read_text()
+    card = validate_model_card(text)  # today's conversion round-trips
+    assert len(card.data.eval_results) == len(METRICS)
+    original = repocard_data.eval_results_to_model_index
+    monkeypatch.setattr(repocard_data, "eval_results_to_model_index",
+                        lambda model_name, results: original(model_name, results[:-1]))
+    with pytest.raises(ValueError, match="round-trip"):
+        validate_model_card(text)
+
+
+def test_card_usage_snippet_runs_as_written(student_folder, tmp_path, processor):
+    """The card's snippet, run in a clean process, prints the model's probabilities for its labels and the
+    pipeline's ranking: both are checked against the same model run here. The labels are written in the order
+    opposite to the pipeline's ranking, so a printout that merely echoes the labels cannot pass."""
+    import ast
+    import dataclasses
+
+    import torch
+    from PIL import Image
+
+    from modeling_dclip import DCLIPModel
+
+    model = DCLIPModel.from_pretrained(student_folder).eval()
+    image = Image.new("RGB", (32, 32), "red")  # the snippet's image
+
+    def probabilities(template, labels):
+        inputs = processor(text=[template.format(label) for label in labels], images=[image])
+        with torch.no_grad():
+            return dict(zip(labels, model(**inputs).logits_per_image.softmax(dim=-1)[0].tolist()))
+
+    candidates = ["red circle", "blue square", "green star"]
+    ranked = sorted(candidates, key=probabilities("This is a photo of {}.", candidates).get, reverse=True)
+    labels = ranked[::-1]  # ascending: the pipeline must reorder them
+    snippet_reference = probabilities("a photo of a {}.", labels)
+    pipeline_reference = probabilities("This is a photo of {}.", labels)
+    scores = sorted(pipeline_reference.values())
+    assert min(b - a for a, b in zip(scores, scores[1:])) > 1e-4  # a ranking that rounding cannot flip
+
+    info = dataclasses.replace(card_info(str(student_folder)), example_labels=labels)
+    write_model_card(student_folder, info, METRICS, BASELINE)
     blocks = re.findall(r"```python\n(.*?)```", (student_folder / "README.md").read_text(), flags=re.S)
     assert len(blocks) == 1 and "trust_remote_code=True" in blocks[0]
     work = tmp_path / "clean"
@@ -102,10 +148,15 @@ def test_card_usage_snippet_runs_as_written(student_folder, tmp_path):
     completed = subprocess.run([sys.executable, "-c", BLOCK_REPO_IMPORTS + blocks[0]], cwd=work,
                                env=env_without_repo(work), capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    probabilities = json.loads(completed.stdout.splitlines()[0].replace("'", '"'))
-    assert set(probabilities) == {"red circle", "blue square"}
-    assert sum(probabilities.values()) == pytest.approx(1.0, abs=0.002)
-    assert "'label': 'red circle'" in completed.stdout  # the pipeline's answer
+    lines = completed.stdout.splitlines()
+    printed = ast.literal_eval(lines[0])  # the model's own probabilities, rounded to 3 digits
+    assert list(printed) == labels
+    for label in labels:
+        assert printed[label] == pytest.approx(snippet_reference[label], abs=1e-3), label
+    answer = ast.literal_eval(lines[1])  # the pipeline's answer: best first
+    assert [entry["label"] for entry in answer] == ranked
+    for entry in answer:
+        assert entry["score"] == pytest.approx(pipeline_reference[entry["label"]], abs=1e-5), entry
 
 
 def test_push_uploads_exactly_the_model_files_and_they_load(student_folder, tmp_path, monkeypatch):

@@ -10,7 +10,15 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from dclip.arguments import DataArguments, DistillationArguments, ModelArguments
+from dclip.data.processor import build_processor
 from dclip.pipeline import run
+from dclip.reporting import paper_claims
+from dclip.training import cpu_threads_per_process
+from dclip.trainer import DCLIPTrainer
+
+
+TINY_MODEL = dict(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4)
+TINY_DATA = dict(num_train_scenes=200, max_eval_samples=50, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +92,6 @@ def test_metrics_are_probabilities(tiny_run):
 
 
 def test_claims_are_read_from_the_metrics():
-    from dclip.reporting import paper_claims
-
     base = {"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.3, "zeroshot_a_acc1": 0.5,
             "zeroshot_b_acc1": 0.7, "zeroshot_b_acc5": 0.1}
     student = {"image_retrieval_recall@1": 0.25, "text_retrieval_recall@1": 0.31, "zeroshot_a_acc1": 0.5,
@@ -220,8 +226,6 @@ def test_dataset_without_student_checkpoint_is_refused(tmp_path):
 
 
 def test_cpu_threads_are_shared_among_local_processes(monkeypatch):
-    from dclip.training import cpu_threads_per_process
-
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cpu_threads_per_process() == 4
@@ -246,7 +250,6 @@ def test_student_folder_runs_in_the_zero_shot_pipeline(tiny_run):
 
 def test_saved_processor_is_reused_only_for_the_same_source(tmp_path):
     from dclip.data.scenes import SceneConfig, generate_scenes
-    from dclip.data.processor import build_processor
 
     data = generate_scenes(SceneConfig(num_train=40, num_validation=1, num_test=1, image_size=32, seed=1), num_proc=1)
     folder = tmp_path / "processor"
@@ -269,36 +272,139 @@ def test_ultralytics_is_imported_as_one_process_under_a_distributed_launch():
     assert out.stdout.split()[-3:] == ["-1", "-1", "2"]
 
 
-def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path):
-    """--resume_from_checkpoint <folder> resumes from that folder, not from the stage's last checkpoint (here made
-    unloadable, so a run that ignored the path would fail)."""
+# ----- a stage run again on a copy of the tiny run ------------------------------------------------------------------
+
+
+def _copy_of_tiny_run(tiny_run, tmp_path, keep_cached_maps: bool = True) -> Path:
+    """The tiny run's outputs and data cache, copied; without `keep_cached_maps`, not the cached `datasets.map`
+    results (teacher features and targets), so that a stage run on the copy computes them afresh."""
     import shutil
 
     root, _ = tiny_run
     shutil.copytree(root / "out", tmp_path / "out")
-    arguments = (
-        ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4),
-        DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
-        DistillationArguments(stage="distill", distill_steps=3, detector_epochs=1, detector_train_samples=64),
+    ignore = None if keep_cached_maps else shutil.ignore_patterns("cache-*.arrow")
+    shutil.copytree(root / "cache", tmp_path / "cache", ignore=ignore)
+    return tmp_path
+
+
+def _run_stage(folder: Path, data_kwargs: dict | None = None, resume: bool = False, **distill_kwargs) -> dict:
+    training_args = TrainingArguments(
+        output_dir=str(folder / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True, save_steps=2,
+        logging_steps=1, dataloader_num_workers=0, seed=0, resume_from_checkpoint="true" if resume else None,
     )
+    arguments = dict(pretrain_steps=3, teacher_steps=3, distill_steps=3, detector_epochs=1, detector_train_samples=64)
+    return run(ModelArguments(**TINY_MODEL),
+               DataArguments(cache_dir=str(folder / "cache"), **TINY_DATA, **(data_kwargs or {})),
+               DistillationArguments(**{**arguments, **distill_kwargs}), training_args)
 
-    def distill(**overrides):
-        training_args = TrainingArguments(
-            output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
-            save_steps=1, logging_steps=1, dataloader_num_workers=0, seed=0, **overrides)
-        return run(*arguments, training_args)
 
-    first = distill()["training"]["distill"]
-    assert first["resumed_from"] is None and first["global_step"] == 3
-    student = tmp_path / "out" / "student"
-    assert (student / "checkpoint-1").is_dir() and (student / "checkpoint-3").is_dir()
-    (student / "checkpoint-3" / "model.safetensors").unlink()  # its trainer_state.json stays: "complete"
-    shutil.rmtree(student / "final")  # the stage is due again
-    named = str(student / "checkpoint-1")
-    second = distill(resume_from_checkpoint=named)["training"]["distill"]
-    assert second["resumed_from"] == named and second["global_step"] == 3
-    state = json.loads((student / "checkpoint-3" / "trainer_state.json").read_text())
-    new_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
-    assert new_steps == [1, 2, 3]  # step 1 from the named checkpoint's history, then 2 and 3 trained again
-    with pytest.raises(ValueError, match="not a complete Trainer checkpoint"):
-        distill(resume_from_checkpoint=str(tmp_path / "nowhere"))
+class Recorder:
+    """Wraps a method on its class and records each call's keyword arguments (then calls the original)."""
+
+    def __init__(self, monkeypatch, owner, name: str):
+        self.calls: list[dict] = []
+        original = getattr(owner, name)
+
+        def wrapper(this, *args, **kwargs):
+            self.calls.append({"self": this, "args": args, **kwargs})
+            return original(this, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+
+def _region_calls(processor_calls: list[dict]) -> list[dict]:
+    """The processor calls that made teacher inputs (regions and spans)."""
+    return [call for call in processor_calls if call.get("return_regions") or call.get("region_boxes") is not None]
+
+
+def test_resumed_stage_continues_from_its_checkpoint_and_matches_an_uninterrupted_run(tiny_run, tmp_path,
+                                                                                    monkeypatch):
+    """The student stage killed after its step-2 checkpoint: resuming trains only the last step, from that
+    checkpoint's weights, optimizer and data position, and ends with the uninterrupted run's weights."""
+    import shutil
+
+    _, summary = tiny_run
+    folder = _copy_of_tiny_run(tiny_run, tmp_path)
+    shutil.rmtree(folder / "out" / "student" / "final")
+    shutil.rmtree(folder / "out" / "student" / "checkpoint-3")  # killed between the step-2 and step-3 saves
+    steps = Recorder(monkeypatch, DCLIPTrainer, "training_step")
+    result = _run_stage(folder, resume=True, stage="distill")
+    distill = result["training"]["distill"]
+    assert distill["resumed_from"] is not None and Path(distill["resumed_from"]).name == "checkpoint-2"
+    assert distill["global_step"] == 3
+    assert len(steps.calls) == 1  # one step run: from step 2 to 3
+    resumed = load_file(f"{result['artefacts']['student']}/model.safetensors")
+    uninterrupted = load_file(f"{summary['artefacts']['student']}/model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_distillation_trains_every_term_of_the_method(tiny_run):
+    """DCLIP's hybrid loss: each logged student step has the contrastive and both cosine terms, and the loss is
+    their sum (weight 1 each); the base CLIP is trained on the contrastive term alone."""
+    root, _ = tiny_run
+    assert DistillationArguments().loss_weights() == {
+        "contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0, "cluster_image": 0.0, "cluster_text": 0.0,
+        "instance": 0.0}
+    assert DistillationArguments(cosine_text_weight=0.25).loss_weights()["cosine_text"] == 0.25
+    logs = {}
+    for stage in ("base_clip", "student"):
+        state = json.loads((root / "out" / stage / "checkpoint-3" / "trainer_state.json").read_text())
+        logs[stage] = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["step"] for entry in logs["student"]] == [1, 2, 3]
+    for entry in logs["student"]:
+        terms = {key: value for key, value in entry.items() if key.startswith("loss_")}
+        assert set(terms) == {"loss_contrastive", "loss_cosine_image", "loss_cosine_text"}
+        assert terms["loss_cosine_image"] > 0 and terms["loss_cosine_text"] > 0
+        assert entry["loss"] == pytest.approx(sum(terms.values()), abs=1e-5)
+    for entry in logs["base_clip"]:
+        assert {key for key in entry if key.startswith("loss_")} == {"loss_contrastive"}
+        assert entry["loss"] == pytest.approx(entry["loss_contrastive"], abs=1e-5)
+
+
+@pytest.mark.parametrize("annotated", [True, False], ids=["annotated", "detected"])
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_use_annotated_regions_decides_the_teacher_inputs(tiny_run, tmp_path, monkeypatch, stage, annotated):
+    """--use_annotated_regions: the teacher stage's tower features and the student stage's teacher targets are made
+    from the rows' own boxes and spans; without it, from the detector's boxes and the extractor's spans."""
+    from processing_dclip import DCLIPProcessor
+
+    folder = _copy_of_tiny_run(tiny_run, tmp_path, keep_cached_maps=False)
+    calls = Recorder(monkeypatch, DCLIPProcessor, "__call__")
+    _run_stage(folder, data_kwargs={"use_annotated_regions": annotated, "max_train_samples": 48}, stage=stage)
+    made = _region_calls(calls.calls)
+    assert sum(len(call["images"]) for call in made) >= 48  # every training row
+    for call in made:
+        if annotated:
+            assert call["region_boxes"] is not None and len(call["region_boxes"]) == len(call["images"])
+            assert call["spans"] is not None and len(call["spans"]) == len(call["text"])
+            assert any(len(boxes) > 1 for boxes in call["region_boxes"])  # the scenes' objects
+        else:
+            assert call["region_boxes"] is None and call["spans"] is None
+
+
+@pytest.mark.parametrize("annotated", [True, False], ids=["annotated", "detected"])
+def test_online_teacher_gets_the_rows_regions_and_spans(tiny_run, tmp_path, monkeypatch, annotated):
+    """--online_teacher: each batch's teacher forward gets region crops, boxes and spans: with
+    --use_annotated_regions the rows' own, else the detector's and the extractor's."""
+    from modeling_dclip import DCLIPTeacherModel
+    from processing_dclip import DCLIPProcessor
+
+    folder = _copy_of_tiny_run(tiny_run, tmp_path)
+    processor_calls = Recorder(monkeypatch, DCLIPProcessor, "__call__")
+    teacher_calls = Recorder(monkeypatch, DCLIPTeacherModel, "forward")
+    result = _run_stage(folder, data_kwargs={"use_annotated_regions": annotated, "max_train_samples": 32},
+                        stage="distill", online_teacher=True, distill_steps=2)
+    assert result["training"]["distill"]["global_step"] == 2
+    assert len(teacher_calls.calls) == 2  # one teacher forward per batch, nothing cached
+    for call in teacher_calls.calls:
+        for name in ("region_pixel_values", "region_boxes", "span_input_ids", "span_attention_mask"):
+            assert call.get(name) is not None, name
+        assert call["region_mask"].sum(1).min() >= 1 and call["span_mask"].sum(1).min() >= 1
+        if annotated:
+            assert (call["region_mask"].sum(1) > 1).any()  # the scenes' objects, not the whole image
+    made = _region_calls(processor_calls.calls)
+    assert len(made) >= 2
+    for call in made:
+        assert (call["region_boxes"] is not None) == annotated and (call["spans"] is not None) == annotated

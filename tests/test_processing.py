@@ -85,6 +85,30 @@ def test_arrays_and_tensors_are_accepted(processor):
         processor(images=[123])
 
 
+def test_float_arrays_in_unit_range_are_scaled_once(processor):
+    """Float images are on the [0, 1] scale when their maximum is at most 1, else on the 0-255 scale: either way the
+    pixels are those of the same uint8 image, never divided by 255 twice (or not at all)."""
+    image = random_images(1)[0]
+    array = np.array(image)
+    expected = pixels(processor, image)
+    unit = array.astype(np.float32) / 255.0
+    assert unit.max() <= 1.0
+    torch.testing.assert_close(pixels(processor, unit), expected)
+    torch.testing.assert_close(pixels(processor, unit.astype(np.float64)), expected)
+    torch.testing.assert_close(pixels(processor, torch.from_numpy(unit).permute(2, 0, 1)), expected)  # CHW tensor
+    torch.testing.assert_close(pixels(processor, array.astype(np.float32)), expected)  # 0-255 floats: as they are
+    np.testing.assert_array_equal(np.asarray(to_rgb_image(unit)), array)
+    np.testing.assert_array_equal(np.asarray(to_rgb_image(array.astype(np.float64))), array)
+    # the boundary: a maximum of exactly 1.0 is the [0, 1] scale (white), anything above is the 0-255 scale
+    assert np.asarray(to_rgb_image(np.ones((3, 3, 3), np.float32))).tolist() == [[[255] * 3] * 3] * 3
+    assert np.asarray(to_rgb_image(np.full((3, 3, 3), 0.5, np.float32))).max() == 128
+    above = np.full((3, 3, 3), 1.0, np.float32)
+    above[0, 0, 0] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    assert np.asarray(to_rgb_image(above))[1, 1].tolist() == [1, 1, 1]
+    gray = to_rgb_image(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32))  # 2-d: grayscale, same rule
+    assert np.asarray(gray)[..., 0].tolist() == [[0, 64], [128, 255]]
+
+
 def test_to_rgb_image_rejects_empty_images():
     with pytest.raises(ValueError, match="no pixels"):
         to_rgb_image(Image.new("RGB", (0, 5)), "sample 7")
@@ -220,6 +244,24 @@ def test_bad_boxes_are_named(processor):
         processor(images=random_images(1), region_boxes=[[[0.5, 0.5, 0.2, 0.9]]])
 
 
+def test_region_boxes_must_match_the_images(processor):
+    images = random_images(2, size=40)
+    with pytest.raises(ValueError, match=r"`region_boxes` has 1 entries for 2 images"):
+        processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]]])
+    with pytest.raises(ValueError, match=r"`region_boxes` has 3 entries for 2 images"):
+        processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]]] * 3)
+    with pytest.raises(ValueError, match=r"`region_boxes` has 0 entries for 1 images"):
+        processor(images=images[:1], region_boxes=[])
+    # a box per image, the edges of the image included: accepted
+    out = processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]], [[0.0, 0.5, 0.5, 1.0]]])
+    assert out["region_mask"].tolist() == [[True], [True]]
+    # boxes outside [0, 1] or of no width or height are refused, at the boundary too
+    bad = ([[-1e-6, 0.0, 0.5, 0.5]], [[0.0, 0.0, 1.0 + 1e-6, 0.5]], [[0.25, 0.0, 0.25, 0.5]], [[0.0, 0.5, 0.5, 0.5]])
+    for boxes in bad:
+        with pytest.raises(ValueError, match=r"region_boxes\[1\] must be normalised"):
+            processor(images=images, region_boxes=[[[0.0, 0.0, 1.0, 1.0]], boxes])
+
+
 class FakeBoxes:
     def __init__(self, xyxy, conf):
         self.xyxy, self.conf = torch.tensor(xyxy, dtype=torch.float32), torch.tensor(conf, dtype=torch.float32)
@@ -260,37 +302,82 @@ def test_missing_detector_weights_are_named(processor):
         broken(images=random_images(1), return_regions=True)
 
 
-@pytest.fixture(scope="module")
-def untrained_yolo(tmp_path_factory):
-    pytest.importorskip("ultralytics")
+def sighted_yolo(path, seed: int):
+    """An untrained YOLOv8n that detects: a fresh one's outputs hardly depend on the image (its activations fade
+    to ~1e-7 by the head, so every image gets the same scores, all below any threshold, and whole-image boxes).
+    Here the convolutions are re-drawn (Kaiming), the head's last convolutions scaled to outputs of unit spread, and
+    the box distances biased to a few strides: the boxes then depend on the image and on the weights."""
     from ultralytics import YOLO
 
-    path = tmp_path_factory.mktemp("yolo") / "untrained.pt"
-    YOLO("yolov8n.yaml", task="detect").save(str(path))
+    torch.manual_seed(seed)
+    yolo = YOLO("yolov8n.yaml", task="detect")
+    net = yolo.model.eval()
+    head = net.model[-1]
+    finals = [branch[-1] for branch in (*head.cv2, *head.cv3)]
+    spreads = {}
+    hooks = [conv.register_forward_hook(lambda module, inputs, output: spreads.__setitem__(module, output.std()))
+             for conv in finals]
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.weight.requires_grad:  # not the fixed DFL weights
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        for conv in finals:
+            conv.bias.zero_()
+        net(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)))
+        for conv in finals:
+            conv.weight.mul_(1.0 / spreads[conv])
+        for branch in head.cv2:
+            branch[-1].bias.copy_((-0.7 * torch.arange(head.reg_max)).repeat(4))
+    for hook in hooks:
+        hook.remove()
+    yolo.save(str(path))
     return path
 
 
-def test_processor_with_yolo_saves_and_reloads_the_detector(processor, untrained_yolo, tmp_path):
-    with_detector = DCLIPProcessor(
-        processor.image_processor, processor.tokenizer, detector_path=str(untrained_yolo), max_regions=3,
-        detector_image_size=64,
-    )
+@pytest.fixture(scope="module")
+def sighted_yolos(tmp_path_factory):
+    pytest.importorskip("ultralytics")
+    folder = tmp_path_factory.mktemp("yolo")
+    return [sighted_yolo(folder / f"sighted{seed}.pt", seed) for seed in (0, 1)]
+
+
+def test_processor_with_yolo_saves_and_reloads_the_detector(processor, sighted_yolos, tmp_path):
+    settings = dict(max_regions=3, detector_image_size=64, detector_confidence=0.3, min_region_size=0.1)
+    with_detector = DCLIPProcessor(processor.image_processor, processor.tokenizer,
+                                   detector_path=str(sighted_yolos[0]), **settings)
+    images = random_images(3, size=64)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # ultralytics would leave cpu_count - 1 behind
     try:
-        out = with_detector(images=random_images(2, size=64), return_regions=True)
+        out = with_detector(images=images, return_regions=True)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert all(source in ("detector", "whole_image:no_detection") for source in out["region_source"])
-    assert out["region_mask"].sum(1).min() >= 1 and out["region_boxes"].max() <= 1
+    # detections, not the whole-image fallback: several boxes per image, inside it, none of them the whole image
+    assert out["region_source"] == ["detector"] * 3
+    assert out["region_mask"].sum(1).tolist() == [3, 3, 3]
+    boxes = out["region_boxes"][out["region_mask"]]
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    assert ((boxes - torch.tensor([0.0, 0.0, 1.0, 1.0])).abs().sum(1) > 0.05).all()
+    assert not torch.allclose(out["region_boxes"][0], out["region_boxes"][1])  # they follow the image...
+    other = DCLIPProcessor(processor.image_processor, processor.tokenizer, detector_path=str(sighted_yolos[1]),
+                           **settings)(images=images, return_regions=True)
+    assert other["region_source"] == ["detector"] * 3
+    assert other["region_boxes"].shape != out["region_boxes"].shape or not torch.allclose(
+        other["region_boxes"], out["region_boxes"], atol=1e-3)  # ...and the weights
+
     with_detector.save_pretrained(tmp_path)
-    assert (tmp_path / "detector.pt").read_bytes() == untrained_yolo.read_bytes()
-    assert with_detector.detector_path == str(untrained_yolo)  # saving does not change the live object
+    assert (tmp_path / "detector.pt").read_bytes() == sighted_yolos[0].read_bytes()
+    assert with_detector.detector_path == str(sighted_yolos[0])  # saving does not change the live object
     reloaded = DCLIPProcessor.from_pretrained(tmp_path)
     assert reloaded.detector_path == str(tmp_path / "detector.pt")
-    again = reloaded(images=random_images(2, size=64), return_regions=True)
-    torch.testing.assert_close(again["region_boxes"], out["region_boxes"])
+    assert {name: getattr(reloaded.region_extractor, name) for name in ("max_regions", "confidence_threshold",
+            "min_region_size", "detector_image_size")} == {
+        "max_regions": 3, "confidence_threshold": 0.3, "min_region_size": 0.1, "detector_image_size": 64}
+    again = reloaded(images=images, return_regions=True)
+    assert again["region_source"] == out["region_source"]
+    for name in ("region_boxes", "region_mask", "region_pixel_values"):
+        torch.testing.assert_close(again[name], out[name], msg=name)
 
 
 def test_remote_code_imports_nothing_heavy():

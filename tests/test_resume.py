@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dclip.training import last_complete_checkpoint
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +66,6 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path):
 
 
 def test_incomplete_checkpoint_is_skipped(tmp_path):
-    from dclip.training import last_complete_checkpoint
-
     for step, state in ((5, "{}"), (10, '{"global_st'), (15, None)):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()

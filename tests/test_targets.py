@@ -3,9 +3,10 @@ import pytest
 import torch
 from datasets import load_from_disk
 
+from conftest import fused_teacher
 from dclip.data.collator import DCLIPCollator, teacher_inputs
 from dclip.data.scenes import SceneConfig, generate_scenes
-from dclip.targets import compute_teacher_targets, model_fingerprint
+from dclip.targets import compute_teacher_features, compute_teacher_targets, fuse_teacher_targets, model_fingerprint
 from modeling_dclip import DCLIPTeacherModel
 
 
@@ -135,3 +136,104 @@ def test_cache_key_survives_save_and_reload(processor, tmp_path):
 
     processor.save_pretrained(tmp_path)
     assert _processor_key(DCLIPProcessor.from_pretrained(tmp_path)) == _processor_key(processor)
+
+
+# ----- which regions and spans, and which teacher, the cached targets come from ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def annotated_on_disk(tmp_path_factory):
+    """Scenes on disk (so `datasets.map` caches) whose annotated spans differ from the ones the processor's
+    extractor finds in the captions (on the embedded scenes they are the same)."""
+    path = tmp_path_factory.mktemp("annotated")
+    scenes = generate_scenes(SceneConfig(num_train=5, num_validation=1, num_test=1, seed=4), num_proc=1)["train"]
+    spans = [["object number %d" % i, "the whole scene"][: 1 + i % 2] for i in range(len(scenes))]
+    scenes.remove_columns("spans").add_column("spans", spans).save_to_disk(path)
+    return load_from_disk(str(path))
+
+
+def reference_inputs(processor, rows: dict, given: bool) -> dict:
+    """Teacher inputs straight from the processor: the rows' boxes and spans, or (no detector) the whole image and
+    the extracted spans."""
+    inputs = processor(text=rows["caption"], images=rows["image"], return_regions=True, return_spans=True,
+                       region_boxes=rows["boxes"] if given else None, spans=rows["spans"] if given else None)
+    inputs.pop("region_source")
+    return dict(inputs)
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["annotated", "detected"])
+def test_teacher_features_and_targets_use_the_chosen_regions_and_spans(annotated_on_disk, tiny_clip, processor,
+                                                                       given):
+    teacher = fused_teacher(tiny_clip)
+    settings = dict(batch_size=2, device="cpu", use_given_boxes=given, use_given_spans=given)
+    features = compute_teacher_features(annotated_on_disk, teacher, processor, **settings)
+    targets = compute_teacher_targets(annotated_on_disk, teacher, processor, **settings)
+    rows = annotated_on_disk[:]
+    region_mask, boxes = np.array(features["region_mask"]), np.array(features["region_boxes"])
+    span_mask = np.array(features["span_mask"])
+    for i in range(len(annotated_on_disk)):
+        if given:
+            expected_boxes = np.array(rows["boxes"][i], dtype=np.float32)[: processor.max_regions]
+            expected_spans = len(rows["spans"][i])
+        else:
+            expected_boxes = np.array([[0.0, 0.0, 1.0, 1.0]], dtype=np.float32)
+            expected_spans = len(processor.span_extractor(rows["caption"][i]))
+        np.testing.assert_allclose(boxes[i][region_mask[i]], expected_boxes, atol=1e-6)
+        assert span_mask[i].sum() == min(expected_spans, processor.max_spans)
+    with torch.no_grad():
+        expected = teacher(**reference_inputs(processor, rows, given))
+        other = teacher(**reference_inputs(processor, rows, not given))
+    fused = fuse_teacher_targets(features, teacher, batch_size=2, device="cpu")
+    for computed in (targets, fused):
+        np.testing.assert_allclose(np.array(computed["teacher_image_embeds"]), expected.image_embeds.numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.array(computed["teacher_text_embeds"]), expected.text_embeds.numpy(), atol=1e-5)
+    # the other choice gives other targets on both sides, so the comparison above can fail
+    assert (other.image_embeds - expected.image_embeds).abs().max() > 1e-3
+    assert (other.text_embeds - expected.text_embeds).abs().max() > 1e-3
+
+
+def test_cached_targets_follow_the_teachers_weights(annotated_on_disk, tiny_clip, processor):
+    """The `datasets.map` cache of teacher targets is keyed by the teacher's weights: after a change of the fusion
+    block the targets are the new teacher's (the tower features stay cached); after a change of a tower the tower
+    features are recomputed too."""
+    teacher = fused_teacher(tiny_clip, seed=1)  # changed in place below
+    settings = dict(batch_size=2, device="cpu")
+    rows = annotated_on_disk[:]
+
+    def expected():
+        with torch.no_grad():
+            return teacher(**reference_inputs(processor, rows, given=True))
+
+    def check(computed, reference):
+        np.testing.assert_allclose(np.array(computed["teacher_image_embeds"]), reference.image_embeds.numpy(),
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.array(computed["teacher_text_embeds"]), reference.text_embeds.numpy(),
+                                   atol=1e-5)
+
+    first = compute_teacher_targets(annotated_on_disk, teacher, processor, **settings)
+    first_features = compute_teacher_features(annotated_on_disk, teacher, processor, **settings)
+    check(first, expected())
+    check(fuse_teacher_targets(first_features, teacher, **settings), expected())
+
+    with torch.no_grad():  # the fusion block only
+        teacher.image_output_projection.weight.mul_(-1.0)
+        teacher.text_output_projection.weight.mul_(-1.0)
+    after_fusion = expected()
+    assert (after_fusion.image_embeds - torch.tensor(first["teacher_image_embeds"])).abs().max() > 1e-3
+    second = compute_teacher_targets(annotated_on_disk, teacher, processor, **settings)
+    assert second._fingerprint != first._fingerprint
+    check(second, after_fusion)
+    same_features = compute_teacher_features(annotated_on_disk, teacher, processor, **settings)
+    assert same_features.cache_files == first_features.cache_files  # towers unchanged: read back
+    check(fuse_teacher_targets(same_features, teacher, **settings), after_fusion)
+
+    with torch.no_grad():  # a tower
+        teacher.visual_projection.weight.add_(0.3 * torch.randn(teacher.visual_projection.weight.shape,
+                                                                generator=torch.Generator().manual_seed(0)))
+    after_tower = expected()
+    new_features = compute_teacher_features(annotated_on_disk, teacher, processor, **settings)
+    assert new_features._fingerprint != first_features._fingerprint
+    np.testing.assert_raises(AssertionError, np.testing.assert_allclose, np.array(new_features["region_features"]),
+                             np.array(first_features["region_features"]), atol=1e-4)
+    check(fuse_teacher_targets(new_features, teacher, **settings), after_tower)
+    check(compute_teacher_targets(annotated_on_disk, teacher, processor, **settings), after_tower)

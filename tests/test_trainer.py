@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from conftest import random_images
+from conftest import fused_teacher, random_images
 from dclip.trainer import DCLIPTrainer
 from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 
@@ -68,6 +68,47 @@ def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip
     )
     online = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, batch)
     assert online.item() == pytest.approx(cached.item(), rel=1e-6)
+
+
+def test_online_teacher_gets_each_rows_regions_and_spans(student, tiny_clip, processor, tmp_path):
+    """Online mode, batches from `DCLIPCollator(with_teacher_inputs=True)`: the teacher sees each row's region crops
+    and spans, so the loss equals the loss on targets cached by `compute_teacher_targets` from the same rows."""
+    from datasets import Dataset
+
+    from dclip.data.collator import DCLIPCollator
+    from dclip.targets import compute_teacher_targets
+
+    teacher = fused_teacher(tiny_clip)
+    boxes = [[[0.0, 0.0, 0.5, 0.5], [0.5, 0.25, 1.0, 1.0]], [[0.1, 0.1, 0.9, 0.6]], [[0.25, 0.5, 0.75, 1.0]] * 2,
+             [[0.0, 0.0, 1.0, 0.5], [0.0, 0.5, 1.0, 1.0], [0.4, 0.4, 0.6, 0.6]]]
+    rows = Dataset.from_dict({
+        "image": random_images(4, seed=3),
+        "caption": ["a red circle left of a star", "two blue squares", "a star above a green triangle",
+                    "a circle and a square and a star"],
+        "boxes": boxes, "spans": [["a red circle", "a star"], ["two blue squares"], ["a star", "a triangle"],
+                                  ["a circle", "a square", "a star"]],
+    })
+    cached = compute_teacher_targets(rows, teacher, processor, batch_size=4, device="cpu")
+    weights = {"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0}
+    student.eval()
+    online_batch = DCLIPCollator(processor, with_teacher_inputs=True)([rows[i] for i in range(4)])
+    cached_batch = DCLIPCollator(processor)([cached[i] for i in range(4)])
+    online = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, online_batch)
+    expected = make_trainer(student, tmp_path, loss_weights=weights).compute_loss(student, cached_batch)
+    assert online.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # the comparison can fail: without its regions, or without its spans, this teacher gives other targets
+    student_inputs = {k: online_batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    regions = {k: v for k, v in online_batch.items() if k.startswith("region_")}
+    spans = {k: v for k, v in online_batch.items() if k.startswith("span_")}
+    with torch.no_grad():
+        without_regions = teacher(**student_inputs, **spans).image_embeds
+        without_spans = teacher(**student_inputs, **regions).text_embeds
+    assert (without_regions - cached_batch["teacher_image_embeds"]).abs().max() > 1e-3
+    assert (without_spans - cached_batch["teacher_text_embeds"]).abs().max() > 1e-3
+    for incomplete in ({**student_inputs, **spans}, {**student_inputs, **regions}):
+        loss = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, incomplete)
+        assert abs(loss.item() - expected.item()) > 1e-5
 
 
 def naive_margin_loss(features, centers, labels, scale, margin):
