@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest

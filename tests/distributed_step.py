@@ -1,5 +1,6 @@
 """One `DCLIPTrainer` step on a fixed batch of 8, run by `tests/test_distributed.py` under `accelerate launch` with
-1 or 2 processes (args: output file, per-device batch, tokenizer folder). Rank 0 saves the logged loss and the updated weights to `argv[1]`."""
+1 or 2 processes (args: output file, per-device batch, tokenizer folder). Rank 0 saves the logged loss and the updated
+weights to `argv[1]`."""
 
 import os
 import sys
@@ -10,10 +11,12 @@ from datasets import Dataset
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, TrainingArguments
 
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import CORPUS, IMAGE_SIZE, tiny_clip_config_kwargs  # noqa: E402
+
 from dclip.data.collator import DCLIPCollator  # noqa: E402
 from dclip.trainer import DCLIPTrainer  # noqa: E402
 from modeling_dclip import DCLIPModel  # noqa: E402
@@ -47,7 +50,10 @@ def main(output: str, per_device_batch: int, tokenizer_dir: str) -> None:
     trainer.train()
     if trainer.accelerator.is_main_process:
         logged = [entry for entry in trainer.state.log_history if "loss" in entry][0]
-        weights = {name: tensor.detach().clone() for name, tensor in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+        weights = {
+            name: tensor.detach().clone()
+            for name, tensor in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+        }
         torch.save({"loss": logged["loss"], "world_size": trainer.accelerator.num_processes, "weights": weights,
                     "initial": initial}, output)
     # every rank leaves together: a rank exiting while gloo still talks to it aborts the other ("terminate called")

@@ -4,13 +4,22 @@ import sys
 
 import numpy as np
 import pytest
-
-from dclip.curation import (
-    CAPPED, DUPLICATE, KEPT, SEMANTIC, SemanticBalanceConfig, find_duplicates, greedy_diverse_subset,
-    normalize_embeddings, semantic_balance, _ivf_index, spherical_kmeans,
-)
 from conftest import REPO_ROOT
+
 from dclip.arguments import DataArguments
+from dclip.curation import (
+    CAPPED,
+    DUPLICATE,
+    KEPT,
+    SEMANTIC,
+    SemanticBalanceConfig,
+    _ivf_index,
+    find_duplicates,
+    greedy_diverse_subset,
+    normalize_embeddings,
+    semantic_balance,
+    spherical_kmeans,
+)
 from dclip.data.loading import load_data, select_rows
 from dclip.stages import cluster_teacher_embeddings
 
@@ -212,10 +221,10 @@ def test_curate_script_on_injected_redundancy(tmp_path):
 def test_curate_dataset_embeds_images_with_the_named_checkpoint(tmp_path, tiny_clip_dir, tiny_clip, processor):
     """--model_name_or_path: the saved image embeddings are the checkpoint's (normalised CLIP image features)."""
     import torch
+    from conftest import random_images
     from datasets import Dataset
 
     from dclip.curation import curate_dataset
-    from conftest import random_images
 
     dataset = Dataset.from_dict({"image": random_images(12, seed=2), "caption": ["a circle"] * 12})
     report = curate_dataset(dataset, tmp_path / "curated", SemanticBalanceConfig(num_clusters=2),

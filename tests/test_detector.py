@@ -42,7 +42,9 @@ class CountingExtractor:
         for _ in images:
             n = self.counts[self.offset]
             found = n if self.offset % 2 == 0 else n - 1
-            out.append(Regions(np.zeros((found, 4)), np.ones(found), "detector" if found else "whole_image:no_detection"))
+            out.append(
+                Regions(np.zeros((found, 4)), np.ones(found), "detector" if found else "whole_image:no_detection")
+            )
             self.offset += 1
         return out
 

@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from dclip.evaluation import (
-    evaluate_model, image_groups, recall_from_scores, rerank_scores, retrieval_metrics, teacher_retrieval,
-    zero_shot_accuracy, zero_shot_classification,
+    evaluate_model,
+    image_groups,
+    recall_from_scores,
+    rerank_scores,
+    retrieval_metrics,
+    teacher_retrieval,
+    zero_shot_accuracy,
+    zero_shot_classification,
 )
 
 
@@ -58,7 +64,11 @@ class FakeProcessor:
     def __call__(self, images=None, text=None):  # the transformers 5 order, as DCLIPProcessor
         if text is not None:
             return {"input_ids": torch.tensor([[self.words[t.split()[-1].rstrip(".")]] for t in text])}
-        return {"pixel_values": torch.stack([torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1) for im in images])}
+        return {
+            "pixel_values": torch.stack(
+                [torch.tensor(np.asarray(im), dtype=torch.float32).permute(2, 0, 1) for im in images]
+            )
+        }
 
 
 def test_zero_shot_hand_computed():
@@ -176,11 +186,11 @@ def test_image_groups_maps_captions_to_first_rows():
 
 
 def test_teacher_retrieval_is_the_fused_score_on_the_shortlist(tiny_clip, processor):
-    from dclip.targets import compute_teacher_features
-    from modeling_dclip import DCLIPTeacherModel
-
     from conftest import random_images
     from datasets import Dataset
+
+    from dclip.targets import compute_teacher_features
+    from modeling_dclip import DCLIPTeacherModel
 
     captions = ["a red circle", "two blue squares", "a green star", "a triangle above a circle", "a star",
                 "three circles"]

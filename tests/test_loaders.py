@@ -11,8 +11,18 @@ import pytest
 from PIL import Image
 
 from dclip.data.loaders import (
-    FORMATS, LoadReport, caption_list, check_image, infer_format, load_caption_dataset, load_cc_tsv,
-    load_coco_karpathy, load_flickr30k, load_hub_dataset, load_imagefolder, load_webdataset,
+    FORMATS,
+    LoadReport,
+    caption_list,
+    check_image,
+    infer_format,
+    load_caption_dataset,
+    load_cc_tsv,
+    load_coco_karpathy,
+    load_flickr30k,
+    load_hub_dataset,
+    load_imagefolder,
+    load_webdataset,
 )
 
 
@@ -207,7 +217,9 @@ def test_flickr30k_csv_errors(flickr_csv):
     with pytest.raises(ValueError, match="single split"):
         load_flickr30k(flickr_csv, split="test")
     flickr_csv.write_text("image_name| comment_number| comment\n1000.jpg| 0| ok\nbroken line\n")
-    with pytest.raises(ValueError, match=r"results.csv line 3: expected 'image_name\| comment_number\| comment' fields"):
+    with pytest.raises(
+        ValueError, match=r"results.csv line 3: expected 'image_name\| comment_number\| comment' fields"
+    ):
         load_flickr30k(flickr_csv, split=None)
     flickr_csv.write_text("name,caption\n")
     with pytest.raises(ValueError, match="results.csv line 1: expected the header"):
@@ -333,7 +345,9 @@ def test_webdataset(shards, caplog):
     assert (report.num_rows, report.num_images) == (4, 3)
     assert_skips(report, caplog, {"missing_file": 1, "corrupt_image": 1, "empty_caption": 1},
                  ["shard-000.tar: sample '002'", "shard-000.tar: sample '003'", "sample '004', caption 0"])
-    again, report = load_webdataset([shards / "shard-000.tar", shards / "shard-001.tar"], cache_dir=str(shards / "cache"))
+    again, report = load_webdataset(
+        [shards / "shard-000.tar", shards / "shard-001.tar"], cache_dir=str(shards / "cache")
+    )
     assert rows(again) == EXPECTED_WDS_ROWS and report.num_skipped == 3  # same counts when the cache is reused
 
 
@@ -364,7 +378,8 @@ def test_webdataset_errors(tmp_path):
 @pytest.fixture
 def hub_folder(tmp_path):
     import pyarrow.parquet
-    from datasets import Dataset, Image as ImageFeature
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
 
     truncated = cut(image_bytes((32, 32), seed=3))
     table = Dataset.from_dict({
@@ -396,7 +411,8 @@ def test_hub_dataset_from_local_parquet(hub_folder, caplog, streaming):
 
 
 def test_hub_dataset_save_to_disk_and_errors(tmp_path):
-    from datasets import Dataset, DatasetDict, Image as ImageFeature
+    from datasets import Dataset, DatasetDict
+    from datasets import Image as ImageFeature
 
     path = str(write_image(tmp_path / "x.png", (8, 6)))
     table = Dataset.from_dict({"picture": [path, path], "text": ["first", "second"], "image_id": [7, 7],

@@ -1,5 +1,4 @@
 import math
-import os
 
 import pytest
 import torch
@@ -108,7 +107,9 @@ def test_instance_distill_loss_matches_naive_loop_and_stops_teacher_gradient():
     student_images, student_texts = normalized(5, 8, seed=3).requires_grad_(True), normalized(5, 8, seed=4)
     teacher_images = normalized(5, 8, seed=5).requires_grad_(True)
     teacher_texts = normalized(5, 8, seed=6)
-    loss = InstanceDistillLoss()(student_images, student_texts, teacher_images, teacher_texts, torch.tensor(math.log(7.0)))
+    loss = InstanceDistillLoss()(
+        student_images, student_texts, teacher_images, teacher_texts, torch.tensor(math.log(7.0))
+    )
     expected = naive_instance_loss(student_images, student_texts, teacher_images, teacher_texts, 7.0)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     same_modality = InstanceDistillLoss(cross_modal=False)(
@@ -163,7 +164,9 @@ def test_two_process_gather_with_gradients(tmp_path):
         loss, grad = results[rank]["global"]
         assert loss == pytest.approx(full.item(), rel=1e-5)
         # every rank's loss reaches this rank's features through the gather: world_size x the one-process gradient
-        torch.testing.assert_close(torch.tensor(grad), world_size * images.grad[rank * 4 : (rank + 1) * 4], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(grad), world_size * images.grad[rank * 4 : (rank + 1) * 4], atol=1e-6, rtol=1e-5
+        )
         local_losses.append(results[rank]["local"][0])
     # local losses (own rows against the global batch) average to the global loss
     assert sum(local_losses) / world_size == pytest.approx(full.item(), rel=1e-5)

@@ -29,7 +29,10 @@ def test_from_clip_to_clip_reproduces_embeddings(tiny_clip, text_inputs, pixel_v
         source_text = tiny_clip.get_text_features(**text_inputs).pooler_output
         for model_image, model_text in (
             (student.get_image_features(pixel_values), student.get_text_features(**text_inputs)),
-            (exported.get_image_features(pixel_values).pooler_output, exported.get_text_features(**text_inputs).pooler_output),
+            (
+                exported.get_image_features(pixel_values).pooler_output,
+                exported.get_text_features(**text_inputs).pooler_output,
+            ),
         ):
             assert isinstance(model_image, torch.Tensor) and model_image.shape == (2, 16)
             torch.testing.assert_close(model_image, source_image, atol=1e-5, rtol=0)
@@ -165,13 +168,21 @@ def mixed_batch(tokenizer, regions=4, spans=4):
     torch.manual_seed(2)
     region_counts, span_counts = (0, 1, 3), (0, 1, 3)
     batch = {
-        **tokenizer(["a red circle", "a blue square", "two green stars and a circle"], padding=True, return_tensors="pt"),
+        **tokenizer(
+            ["a red circle", "a blue square", "two green stars and a circle"], padding=True, return_tensors="pt"
+        ),
         "pixel_values": torch.randn(3, 3, 32, 32),
         "region_pixel_values": torch.randn(3, regions, 3, 32, 32),
         "region_boxes": torch.tensor([[0.1, 0.1, 0.5, 0.6]]).repeat(3, regions, 1),
         "region_mask": torch.tensor([[i < n for i in range(regions)] for n in region_counts]),
     }
-    span_ids = tokenizer(["a red circle", "two green stars", "a circle"], padding="max_length", truncation=True, max_length=8, return_tensors="pt")
+    span_ids = tokenizer(
+        ["a red circle", "two green stars", "a circle"],
+        padding="max_length",
+        truncation=True,
+        max_length=8,
+        return_tensors="pt",
+    )
     batch["span_input_ids"] = span_ids["input_ids"][None].repeat(3, 1, 1)[:, [0, 1, 2, 0][:spans]][:, :spans]
     batch["span_attention_mask"] = span_ids["attention_mask"][None].repeat(3, 1, 1)[:, [0, 1, 2, 0][:spans]][:, :spans]
     batch["span_mask"] = torch.tensor([[i < n for i in range(spans)] for n in span_counts])
@@ -242,7 +253,9 @@ def test_teacher_loss_matches_naive_pairwise_loop(teacher, tokenizer):
         global_logits = teacher.logit_scale.exp() * out.global_text_embeds @ out.global_image_embeds.t()
         targets = torch.arange(n)
         expected = (F.cross_entropy(scores, targets) + F.cross_entropy(scores.t(), targets)) / 2
-        expected = expected + (F.cross_entropy(global_logits, targets) + F.cross_entropy(global_logits.t(), targets)) / 2
+        expected = expected + (
+            F.cross_entropy(global_logits, targets) + F.cross_entropy(global_logits.t(), targets)
+        ) / 2
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.pair_logits[:, 0], scores.diagonal(), atol=1e-5, rtol=0)
 

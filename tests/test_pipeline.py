@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
@@ -13,8 +13,8 @@ from dclip.arguments import DataArguments, DistillationArguments, ModelArguments
 from dclip.data.processor import build_processor
 from dclip.pipeline import run
 from dclip.reporting import paper_claims
-from dclip.training import cpu_threads_per_process
 from dclip.trainer import DCLIPTrainer
+from dclip.training import cpu_threads_per_process
 
 
 TINY_MODEL = dict(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4)
@@ -408,3 +408,40 @@ def test_online_teacher_gets_the_rows_regions_and_spans(tiny_run, tmp_path, monk
     assert len(made) >= 2
     for call in made:
         assert (call["region_boxes"] is not None) == annotated and (call["spans"] is not None) == annotated
+
+
+def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path, monkeypatch):
+    """--resume_from_checkpoint <folder> resumes from that folder, not from the stage's last checkpoint (here made
+    unloadable, so a run that ignored the path would fail)."""
+    import shutil
+
+    root, _ = tiny_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    arguments = (
+        ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4),
+        DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
+        DistillationArguments(stage="distill", distill_steps=3, detector_epochs=1, detector_train_samples=64),
+    )
+
+    def distill(**overrides):
+        training_args = TrainingArguments(
+            output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
+            save_steps=1, logging_steps=1, dataloader_num_workers=0, seed=0, **overrides)
+        return run(*arguments, training_args)
+
+    first = distill()["training"]["distill"]
+    assert first["resumed_from"] is None and first["global_step"] == 3
+    student = tmp_path / "out" / "student"
+    assert (student / "checkpoint-1").is_dir() and (student / "checkpoint-3").is_dir()
+    (student / "checkpoint-3" / "model.safetensors").unlink()  # its trainer_state.json stays: "complete"
+    shutil.rmtree(student / "final")  # the stage is due again
+    named = str(student / "checkpoint-1")
+    steps = Recorder(monkeypatch, DCLIPTrainer, "training_step")
+    second = distill(resume_from_checkpoint=named)["training"]["distill"]
+    assert len(steps.calls) == 2  # steps 2 and 3, from the named checkpoint
+    assert second["resumed_from"] == named and second["global_step"] == 3
+    state = json.loads((student / "checkpoint-3" / "trainer_state.json").read_text())
+    new_steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert new_steps == [1, 2, 3]  # step 1 from the named checkpoint's history, then 2 and 3 trained again
+    with pytest.raises(ValueError, match="not a complete Trainer checkpoint"):
+        distill(resume_from_checkpoint=str(tmp_path / "nowhere"))

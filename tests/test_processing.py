@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, random_images
 from PIL import Image
 
-from conftest import REPO_ROOT, random_images
 from processing_dclip import DCLIPProcessor, RegionExtractor, SpanExtractor, crop_region, to_rgb_image
 
 
@@ -49,8 +49,12 @@ def test_grayscale_image_is_replicated_to_rgb(processor):
 def test_rgba_transparency_is_composited_on_white(processor):
     transparent_red = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
     opaque_red = Image.new("RGBA", (40, 40), (255, 0, 0, 255))
-    torch.testing.assert_close(pixels(processor, transparent_red), pixels(processor, Image.new("RGB", (40, 40), "white")))
-    torch.testing.assert_close(pixels(processor, opaque_red), pixels(processor, Image.new("RGB", (40, 40), (255, 0, 0))))
+    torch.testing.assert_close(
+        pixels(processor, transparent_red), pixels(processor, Image.new("RGB", (40, 40), "white"))
+    )
+    torch.testing.assert_close(
+        pixels(processor, opaque_red), pixels(processor, Image.new("RGB", (40, 40), (255, 0, 0)))
+    )
 
 
 def test_16_bit_image_is_scaled_not_clipped(processor, tmp_path):

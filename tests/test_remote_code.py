@@ -111,7 +111,9 @@ def test_fresh_process_loads_identical_models_and_processor(saved, processor):
     assert results["student_class"] == "DCLIPModel" and results["student_config"] == "DCLIPConfig"
     assert results["teacher_class"] == "DCLIPTeacherModel" and results["teacher_config"] == "DCLIPTeacherConfig"
 
-    inputs = processor(text=raw["texts"], images=images, return_regions=True, return_spans=True, region_boxes=raw["boxes"])
+    inputs = processor(
+        text=raw["texts"], images=images, return_regions=True, return_spans=True, region_boxes=raw["boxes"]
+    )
     for name in ("student", "teacher"):
         for key, value in results[f"{name}_inputs"].items():
             torch.testing.assert_close(value, inputs[key], atol=0, rtol=0, msg=f"{name} processor: {key}")

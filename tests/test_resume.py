@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from dclip.training import last_complete_checkpoint
 
 

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from dclip.data.scenes import (
-    COLORS, SHAPES, SIZES, SceneConfig, _groups, _relation, generate_scenes, load_scenes, zero_shot_tasks,
+    COLORS,
+    SHAPES,
+    SIZES,
+    SceneConfig,
+    _groups,
+    _relation,
+    generate_scenes,
+    load_scenes,
+    zero_shot_tasks,
 )
 
 

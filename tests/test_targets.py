@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import fused_teacher
 from datasets import load_from_disk
 
-from conftest import fused_teacher
 from dclip.data.collator import DCLIPCollator, teacher_inputs
 from dclip.data.scenes import SceneConfig, generate_scenes
 from dclip.targets import compute_teacher_features, compute_teacher_targets, fuse_teacher_targets, model_fingerprint
@@ -13,14 +13,18 @@ from modeling_dclip import DCLIPTeacherModel
 @pytest.fixture(scope="module")
 def scenes_on_disk(tmp_path_factory):
     path = tmp_path_factory.mktemp("scenes")
-    generate_scenes(SceneConfig(num_train=6, num_validation=1, num_test=1, seed=2), num_proc=1)["train"].save_to_disk(path)
+    generate_scenes(
+        SceneConfig(num_train=6, num_validation=1, num_test=1, seed=2), num_proc=1
+    )["train"].save_to_disk(path)
     return load_from_disk(str(path))
 
 
 @pytest.fixture(scope="module")
 def teacher(tiny_clip):
     torch.manual_seed(0)
-    model = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4, max_regions=4, max_spans=4)
+    model = DCLIPTeacherModel.from_clip(
+        tiny_clip, fusion_hidden_size=32, fusion_num_heads=4, max_regions=4, max_spans=4
+    )
     with torch.no_grad():
         model.image_output_projection.weight.normal_(std=0.2)
     return model.eval()
@@ -100,7 +104,8 @@ def test_cached_features_are_refused_for_a_trainable_tower(tiny_clip):
     model.train()
     with pytest.raises(ValueError, match="skip the vision tower"):
         model(image_global_features=torch.zeros(2, 16), region_features=torch.zeros(2, 1, 16),
-              region_boxes=torch.zeros(2, 1, 4), region_mask=torch.ones(2, 1), input_ids=torch.ones(2, 3, dtype=torch.long))
+              region_boxes=torch.zeros(2, 1, 4), region_mask=torch.ones(2, 1),
+              input_ids=torch.ones(2, 3, dtype=torch.long))
 
 
 def test_fused_targets_from_features_equal_targets_from_pixels(scenes_on_disk, teacher, processor):
@@ -147,7 +152,7 @@ def annotated_on_disk(tmp_path_factory):
     extractor finds in the captions (on the embedded scenes they are the same)."""
     path = tmp_path_factory.mktemp("annotated")
     scenes = generate_scenes(SceneConfig(num_train=5, num_validation=1, num_test=1, seed=4), num_proc=1)["train"]
-    spans = [["object number %d" % i, "the whole scene"][: 1 + i % 2] for i in range(len(scenes))]
+    spans = [[f"object number {i}", "the whole scene"][: 1 + i % 2] for i in range(len(scenes))]
     scenes.remove_columns("spans").add_column("spans", spans).save_to_disk(path)
     return load_from_disk(str(path))
 

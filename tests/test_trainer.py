@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fused_teacher, random_images
 from transformers import TrainingArguments
 
-from conftest import fused_teacher, random_images
 from dclip.trainer import DCLIPTrainer
 from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 
@@ -34,7 +34,9 @@ def test_hybrid_loss_is_the_weighted_sum_of_naive_terms(student, batch, tmp_path
     weights = {"contrastive": 0.7, "cosine_image": 1.3, "cosine_text": 0.4}
     trainer = make_trainer(student, tmp_path, loss_weights=weights)
     student.train()
-    loss = trainer.compute_loss(student, {**batch, "teacher_image_embeds": teacher_images, "teacher_text_embeds": teacher_texts})
+    loss = trainer.compute_loss(
+        student, {**batch, "teacher_image_embeds": teacher_images, "teacher_text_embeds": teacher_texts}
+    )
 
     with torch.no_grad():
         out = student(**batch)
@@ -160,7 +162,9 @@ def test_bad_loss_configuration_is_named(student, tmp_path):
         make_trainer(student, tmp_path, loss_weights={"contrastive": 0.0})
     trainer = make_trainer(student, tmp_path, loss_weights={"cosine_image": 1.0})
     with pytest.raises(ValueError, match="teacher_image_embeds"):
-        trainer.compute_loss(student, {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 32, 32)})
+        trainer.compute_loss(
+            student, {"input_ids": torch.ones(1, 2, dtype=torch.long), "pixel_values": torch.zeros(1, 3, 32, 32)}
+        )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip, batch, tmp_path):
@@ -171,7 +175,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip, batch, tmp_p
         student = DCLIPModel.from_clip(tiny_clip).train()
         if checkpointing:
             student.gradient_checkpointing_enable()
-            assert student.text_model.encoder.gradient_checkpointing and student.vision_model.encoder.gradient_checkpointing
+            assert (
+                student.text_model.encoder.gradient_checkpointing
+                and student.vision_model.encoder.gradient_checkpointing
+            )
         trainer = make_trainer(student, tmp_path, loss_weights=weights)
         trainer.compute_loss(student, {**batch, "teacher_image_embeds": teacher_images}).backward()
         gradients.append({name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None})
