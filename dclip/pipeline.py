@@ -26,7 +26,7 @@ from .stages import (
     train_default_detector,
     train_teacher,
 )
-from .training import cpu_threads_per_process, wait_for_everyone
+from .training import cpu_threads_per_process, explicit_checkpoint, wait_for_everyone
 
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def check_run_arguments(model_args: ModelArguments, data_args: DataArguments, ar
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repository the student goes to, e.g. "
                          "your-name/dclip-student)")
+    explicit_checkpoint(training_args.resume_from_checkpoint)  # a named checkpoint must be complete
 
 
 def clear_stale_folders(context: RunContext) -> None:
