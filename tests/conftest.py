@@ -124,3 +124,16 @@ def fused_teacher(tiny_clip, seed: int = 0):
         model.image_output_projection.weight.normal_(std=0.2)
         model.text_output_projection.weight.normal_(std=0.2)
     return model.eval()
+
+
+def run_without_heavy_imports(imports: str, heavy: tuple[str, ...], then: str = "") -> str:
+    """Import `imports` in a fresh interpreter (this checkout first on the path) and fail if any module of `heavy`
+    got imported with them; run `then` after, and return the output."""
+    import subprocess
+
+    code = (f"import sys, {imports}\nheavy = [m for m in {heavy!r} if m in sys.modules]\nassert not heavy, heavy\n"
+            + then)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return completed.stdout

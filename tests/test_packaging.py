@@ -1,12 +1,9 @@
 """The package's metadata: version, licence, type-hint marker."""
 
 import importlib.metadata
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, run_without_heavy_imports
 
 
 def test_version_is_the_installed_distributions():
@@ -16,15 +13,11 @@ def test_version_is_the_installed_distributions():
 
 
 def test_importing_dclip_is_light():
-    code = (
-        "import sys, dclip\n"
-        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'numpy', 'ultralytics') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "print(dclip.__version__)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    assert completed.returncode == 0, completed.stderr[-2000:]
+    import dclip
+
+    output = run_without_heavy_imports("dclip", ("torch", "transformers", "datasets", "numpy", "ultralytics"),
+                                       then="print(dclip.__version__)")
+    assert output.strip() == dclip.__version__
 
 
 def test_setup_cfg_reads_the_version_ships_py_typed_and_the_licence():

@@ -1,13 +1,10 @@
 import logging
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, random_images
+from conftest import random_images, run_without_heavy_imports
 from PIL import Image
 
 from processing_dclip import DCLIPProcessor, RegionExtractor, SpanExtractor, crop_region, to_rgb_image
@@ -385,11 +382,5 @@ def test_processor_with_yolo_saves_and_reloads_the_detector(processor, sighted_y
 
 
 def test_remote_code_imports_nothing_heavy():
-    code = (
-        "import sys, configuration_dclip, modeling_dclip, processing_dclip\n"
-        "heavy = [m for m in ('ultralytics', 'dclip', 'datasets', 'faiss', 'cv2') if m in sys.modules]\n"
-        "assert not heavy, heavy"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
-    assert completed.returncode == 0, completed.stderr[-2000:]
+    run_without_heavy_imports("configuration_dclip, modeling_dclip, processing_dclip",
+                              ("ultralytics", "dclip", "datasets", "faiss", "cv2"))
