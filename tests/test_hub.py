@@ -213,3 +213,26 @@ def test_upload_refuses_an_incomplete_folder(student_folder):
         upload_files(student_folder)
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         upload_files(student_folder / "nope")
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    """Library plots draw on `matplotlib.figure.Figure`: the process's backend (a notebook's, a GUI's) stays as it
+    was, and pyplot's figure manager holds nothing afterwards."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    code = (
+        "import matplotlib, sys\nmatplotlib.use('svg')\n"
+        "from dclip.hub import plot_retrieval, plot_zero_shot_per_class\n"
+        "metrics = {'image_retrieval_recall@1': 0.5, 'text_retrieval_recall@1': 0.25}\n"
+        f"plot_retrieval(metrics, metrics, __import__('pathlib').Path({str(tmp_path / 'r.png')!r}), 'a', 'b')\n"
+        f"plot_zero_shot_per_class({{'label_color': {{'red': 0.5}}}}, None, "
+        f"__import__('pathlib').Path({str(tmp_path / 'z.png')!r}), 'a', 'b')\n"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert (tmp_path / "r.png").stat().st_size > 1000 and (tmp_path / "z.png").stat().st_size > 1000
