@@ -152,3 +152,17 @@ def test_a_cycle_is_found_and_printed():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
     (component,) = [c for c in strongly_connected(graph) if len(c) > 1]
     assert component == {"a", "b", "c"} and one_cycle(graph, component) == ["a", "b", "c", "a"]
+
+
+def test_ruff_passes():
+    """The ruff configuration in pyproject.toml holds for the whole checkout (`ruff check .`)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the [dev] extra)")
+    completed = subprocess.run([ruff, "check", "."], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert completed.returncode == 0, completed.stdout[-3000:]
