@@ -41,7 +41,7 @@ def check_run_arguments(model_args: ModelArguments, data_args: DataArguments, ar
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repository the student goes to, e.g. "
                          "your-name/dclip-student)")
-    explicit_checkpoint(training_args.resume_from_checkpoint)  # a named checkpoint must be complete
+    explicit_checkpoint(training_args.resume_from_checkpoint)  # a named checkpoint must be complete, checked early
 
 
 def clear_stale_folders(context: RunContext) -> None:
@@ -93,10 +93,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
     detector_path = prepare_detector_and_processor(context)
     resume = bool(training_args.resume_from_checkpoint)
 
-    def due(stage: str) -> bool:  # chosen, and not finished already when resuming
-        return args.runs(stage) and not (resume and (context.final_folder(stage) / "config.json").is_file())
-
     training, artefacts = {}, {"detector": str(detector_path)} if detector_path is not None else {}
+
+    def due(stage: str) -> bool:  # chosen, and not finished when resuming (resumed by name, or after a retrained one)
+        finished = (context.final_folder(stage) / "config.json").is_file() and context.resume_from(stage) is None
+        return args.runs(stage) and not (resume and finished and not training)
     base_clip = model_args.student_model or str(context.final_folder("pretrain"))
     if model_args.student_model is None and due("pretrain"):
         result = pretrain(context)

@@ -42,6 +42,22 @@ class RunContext:
     training_args: TrainingArguments
     data: DatasetDict
     processor: object
+    named_checkpoint: Path | None = None  # `--resume_from_checkpoint <folder>`, checked once at the start
+
+    def __post_init__(self):
+        self.named_checkpoint = explicit_checkpoint(self.training_args.resume_from_checkpoint)
+        if self.named_checkpoint is not None and self.args.stage not in STAGE_FOLDERS and self.owner() is None:
+            raise ValueError(f"--resume_from_checkpoint {self.named_checkpoint}: not a checkpoint in one of this run's "
+                             f"stage folders ({', '.join(str(self.output / f) for f in STAGE_FOLDERS.values())}); "
+                             "to resume from a checkpoint elsewhere, run its stage alone with --stage")
+
+    def owner(self) -> str | None:
+        """The stage whose folder holds the named checkpoint, if any."""
+        if self.named_checkpoint is None:
+            return None
+        parent = self.named_checkpoint.resolve().parent
+        return next((stage for stage, folder in STAGE_FOLDERS.items() if parent == (self.output / folder).resolve()),
+                    None)
 
     @property
     def output(self) -> Path:
@@ -55,13 +71,10 @@ class RunContext:
         return self.output / STAGE_FOLDERS[stage] / "final"
 
     def resume_from(self, stage: str) -> Path | None:
-        """The checkpoint that `--resume_from_checkpoint <path>` names for `stage`: a checkpoint inside the stage's
+        """The checkpoint that `--resume_from_checkpoint <folder>` names for `stage`: a checkpoint inside the stage's
         folder, or any checkpoint when this run trains that stage alone."""
-        path = explicit_checkpoint(self.training_args.resume_from_checkpoint)
-        if path is None:
-            return None
-        if path.resolve().parent == (self.output / STAGE_FOLDERS[stage]).resolve() or self.args.stage == stage:
-            return path
+        if self.named_checkpoint is not None and (self.owner() == stage or self.args.stage == stage):
+            return self.named_checkpoint
         return None
 
     def train(self, trainer: Trainer, stage: str) -> TrainingLog:

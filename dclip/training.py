@@ -110,7 +110,9 @@ def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.
     source = model if model is not None else trainer.model_wrapped
     state_dict = accelerator.get_state_dict(source)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(source)
+        model = accelerator.unwrap_model(source, keep_torch_compile=False)
+        # a compiled model (`--torch_compile`) names its weights `_orig_mod.<name>`
+        state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
         whole = type(model)(model.config)
         whole.load_state_dict(state_dict, strict=True)
         whole = (export(whole) if export is not None else whole).to(dtype=model.dtype)

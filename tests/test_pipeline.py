@@ -434,7 +434,7 @@ def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path, monkeypatch):
     student = tmp_path / "out" / "student"
     assert (student / "checkpoint-1").is_dir() and (student / "checkpoint-3").is_dir()
     (student / "checkpoint-3" / "model.safetensors").unlink()  # its trainer_state.json stays: "complete"
-    shutil.rmtree(student / "final")  # the stage is due again
+    # the stage finished (its final folder is there), but resuming it by name trains it again
     named = str(student / "checkpoint-1")
     steps = Recorder(monkeypatch, DCLIPTrainer, "training_step")
     second = distill(resume_from_checkpoint=named)["training"]["distill"]
@@ -445,3 +445,9 @@ def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path, monkeypatch):
     assert new_steps == [1, 2, 3]  # step 1 from the named checkpoint's history, then 2 and 3 trained again
     with pytest.raises(ValueError, match="not a complete Trainer checkpoint"):
         distill(resume_from_checkpoint=str(tmp_path / "nowhere"))
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-1"
+    shutil.copytree(student / "checkpoint-1", elsewhere)
+    with pytest.raises(ValueError, match="run its stage alone with --stage"):
+        run(arguments[0], arguments[1], DistillationArguments(stage="all", detector_epochs=1),
+            TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True,
+                              resume_from_checkpoint=str(elsewhere)))

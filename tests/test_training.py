@@ -24,7 +24,7 @@ class FakeAccelerator:
         self.calls.append(model)
         return self.gathered
 
-    def unwrap_model(self, model):
+    def unwrap_model(self, model, keep_torch_compile: bool = True):
         return model
 
     def wait_for_everyone(self):
@@ -75,3 +75,16 @@ def test_export_and_a_replacement_model(student, processor, tmp_path):
     reloaded = CLIPModel.from_pretrained(tmp_path / "clip")
     for name, tensor in reloaded.state_dict().items():
         torch.testing.assert_close(tensor, gathered[name], msg=name)
+
+
+def test_a_compiled_model_saves_under_its_own_names(student, processor, tmp_path):
+    """`--torch_compile`: the trainer holds a compiled wrapper whose weights are named `_orig_mod.<name>`; the folder
+    gets the model's own class, config and names."""
+    from accelerate import Accelerator
+
+    compiled = torch.compile(student)  # wrapping only: nothing is compiled until it runs
+    trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), model=compiled, model_wrapped=compiled)
+    save_final(trainer, processor, tmp_path / "final")
+    saved = load_file(tmp_path / "final" / "model.safetensors")
+    assert set(saved) == set(student.state_dict())
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["model_type"] == "dclip"
