@@ -1,18 +1,26 @@
 """DCLIP model configurations.
 
-Hub remote code: this file travels next to the weights, so it imports only `transformers` and `packaging` (which
-transformers depends on), and its own siblings. It also checks the transformers version the remote code needs; the
+Hub remote code: this file travels next to the weights, so it imports only `transformers` and the standard library,
+and its own siblings. It also checks the transformers version the remote code needs; the
 other two files import it first, so all three say so clearly instead of failing somewhere inside transformers.
 """
 
+import re
+
 import transformers
-from packaging import version
 
 
 MIN_TRANSFORMERS_VERSION = "5.0.0"
 
-# Pre-releases of the minimum (5.0.0.dev0, 5.0.0rc1) count as that version.
-if version.parse(version.parse(transformers.__version__).base_version) < version.parse(MIN_TRANSFORMERS_VERSION):
+
+def _release(text: str) -> tuple[int, ...]:
+    """The numeric release of a version string, at least major.minor.patch: pre-releases of a version (5.0.0.dev0,
+    5.0.0rc1) count as it, and 5.0 is 5.0.0."""
+    parts = tuple(int(part) for part in re.match(r"\d+(?:\.\d+)*", text).group().split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+if _release(transformers.__version__) < _release(MIN_TRANSFORMERS_VERSION):
     raise ImportError(
         f"dclip's remote code needs transformers>={MIN_TRANSFORMERS_VERSION}, found {transformers.__version__}: "
         "pip install -U transformers"
