@@ -23,30 +23,29 @@ def option(default, help: str):
 
 @dataclass
 class ModelArguments:
-    student_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint to start the student from; "
-                                                              "default: the base CLIP of the `pretrain` stage"})
-    teacher_model: str | None = field(default=None, metadata={"help": "CLIP checkpoint for the teacher's towers; "
-                                                              "default: the student's base CLIP"})
+    student_model: str | None = option(None, "CLIP checkpoint to start the student from; "
+                                             "default: the base CLIP of the `pretrain` stage")
+    teacher_model: str | None = option(None, "CLIP checkpoint for the teacher's towers; "
+                                             "default: the student's base CLIP")
     preset: str = option("clip-small", "size of the base CLIP trained from scratch")
     # CPU-sized defaults: the teacher's pairwise objective fuses batch x (1 + num_negatives) x 2 pairs per step
     fusion_hidden_size: int = option(128, "the teacher's fusion block width")
     fusion_num_layers: int = option(2, "bidirectional cross-attention layers of the fusion block")
     fusion_num_heads: int = option(4, "attention heads of the fusion block")
     num_negatives: int = option(3, "hard negatives per pair in the teacher's pairwise objective")
-    detector_path: str | None = field(default=None, metadata={"help": "YOLO weights for region extraction; default "
-                                                              "on the embedded data: the `detector` stage's"})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student's attention (peft); 0: full "
-                                                "fine-tuning. Adapters are merged into the saved student."})
+    detector_path: str | None = option(None, "YOLO weights for region extraction; default "
+                                             "on the embedded data: the `detector` stage's")
+    lora_rank: int = option(0, "LoRA rank on the student's attention (peft); 0: full "
+                               "fine-tuning. Adapters are merged into the saved student.")
     lora_alpha: float = option(16.0, "LoRA scaling alpha")
-    lora_target_modules: str = field(default="q_proj,k_proj,v_proj,out_proj",
-                                     metadata={"help": "comma-separated module names for LoRA"})
+    lora_target_modules: str = option("q_proj,k_proj,v_proj,out_proj", "comma-separated module names for LoRA")
 
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub name or local file/folder of captioned "
-                                                             "images (dclip.data.loaders); default: the embedded "
-                                                             "procedural scenes"})
+    dataset_name: str | None = option(None, "Hub name or local file/folder of captioned "
+                                            "images (dclip.data.loaders); default: the embedded "
+                                            "procedural scenes")
     dataset_format: str | None = option(None, "loader format; default: inferred")
     image_root: str | None = option(None, "image folder for COCO/Flickr JSON files")
     train_split: str = option("train", "split trained on (real data sets)")
@@ -56,18 +55,18 @@ class DataArguments:
     image_size: int = option(64, "embedded data: image side in pixels")
     vocab_size: int = option(1024, "embedded data: BPE vocabulary trained on the captions")
     max_train_samples: int | None = option(None, "use at most this many training pairs")
-    train_indices: str | None = field(default=None, metadata={"help": "a .npy of training-split rows to train on, "
-                                                              "e.g. `kept_indices.npy` of examples/curate.py"})
-    exact_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: fraction of training "
-                                                                   "scenes that are byte copies of earlier ones"})
-    near_duplicate_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...re-rendered copies "
-                                                                  "with a small jitter"})
-    concept_fraction: float = field(default=0.0, metadata={"help": "embedded data: ...repeats of a few "
-                                                           "over-represented concepts"})
+    train_indices: str | None = option(None, "a .npy of training-split rows to train on, "
+                                             "e.g. `kept_indices.npy` of examples/curate.py")
+    exact_duplicate_fraction: float = option(0.0, "embedded data: fraction of training "
+                                                  "scenes that are byte copies of earlier ones")
+    near_duplicate_fraction: float = option(0.0, "embedded data: ...re-rendered copies "
+                                                 "with a small jitter")
+    concept_fraction: float = option(0.0, "embedded data: ...repeats of a few "
+                                          "over-represented concepts")
     max_eval_samples: int = option(1000, "evaluate on at most this many pairs of the eval split")
-    use_annotated_regions: bool = field(default=False, metadata={"help": "train the teacher on the data's own "
-                                                                  "boxes and spans, not the detector's and the span "
-                                                                  "extractor's (evaluation always uses the latter)"})
+    use_annotated_regions: bool = option(False, "train the teacher on the data's own "
+                                                "boxes and spans, not the detector's and the span "
+                                                "extractor's (evaluation always uses the latter)")
 
     def region_settings(self) -> dict[str, bool]:
         """Where the teacher's training regions and spans come from: the data's annotations, or detector + extractor
@@ -80,9 +79,9 @@ _WEIGHT_HELP = "this loss term's weight; default: 1 if --method uses the term, e
 
 @dataclass
 class DistillationArguments:
-    stage: str = field(default="all", metadata={"help": f"one of {STAGES}"})
-    method: str = field(default="dclip", metadata={"help": "dclip (contrastive + cosine to the teacher), clip_cid "
-                                                   "(cluster + instance discrimination) or dclip+clip_cid"})
+    stage: str = option("all", f"one of {STAGES}")
+    method: str = option("dclip", "dclip (contrastive + cosine to the teacher), clip_cid "
+                         "(cluster + instance discrimination) or dclip+clip_cid")
     # loss weights; unset: 1 for the method's terms, 0 for the others
     contrastive_weight: float | None = option(None, _WEIGHT_HELP)
     cosine_image_weight: float | None = option(None, _WEIGHT_HELP)
@@ -90,12 +89,12 @@ class DistillationArguments:
     cluster_image_weight: float | None = option(None, _WEIGHT_HELP)
     cluster_text_weight: float | None = option(None, _WEIGHT_HELP)
     instance_weight: float | None = option(None, _WEIGHT_HELP)
-    num_clusters: int = field(default=64, metadata={"help": "k-means clusters of the teacher's image embeddings "
-                                                   "(CLIP-CID's cluster discrimination)"})
+    num_clusters: int = option(64, "k-means clusters of the teacher's image embeddings "
+                                   "(CLIP-CID's cluster discrimination)")
     cluster_scale: float = option(16.0, "margin softmax scale s")
     cluster_margin: float = option(0.2, "additive angular margin m, radians")
-    detector_epochs: int = field(default=6, metadata={"help": "0: no detector stage (regions: the data's boxes "
-                                                     "with --use_annotated_regions, else the whole image)"})
+    detector_epochs: int = option(6, "0: no detector stage (regions: the data's boxes "
+                                     "with --use_annotated_regions, else the whole image)")
     detector_train_samples: int = option(5000, "scenes the detector trains on")
     pretrain_steps: int = option(300, "steps of the base CLIP (embedded data)")
     teacher_steps: int = option(150, "steps of the teacher's fusion block")
@@ -104,13 +103,12 @@ class DistillationArguments:
     teacher_learning_rate: float = option(5e-4, "learning rate of the teacher")
     distill_learning_rate: float = option(2e-4, "learning rate of the student")
     online_teacher: bool = option(False, "run the teacher per batch instead of caching")
-    cpu_threads: int | None = field(default=None, metadata={"help": "torch threads per process on CPU; default: "
-                                                      "the cores this process may use / processes per machine "
-                                                      "(`accelerate launch` alone would leave 1)"})
-    eval_models: str = field(default="base_clip,teacher,student", metadata={"help": "comma-separated models the "
-                                                                         "evaluation covers"})
-    eval_top_k: int = field(default=16, metadata={"help": "candidates per query that the teacher's fused score "
-                                                  "re-ranks in retrieval evaluation"})
+    cpu_threads: int | None = option(None, "torch threads per process on CPU; default: "
+                                           "the cores this process may use / processes per machine "
+                                           "(`accelerate launch` alone would leave 1)")
+    eval_models: str = option("base_clip,teacher,student", "comma-separated models the evaluation covers")
+    eval_top_k: int = option(16, "candidates per query that the teacher's fused score "
+                                 "re-ranks in retrieval evaluation")
 
     def __post_init__(self):
         if self.stage not in STAGES:

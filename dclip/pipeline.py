@@ -33,15 +33,16 @@ logger = logging.getLogger(__name__)
 
 
 def check_run_arguments(model_args: ModelArguments, data_args: DataArguments, args: DistillationArguments,
-                        training_args: TrainingArguments) -> None:
-    """Refuse combinations that no stage could run, before any work."""
+                        training_args: TrainingArguments) -> Path | None:
+    """Refuse combinations that no stage could run, before any work; return the checkpoint folder that
+    `--resume_from_checkpoint` names, if it names one (checked complete)."""
     if data_args.dataset_name is not None and model_args.student_model is None:
         raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint): a base CLIP is pretrained here "
                          "only on the embedded default data.")
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repository the student goes to, e.g. "
                          "your-name/dclip-student)")
-    explicit_checkpoint(training_args.resume_from_checkpoint)  # a named checkpoint must be complete, checked early
+    return explicit_checkpoint(training_args.resume_from_checkpoint)
 
 
 def clear_stale_folders(context: RunContext) -> None:
@@ -80,7 +81,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
     """Run the chosen stages; return where each artefact went, how each stage trained, and the metrics. After an
     evaluation the student folder gets its model card (`command` is the reproduction line it prints); with
     `--push_to_hub` the folder is then uploaded to `--hub_model_id`."""
-    check_run_arguments(model_args, data_args, args, training_args)
+    named_checkpoint = check_run_arguments(model_args, data_args, args, training_args)
     started = time.perf_counter()
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads_per_process(args.cpu_threads))
@@ -88,7 +89,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
     import_ultralytics_as_one_process()
     with training_args.main_process_first(local=False, desc="data"):  # the others read the main process's caches
         data, data_reports = load_data(data_args, training_args.seed)
-    context = RunContext(model_args, data_args, args, training_args, data, processor=None)
+    context = RunContext(model_args, data_args, args, training_args, data, processor=None,
+                         named_checkpoint=named_checkpoint)
     clear_stale_folders(context)
     detector_path = prepare_detector_and_processor(context)
     resume = bool(training_args.resume_from_checkpoint)

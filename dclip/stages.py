@@ -25,7 +25,7 @@ from .evaluation import EvaluationResult, evaluate_checkpoint
 from .presets import small_clip_config
 from .targets import compute_teacher_features, compute_teacher_targets, fuse_teacher_targets
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
-from .training import TrainingLog, explicit_checkpoint, save_final, stage_arguments, train_stage, wait_for_everyone
+from .training import TrainingLog, save_final, stage_arguments, train_stage, wait_for_everyone
 
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,9 @@ class RunContext:
     training_args: TrainingArguments
     data: DatasetDict
     processor: object
-    named_checkpoint: Path | None = None  # `--resume_from_checkpoint <folder>`, checked once at the start
+    named_checkpoint: Path | None = None  # `--resume_from_checkpoint <folder>` (`training.explicit_checkpoint`)
 
     def __post_init__(self):
-        self.named_checkpoint = explicit_checkpoint(self.training_args.resume_from_checkpoint)
         if self.named_checkpoint is not None and self.args.stage not in STAGE_FOLDERS and self.owner() is None:
             raise ValueError(f"--resume_from_checkpoint {self.named_checkpoint}: not a checkpoint in one of this run's "
                              f"stage folders ({', '.join(str(self.output / f) for f in STAGE_FOLDERS.values())}); "
