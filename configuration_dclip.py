@@ -46,6 +46,9 @@ class DCLIPConfig(CLIPConfig):
         base_model_name_or_path (`str`, *optional*): the CLIP checkpoint the student was initialised from.
         teacher_name_or_path (`str`, *optional*): the teacher the student was distilled from.
         distillation_method (`str`, *optional*): `"dclip"`, `"clip_cid"`, `"dclip+clip_cid"` or `None` (plain CLIP).
+        teacher_embed_dim (`int`, *optional*): while distilling from a teacher of another embedding width, the width
+            of two linear heads that map the student's image and text embeddings into the teacher's space (as in
+            CLIP-KD). Training only: a saved student has no heads and this is `None`.
 
     Example:
 
@@ -59,8 +62,11 @@ class DCLIPConfig(CLIPConfig):
     base_model_name_or_path: str | None = None
     teacher_name_or_path: str | None = None
     distillation_method: str | None = None
+    teacher_embed_dim: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.teacher_embed_dim is not None and self.teacher_embed_dim < 1:
+            raise ValueError(f"`teacher_embed_dim` must be a positive width or None, got {self.teacher_embed_dim}.")
         allowed = (None, "dclip", "clip_cid", "dclip+clip_cid")
         if self.distillation_method not in allowed:
             raise ValueError(f"`distillation_method` must be one of {allowed}, got {self.distillation_method!r}.")

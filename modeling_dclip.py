@@ -88,6 +88,9 @@ class DCLIPOutput(ModelOutput):
         image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`): L2-normalised image
             embeddings.
         text_model_output, vision_model_output (`BaseModelOutputWithPooling`): the towers' outputs.
+        distill_text_embeds, distill_image_embeds (`torch.FloatTensor` of shape `(batch_size, teacher_embed_dim)`,
+            *optional*): only while distilling from a teacher of another width (`config.teacher_embed_dim`): the
+            embeddings mapped into the teacher's space by the distillation heads, L2-normalised. Not in `CLIPOutput`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -97,6 +100,8 @@ class DCLIPOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
+    distill_text_embeds: torch.FloatTensor | None = None
+    distill_image_embeds: torch.FloatTensor | None = None
 
     def to_tuple(self) -> tuple:
         return tuple(
@@ -272,6 +277,14 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         super().__init__(config)
         self._build_towers(config)
         self.post_init()
+        if getattr(config, "teacher_embed_dim", None) is not None:  # training only: see `drop_teacher_heads`
+            # drawn from a forked random state, so that the towers start the same with heads or without
+            with torch.random.fork_rng(devices=[]):
+                std = self.projection_dim**-0.5 * config.initializer_factor
+                for name in ("teacher_image_head", "teacher_text_head"):
+                    head = nn.Linear(self.projection_dim, config.teacher_embed_dim, bias=False)
+                    nn.init.normal_(head.weight, std=std)
+                    setattr(self, name, head)
 
     @classmethod
     def from_clip(
@@ -284,9 +297,20 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         clip, name = _load_clip(clip, **(from_pretrained_kwargs or {}))
         config = cls._config_from_clip(clip, name, **config_kwargs)
         model = cls(config)
-        model.load_state_dict(clip.state_dict(), strict=True)
+        missing, unexpected = model.load_state_dict(clip.state_dict(), strict=False)
+        if unexpected or any(not key.startswith(("teacher_image_head.", "teacher_text_head.")) for key in missing):
+            raise RuntimeError(f"CLIP weights do not fit the student: missing={missing}, unexpected={unexpected}")
         model.set_attn_implementation(_attn_implementations(clip.config))  # e.g. "eager" for attention weights
         return model.to(dtype=clip.dtype)
+
+    def drop_teacher_heads(self) -> DCLIPModel:
+        """This student without the distillation heads of a wider or narrower teacher (`config.teacher_embed_dim`),
+        as it is saved and used: a plain CLIP dual encoder. Returns `self`."""
+        for name in ("teacher_image_head", "teacher_text_head"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.config.teacher_embed_dim = None
+        return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, also mapping `AutoModelForZeroShotImageClassification` to this class."""
@@ -303,7 +327,8 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         config._attn_implementation = self.config._attn_implementation
         clip = CLIPModel(config).to(dtype=self.dtype)
         clip.set_attn_implementation(_attn_implementations(self.config))  # the towers' own, if set apart
-        clip.load_state_dict(self.state_dict(), strict=True)
+        heads = ("teacher_image_head.", "teacher_text_head.")  # training only (`drop_teacher_heads`)
+        clip.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith(heads)}, strict=True)
         return clip.to(self.device)
 
     def forward(
@@ -339,6 +364,10 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         )
         image_embeds = _l2_normalize(self.visual_projection(vision_outputs.pooler_output))
         text_embeds = _l2_normalize(self.text_projection(text_outputs.pooler_output))
+        distill = {}
+        if hasattr(self, "teacher_image_head"):  # in forward, so that DDP / FSDP see the heads
+            distill = {"distill_image_embeds": _l2_normalize(self.teacher_image_head(image_embeds)),
+                       "distill_text_embeds": _l2_normalize(self.teacher_text_head(text_embeds))}
 
         logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device))
         logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)
@@ -353,6 +382,7 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
             image_embeds=image_embeds,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
+            **distill,
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()

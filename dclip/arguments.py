@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .presets import SMALL_CLIP_PRESETS
+from .teachers import DUAL_ENCODER, FUSION, TEACHER_KINDS
 from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS
 
 
@@ -23,11 +25,24 @@ def option(default, help: str):
 
 @dataclass
 class ModelArguments:
-    student_model: str | None = option(None, "CLIP checkpoint to start the student from; "
-                                             "default: the base CLIP of the `pretrain` stage")
-    teacher_model: str | None = option(None, "CLIP checkpoint for the teacher's towers; "
-                                             "default: the student's base CLIP")
-    preset: str = option("clip-small", "size of the base CLIP trained from scratch")
+    student_model: str | None = option(None, "CLIP checkpoint to start the student from (e.g. a smaller CLIP "
+                                             "than the teacher); default: the base CLIP of the `pretrain` stage")
+    student_preset: str | None = option(None, "train the student from scratch at this size "
+                                              f"({', '.join(SMALL_CLIP_PRESETS)}) instead of starting from "
+                                              "a checkpoint")
+    student_inherit_layers: int | None = option(None, "weight inheritance (TinyCLIP): the student is the "
+                                                      "--student_model (default: the base CLIP) cut to this "
+                                                      "many evenly spaced layers per tower")
+    teacher_model: str | None = option(None, "the teacher, with its own processor (image size, tokenizer, "
+                                             "width): a DCLIP teacher folder (used as is), or a CLIP-family "
+                                             "checkpoint (CLIP, SigLIP, a DCLIP student): the towers the "
+                                             "`teacher` stage fuses, or itself with --teacher_kind clip; "
+                                             "default: the base CLIP")
+    teacher_kind: str = option("auto", "dclip: the cross-modal teacher's fused embeddings (regions and "
+                                       "spans); clip: the teacher checkpoint's own embeddings; auto: dclip for "
+                                       "the DCLIP methods, clip for CLIP-CID's (the papers' settings)")
+    preset: str = option("clip-small", "size of the base CLIP trained from scratch (the default teacher's "
+                                       "towers)")
     # CPU-sized defaults: the teacher's pairwise objective fuses batch x (1 + num_negatives) x 2 pairs per step
     fusion_hidden_size: int = option(128, "the teacher's fusion block width")
     fusion_num_layers: int = option(2, "bidirectional cross-attention layers of the fusion block")
@@ -39,6 +54,16 @@ class ModelArguments:
                                "fine-tuning. Adapters are merged into the saved student.")
     lora_alpha: float = option(16.0, "LoRA scaling alpha")
     lora_target_modules: str = option("q_proj,k_proj,v_proj,out_proj", "comma-separated module names for LoRA")
+
+    def __post_init__(self):
+        if self.teacher_kind not in ("auto", *TEACHER_KINDS):
+            raise ValueError(f"--teacher_kind must be auto or one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
+        if self.student_preset is not None and self.student_preset not in SMALL_CLIP_PRESETS:
+            raise ValueError(f"--student_preset must be one of {list(SMALL_CLIP_PRESETS)}, got "
+                             f"{self.student_preset!r}")
+        if self.student_preset is not None and (self.student_model is not None or self.student_inherit_layers):
+            raise ValueError("--student_preset trains a student from scratch: drop --student_model and "
+                             "--student_inherit_layers")
 
 
 @dataclass
@@ -80,8 +105,15 @@ _WEIGHT_HELP = "this loss term's weight; default: 1 if --method uses the term, e
 @dataclass
 class DistillationArguments:
     stage: str = option("all", f"one of {STAGES}")
-    method: str = option("dclip", "dclip (contrastive + cosine to the teacher), clip_cid "
-                         "(cluster + instance discrimination) or dclip+clip_cid")
+    method: str = option("dclip", "the published student's loss terms: dclip (contrastive + cosine to the "
+                                  "teacher), clip_cid (cluster + instance discrimination), dclip+clip_cid, "
+                                  "instance (CLIP-CID's instance term alone) or none (contrastive only, no "
+                                  "teacher)")
+    compare_methods: str | None = option(None, "comma-separated methods of further students trained and "
+                                               "evaluated beside it, identically (steps, learning rate, data, "
+                                               "seed); default: none,clip_cid,instance on the embedded data, none "
+                                               "(the same student without a teacher) on a --dataset_name; '' for "
+                                               "no other student")
     # loss weights; unset: 1 for the method's terms, 0 for the others
     contrastive_weight: float | None = option(None, _WEIGHT_HELP)
     cosine_image_weight: float | None = option(None, _WEIGHT_HELP)
@@ -106,15 +138,18 @@ class DistillationArguments:
     cpu_threads: int | None = option(None, "torch threads per process on CPU; default: "
                                            "the cores this process may use / processes per machine "
                                            "(`accelerate launch` alone would leave 1)")
-    eval_models: str = option("base_clip,teacher,student", "comma-separated models the evaluation covers")
+    eval_models: str = option("all", "comma-separated models the evaluation covers (base_clip, teacher, student, "
+                                     "student_<method>), or all")
     eval_top_k: int = option(16, "candidates per query that the teacher's fused score "
                                  "re-ranks in retrieval evaluation")
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"--stage must be one of {STAGES}, got {self.stage!r}")
-        if self.method not in METHOD_LOSS_WEIGHTS:
-            raise ValueError(f"--method must be one of {list(METHOD_LOSS_WEIGHTS)}, got {self.method!r}")
+        for method in self.student_methods():
+            if method not in METHOD_LOSS_WEIGHTS:
+                raise ValueError(f"--method must be one of {list(METHOD_LOSS_WEIGHTS)} (so must each of "
+                                 f"--compare_methods), got {method!r}")
         if self.num_clusters < 1:
             raise ValueError(f"--num_clusters must be at least 1, got {self.num_clusters}")
         if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):
@@ -125,14 +160,37 @@ class DistillationArguments:
         """Whether this run includes `stage` (`--stage all` runs every stage)."""
         return self.stage in (stage, "all")
 
-    def loss_weights(self) -> dict[str, float]:
-        """Each loss term's weight: the explicit `--<term>_weight`, else 1 for the method's terms and 0 otherwise."""
-        defaults = METHOD_LOSS_WEIGHTS[self.method]
+    def loss_weights(self, method: str | None = None) -> dict[str, float]:
+        """Each loss term's weight for `method` (default `--method`): for `--method`, the explicit `--<term>_weight`,
+        else 1 for the method's terms and 0 otherwise; a compared method gets its own terms at weight 1."""
+        defaults = METHOD_LOSS_WEIGHTS[method or self.method]
         weights = {}
         for term in LOSS_TERMS:
-            explicit = getattr(self, f"{term}_weight")
+            explicit = getattr(self, f"{term}_weight") if method in (None, self.method) else None
             weights[term] = float(explicit) if explicit is not None else float(term in defaults)
         return weights
+
+    def student_methods(self, embedded_data: bool = True) -> list[str]:
+        """The methods of the students this run trains: `--method` first (the published one), then the compared
+        ones (`--compare_methods`, or its default for the data), without repeats."""
+        compare = self.compare_methods
+        if compare is None:
+            compare = "none,clip_cid,instance" if embedded_data else "none"
+        methods = [self.method]
+        for method in (name.strip() for name in compare.split(",")):
+            if method and method not in methods:
+                methods.append(method)
+        return methods
+
+    def teacher_kind(self, method: str, requested: str = "auto") -> str | None:
+        """The kind of teacher a `method` learns from (`requested`: `--teacher_kind`): None for `none`, else
+        `requested`, or for auto the papers' settings: the DCLIP teacher for the DCLIP methods, the teacher
+        checkpoint's own embeddings for CLIP-CID's."""
+        if not any(term != "contrastive" for term in METHOD_LOSS_WEIGHTS[method]):
+            return None
+        if requested != "auto":
+            return requested
+        return DUAL_ENCODER if method in ("clip_cid", "instance") else FUSION
 
 
 def accelerator_available() -> bool:

@@ -22,6 +22,10 @@ TEACHER_REGION_INPUTS = (
     "region_pixel_values", "region_boxes", "region_mask", "span_input_ids", "span_attention_mask", "span_mask",
 )
 
+# an online teacher's own inputs (its processor's pixels and token ids, and for a DCLIP teacher its regions and
+# spans), nested under one batch key so that they never mix with the student's
+TEACHER_INPUTS = "teacher_inputs"
+
 # the teacher's enriched embeddings, precomputed once as columns or computed per batch (online teacher)
 TEACHER_IMAGE_EMBEDS = "teacher_image_embeds"
 TEACHER_TEXT_EMBEDS = "teacher_text_embeds"

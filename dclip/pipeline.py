@@ -16,7 +16,7 @@ from .arguments import DataArguments, DistillationArguments, ModelArguments
 from .data.loading import load_data
 from .data.processor import build_processor
 from .detector import import_ultralytics_as_one_process
-from .reporting import paper_claims
+from .reporting import compare, comparison_pairs, paper_claims
 from .stages import (
     STAGE_FOLDERS,
     RunContext,
@@ -50,7 +50,7 @@ def clear_stale_folders(context: RunContext) -> None:
     run's (the main process clears them; every process waits)."""
     if not context.training_args.resume_from_checkpoint and context.is_main:
         own_detector = context.data_args.dataset_name is None and context.model_args.detector_path is None
-        for stage, folder in STAGE_FOLDERS.items():
+        for folder, stage in {"detector": "detector", **context.folder_stages()}.items():
             if context.args.runs(stage) and (stage != "detector" or own_detector):
                 shutil.rmtree(context.output / folder, ignore_errors=True)
     wait_for_everyone()
@@ -93,37 +93,59 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: Distillation
                          named_checkpoint=named_checkpoint)
     clear_stale_folders(context)
     detector_path = prepare_detector_and_processor(context)
-    resume = bool(training_args.resume_from_checkpoint)
+    training, artefacts = train_stages(context)
+    if detector_path is not None:
+        artefacts = {"detector": str(detector_path), **artefacts}
 
-    training, artefacts = {}, {"detector": str(detector_path)} if detector_path is not None else {}
+    results = evaluate_models(context, artefacts) if args.stage in ("evaluate", "all") else {}
+    metrics = {name: result.metrics for name, result in results.items()}
+    pairs = comparison_pairs(results, {method: context.student_folder(method) for method in context.methods})
+    comparisons = compare({name: result.outcomes for name, result in results.items()}, pairs, training_args.seed)
+    summary = {"artefacts": artefacts, "data": data_reports,
+               "training": {stage: vars(log) for stage, log in training.items()}, "metrics": metrics,
+               "per_class_recall": {name: result.per_class_recall for name, result in results.items()
+                                    if result.per_class_recall},
+               "comparisons": comparisons, "claims": paper_claims(metrics, comparisons),
+               "seconds": round(time.perf_counter() - started, 1)}
+    if results and context.is_main:
+        save_outcomes(results, context.output / "eval")
+    if context.is_main:
+        publish(summary, context, command)
+    return summary
 
-    def due(stage: str) -> bool:  # chosen, and not finished when resuming (resumed by name, or after a retrained one)
-        finished = (context.final_folder(stage) / "config.json").is_file() and context.resume_from(stage) is None
-        return args.runs(stage) and not (resume and finished and not training)
+
+def train_stages(context: RunContext) -> tuple[dict, dict[str, str]]:
+    """Train the stages that are due (chosen, and when resuming not finished, or after a retrained base CLIP or
+    teacher): the base CLIP, the DCLIP teacher if a student learns from one, and each student. Returns how each
+    trained and the folders of the run's models (`base_clip`, `teacher`, `student`, `student_<method>`)."""
+    model_args, args = context.model_args, context.args
+    resume, training = bool(context.training_args.resume_from_checkpoint), {}
+
+    def due(stage: str, folder: str | None = None) -> bool:
+        folder = folder or STAGE_FOLDERS[stage]
+        written = (context.final_folder(stage, folder) / "config.json").is_file()
+        finished = written and context.resume_from(folder) is None
+        upstream_retrained = bool({"pretrain", "teacher"} & set(training))
+        return args.runs(stage) and not (resume and finished and not upstream_retrained)
     base_clip = model_args.student_model or str(context.final_folder("pretrain"))
     if model_args.student_model is None and due("pretrain"):
         result = pretrain(context)
         base_clip, training["pretrain"] = result.folder, result.training
     teacher_dir = str(context.final_folder("teacher"))
-    if due("teacher"):
+    fusion = "dclip" in context.teacher_kinds() and not context.fusion_teacher_given()
+    if fusion and due("teacher"):
         training["teacher"] = train_teacher(context, base_clip).training
-    if due("distill"):
-        training["distill"] = distill(context, base_clip, teacher_dir).training
-    for name, folder in (("base_clip", base_clip), ("teacher", teacher_dir),
-                         ("student", str(context.final_folder("distill")))):
-        if (Path(folder) / "config.json").is_file() or (name == "base_clip" and model_args.student_model):
-            artefacts[name] = folder
-
-    results = evaluate_models(context, artefacts) if args.stage in ("evaluate", "all") else {}
-    metrics = {name: result.metrics for name, result in results.items()}
-    summary = {"artefacts": artefacts, "data": data_reports,
-               "training": {stage: vars(log) for stage, log in training.items()}, "metrics": metrics,
-               "per_class_recall": {name: result.per_class_recall for name, result in results.items()
-                                    if result.per_class_recall},
-               "claims": paper_claims(metrics), "seconds": round(time.perf_counter() - started, 1)}
-    if context.is_main:
-        publish(summary, context, command)
-    return summary
+    for method in context.methods:
+        folder = context.student_folder(method)
+        if due("distill", folder):
+            name = "distill" if method == args.method else f"distill_{method}"
+            training[name] = distill(context, base_clip, teacher_dir, method).training
+    candidates = {"base_clip": base_clip, "teacher": teacher_dir if fusion else model_args.teacher_model}
+    candidates.update({folder: str(context.final_folder("distill", folder))
+                       for folder in map(context.student_folder, context.methods)})
+    artefacts = {name: folder for name, folder in candidates.items() if folder is not None and (
+        (Path(folder) / "config.json").is_file() or (name == "base_clip" and model_args.student_model))}
+    return training, artefacts
 
 
 def publish(summary: dict, context: RunContext, command: str) -> None:
@@ -139,3 +161,13 @@ def publish(summary: dict, context: RunContext, command: str) -> None:
         summary["pushed"] = push_to_hub(summary["artefacts"]["student"], training_args.hub_model_id,
                                         token=training_args.hub_token, private=training_args.hub_private_repo)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def save_outcomes(results: dict, folder: Path) -> None:
+    """Each evaluated model's per-query outcomes as `<folder>/<model>.npz`, for paired bootstraps across runs
+    (`benchmarks/paper_tables.py`)."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, result in results.items():
+        np.savez_compressed(folder / f"{name}.npz", **result.outcomes)

@@ -1,16 +1,62 @@
-"""What a run reports: DCLIP's claims checked on its metrics, and its summary as plain text tables."""
+"""What a run reports: paired comparisons of its models with bootstrap intervals, the papers' claims checked on them,
+and its summary as plain text tables."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import format_metrics_table, zero_shot_top1_keys
+from .evaluation import format_metrics_table, paired_bootstrap, zero_shot_top1_keys
 
 
-def paper_claims(metrics: dict[str, dict[str, float]]) -> dict[str, float | bool]:
-    """DCLIP's claims, checked on this run: the teacher and the student retrieve better than the base CLIP (Recall@1,
-    both directions), and the student keeps at least 94% of the base CLIP's mean zero-shot accuracy."""
-    base, claims = metrics.get("base_clip"), {}
+# the metrics every comparison covers, where both models have their per-query outcomes
+COMPARED_METRICS = (
+    "image_retrieval_recall@1", "text_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@5",
+    "image_retrieval_mAP", "text_retrieval_mAP", "zeroshot_mean_acc1", "linear_probe_mean_acc1",
+    "hard_negative_accuracy_swap_attribute", "hard_negative_accuracy_swap_relation",
+    "hard_negative_accuracy_wrong_count",
+)
+
+
+def comparison_pairs(names, student_of: dict[str, str]) -> list[tuple[str, str]]:
+    """Which of the evaluated models (`names`) to compare, `(model, baseline)`: every distilled student and the
+    teacher against the same student without a teacher, CLIP-CID's cluster + instance student against its
+    instance-only one, and the published student against the base CLIP. `student_of`: method -> model name."""
+    names, pairs = set(names), []
+    no_teacher = student_of.get("none")
+    if no_teacher in names:
+        pairs += [(student, no_teacher) for method, student in student_of.items()
+                  if method != "none" and student in names]
+        pairs += [("teacher", no_teacher)] if "teacher" in names else []
+    if student_of.get("clip_cid") in names and student_of.get("instance") in names:
+        pairs.append((student_of["clip_cid"], student_of["instance"]))
+    if {"student", "base_clip"} <= names:
+        pairs.append(("student", "base_clip"))
+    return pairs
+
+
+def compare(outcomes: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]], seed: int = 0) -> dict:
+    """`"<model> vs <baseline>"` -> metric -> `paired_bootstrap` of their per-query outcomes (95% intervals)."""
+    comparisons = {}
+    for model, baseline in pairs:
+        shared = [key for key in COMPARED_METRICS if key in outcomes.get(model, {}) and key in outcomes[baseline]
+                  and len(outcomes[model][key]) == len(outcomes[baseline][key])]
+        if shared:
+            comparisons[f"{model} vs {baseline}"] = {
+                key: paired_bootstrap(outcomes[model][key], outcomes[baseline][key], seed=seed) for key in shared}
+    return comparisons
+
+
+def paper_claims(metrics: dict[str, dict[str, float]], comparisons: dict | None = None) -> dict[str, float | bool]:
+    """The claims, checked on this run. With `comparisons` (`compare`): `<model>_beats_<baseline>_<metric>` for each
+    compared metric, true only where the 95% interval of the difference lies above 0. Against the base CLIP: the
+    teacher and the student retrieve better (Recall@1, both directions), the student's relative text-to-image
+    Recall@1 gain, and whether it keeps at least 94% of the base CLIP's mean zero-shot accuracy."""
+    claims: dict[str, float | bool] = {}
+    for pair, results in (comparisons or {}).items():
+        model, baseline = pair.split(" vs ")
+        for key, result in results.items():
+            claims[f"{model}_beats_{baseline}_{key}"] = bool(result["low"] > 0)
+    base = metrics.get("base_clip")
     if base is None:
         return claims
     directions = ("image_retrieval_recall@1", "text_retrieval_recall@1")
@@ -41,6 +87,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("metrics"):
         lines.append("metrics (eval split):")
         lines += ["  " + line for line in format_metrics_table(summary["metrics"]).splitlines()]
+    for pair, results in (summary.get("comparisons") or {}).items():
+        lines.append(f"{pair} (difference, paired bootstrap 95% interval):")
+        lines += [f"  {key:<40} {r['a']:.4f} vs {r['b']:.4f}: {r['difference']:+.4f} [{r['low']:+.4f}, "
+                  f"{r['high']:+.4f}]" for key, r in results.items()]
     if summary.get("claims"):
         lines.append("claims:")
         lines += [f"  {name}: {value:.4f}" if isinstance(value, float) else f"  {name}: {value}"

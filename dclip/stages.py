@@ -19,10 +19,9 @@ from transformers import PretrainedConfig, Trainer, TrainingArguments
 from .arguments import DataArguments, DistillationArguments, ModelArguments
 from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
-from .data.processor import check_teacher_fits
 from .data.scenes import zero_shot_tasks
 from .evaluation import EvaluationResult, evaluate_checkpoint
-from .presets import small_clip_config
+from .presets import SMALL_CLIP_PRESETS, small_clip_config
 from .targets import compute_teacher_features, compute_teacher_targets, fuse_teacher_targets
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
 from .training import TrainingLog, save_final, stage_arguments, train_stage, wait_for_everyone
@@ -30,6 +29,9 @@ from .training import TrainingLog, save_final, stage_arguments, train_stage, wai
 
 logger = logging.getLogger(__name__)
 STAGE_FOLDERS = {"detector": "detector", "pretrain": "base_clip", "teacher": "teacher", "distill": "student"}
+# what a student's `DCLIPConfig.distillation_method` says for each method
+STUDENT_CONFIG_METHODS = {"dclip": "dclip", "clip_cid": "clip_cid", "dclip+clip_cid": "dclip+clip_cid",
+                          "instance": "clip_cid", "none": None}
 
 
 @dataclass
@@ -47,16 +49,29 @@ class RunContext:
     def __post_init__(self):
         if self.named_checkpoint is not None and self.args.stage not in STAGE_FOLDERS and self.owner() is None:
             raise ValueError(f"--resume_from_checkpoint {self.named_checkpoint}: not a checkpoint in one of this run's "
-                             f"stage folders ({', '.join(str(self.output / f) for f in STAGE_FOLDERS.values())}); "
+                             f"stage folders ({', '.join(str(self.output / f) for f in self.folder_stages())}); "
                              "to resume from a checkpoint elsewhere, run its stage alone with --stage")
 
+    @property
+    def methods(self) -> list[str]:
+        """The methods of the run's students, the published one (`--method`) first."""
+        return self.args.student_methods(embedded_data=self.data_args.dataset_name is None)
+
+    def student_folder(self, method: str) -> str:
+        """`student` for `--method`'s student, `student_<method>` for a compared one."""
+        return STAGE_FOLDERS["distill"] if method == self.args.method else "student_" + method.replace("+", "_")
+
+    def folder_stages(self) -> dict[str, str]:
+        """Each folder of the run's stages (one per student) and its stage."""
+        folders = {folder: stage for stage, folder in STAGE_FOLDERS.items() if stage != "distill"}
+        return {**folders, **{self.student_folder(method): "distill" for method in self.methods}}
+
     def owner(self) -> str | None:
-        """The stage whose folder holds the named checkpoint, if any."""
+        """The folder (see `folder_stages`) that holds the named checkpoint, if any."""
         if self.named_checkpoint is None:
             return None
         parent = self.named_checkpoint.resolve().parent
-        return next((stage for stage, folder in STAGE_FOLDERS.items() if parent == (self.output / folder).resolve()),
-                    None)
+        return next((folder for folder in self.folder_stages() if parent == (self.output / folder).resolve()), None)
 
     @property
     def output(self) -> Path:
@@ -66,21 +81,57 @@ class RunContext:
     def is_main(self) -> bool:
         return self.training_args.process_index == 0
 
-    def final_folder(self, stage: str) -> Path:
-        return self.output / STAGE_FOLDERS[stage] / "final"
+    def final_folder(self, stage: str, folder: str | None = None) -> Path:
+        return self.output / (folder or STAGE_FOLDERS[stage]) / "final"
 
-    def resume_from(self, stage: str) -> Path | None:
-        """The checkpoint that `--resume_from_checkpoint <folder>` names for `stage`: a checkpoint inside the stage's
-        folder, or any checkpoint when this run trains that stage alone."""
-        if self.named_checkpoint is not None and (self.owner() == stage or self.args.stage == stage):
-            return self.named_checkpoint
-        return None
+    def resume_from(self, folder: str) -> Path | None:
+        """The checkpoint that `--resume_from_checkpoint <folder>` names for the stage `folder`: a checkpoint inside
+        that folder, or any checkpoint outside the run's folders when this run trains the folder's stage alone (the
+        published student's, for the students)."""
+        owner = self.owner()
+        if self.named_checkpoint is None or (owner is not None and owner != folder):
+            return None
+        stage = self.folder_stages()[folder]
+        return self.named_checkpoint if owner == folder or (
+            self.args.stage == stage and folder == STAGE_FOLDERS[stage]) else None
 
-    def train(self, trainer: Trainer, stage: str) -> TrainingLog:
-        return train_stage(trainer, self.training_args.resume_from_checkpoint, self.resume_from(stage))
+    def train(self, trainer: Trainer, folder: str) -> TrainingLog:
+        return train_stage(trainer, self.training_args.resume_from_checkpoint, self.resume_from(folder))
 
-    def stage_arguments(self, stage: str, steps: int, learning_rate: float) -> TrainingArguments:
-        return stage_arguments(self.training_args, STAGE_FOLDERS[stage], steps, learning_rate)
+    def stage_arguments(self, stage: str, steps: int, learning_rate: float,
+                        folder: str | None = None) -> TrainingArguments:
+        return stage_arguments(self.training_args, folder or STAGE_FOLDERS[stage], steps, learning_rate)
+
+    def fusion_teacher_given(self) -> bool:
+        """Whether `--teacher_model` is a trained DCLIP teacher folder (then no `teacher` stage is needed)."""
+        from .teachers import model_type
+
+        return self.model_args.teacher_model is not None and model_type(self.model_args.teacher_model) == \
+            "dclip_teacher"
+
+    def teacher_kinds(self) -> set[str]:
+        """The kinds of teacher the run's students learn from."""
+        kinds = {self.teacher_kind_for(method) for method in self.methods}
+        return kinds - {None}
+
+    def teacher_kind_for(self, method: str) -> str | None:
+        """The kind of teacher `method`'s student learns from (None: no teacher); a trained DCLIP teacher given as
+        `--teacher_model` teaches every method under `--teacher_kind auto`."""
+        requested = self.model_args.teacher_kind
+        if requested == "auto" and self.fusion_teacher_given():
+            requested = "dclip"
+        return self.args.teacher_kind(method, requested)
+
+    def load_teacher(self, kind: str, base_clip: str, teacher_dir: str):
+        """The `dclip.teachers.Teacher` of this kind: the DCLIP teacher folder (`--teacher_model` if it is one, else
+        the `teacher` stage's), or the `--teacher_model` checkpoint (default: the base CLIP) with its own processor.
+        """
+        from .teachers import FUSION, load_teacher
+
+        if kind == FUSION:
+            return load_teacher(self.model_args.teacher_model if self.fusion_teacher_given() else teacher_dir, FUSION)
+        own = self.model_args.teacher_model is None  # the base CLIP reads the run's processor
+        return load_teacher(self.model_args.teacher_model or base_clip, kind, processor=self.processor if own else None)
 
 
 @dataclass
@@ -115,7 +166,7 @@ def pretrain(context: RunContext) -> StageResult:
     stage_args = context.stage_arguments("pretrain", context.args.pretrain_steps, context.args.pretrain_learning_rate)
     trainer = DCLIPTrainer(model=model, args=stage_args, train_dataset=context.data["train"],
                            data_collator=DCLIPCollator(context.processor), loss_weights={"contrastive": 1.0})
-    log = context.train(trainer, "pretrain")
+    log = context.train(trainer, STAGE_FOLDERS["pretrain"])
     folder = save_final(trainer, context.processor, context.final_folder("pretrain"), export=DCLIPModel.to_clip)
     return StageResult(folder, log)
 
@@ -128,24 +179,42 @@ class _TeacherCollator(DCLIPCollator):
         return {**super().__call__(rows), "return_loss": True}
 
 
-def student_embed_dim(name_or_path: str) -> int:
-    """The projection width of a CLIP or DCLIP student, local or on the Hub, without loading remote code."""
-    return PretrainedConfig.get_config_dict(name_or_path)[0]["projection_dim"]
+def student_embed_dim(model_args: ModelArguments, base_clip: str) -> int:
+    """The projection width of the run's students (a preset's, or the checkpoint's they start from), without loading
+    them or any remote code."""
+    if model_args.student_preset is not None:
+        return SMALL_CLIP_PRESETS[model_args.student_preset][0]
+    return PretrainedConfig.get_config_dict(model_args.student_model or base_clip)[0]["projection_dim"]
+
+
+def teacher_processor(context: RunContext):
+    """The processor of the DCLIP teacher's towers: the run's processor for the base CLIP, else a `DCLIPProcessor`
+    around the `--teacher_model` checkpoint's own image processor and tokenizer, with the run's detector."""
+    from transformers import AutoProcessor
+
+    from processing_dclip import DCLIPProcessor
+
+    if context.model_args.teacher_model is None:
+        return context.processor
+    own = AutoProcessor.from_pretrained(context.model_args.teacher_model)
+    processor = context.processor
+    return DCLIPProcessor(own.image_processor, own.tokenizer, detector_path=processor.detector_path,
+                          max_regions=processor.max_regions, max_spans=processor.max_spans)
 
 
 def train_teacher(context: RunContext, base_clip: str) -> StageResult:
-    """Fine-tune the cross-modal teacher (fusion block; towers frozen) on the training split's regions and spans."""
+    """Fine-tune the cross-modal teacher (fusion block; towers frozen) on the training split's regions and spans,
+    with its towers' own processor; its fused embeddings are projected into the students' width."""
     from modeling_dclip import DCLIPTeacherModel
 
-    model_args, processor, regions = context.model_args, context.processor, context.data_args.region_settings()
+    model_args, processor, regions = context.model_args, teacher_processor(context), context.data_args.region_settings()
     torch.manual_seed(context.training_args.seed)
     teacher = DCLIPTeacherModel.from_clip(
         model_args.teacher_model or base_clip, fusion_hidden_size=model_args.fusion_hidden_size,
         fusion_num_layers=model_args.fusion_num_layers, fusion_num_heads=model_args.fusion_num_heads,
         num_negatives=model_args.num_negatives, max_regions=processor.max_regions, max_spans=processor.max_spans,
-        embed_dim=student_embed_dim(model_args.student_model or base_clip),
+        embed_dim=student_embed_dim(model_args, base_clip),
     )
-    check_teacher_fits(teacher, processor)
     stage_args = context.stage_arguments("teacher", context.args.teacher_steps, context.args.teacher_learning_rate)
     if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
         # frozen towers: encode regions and spans once, then train the fusion block on the cached features
@@ -155,60 +224,73 @@ def train_teacher(context: RunContext, base_clip: str) -> StageResult:
     else:
         train, collator = context.data["train"], _TeacherCollator(processor, **regions)
     trainer = Trainer(model=teacher, args=stage_args, train_dataset=train, data_collator=collator)
-    log = context.train(trainer, "teacher")
+    log = context.train(trainer, STAGE_FOLDERS["teacher"])
     return StageResult(save_final(trainer, processor, context.final_folder("teacher")), log)
 
 
 def with_lora(student, model_args: ModelArguments):
-    """`student` with LoRA adapters (peft) on `--lora_target_modules`."""
+    """`student` with LoRA adapters (peft) on `--lora_target_modules` (its distillation heads, if any, train
+    whole)."""
     from peft import LoraConfig, get_peft_model
 
     targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+    heads = [name for name in ("teacher_image_head", "teacher_text_head") if hasattr(student, name)]
     config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, target_modules=targets,
-                        lora_dropout=0.0, bias="none")
+                        lora_dropout=0.0, bias="none", modules_to_save=heads or None)
     return get_peft_model(student, config)
 
 
 def teacher_targets(context: RunContext, teacher):
-    """The training split with the teacher's enriched embeddings as columns, computed once (cached by fingerprint):
-    from the teacher stage's cached tower features when its towers are frozen, else by a full teacher pass."""
+    """The training split with the teacher's embeddings as columns, computed once (cached by fingerprint) on the
+    teacher's own processor's inputs: for a DCLIP teacher with frozen towers, from its cached tower features."""
     train, regions = context.data["train"], context.data_args.region_settings()
     with context.training_args.main_process_first(local=False, desc="teacher targets"):
-        if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
-            features = compute_teacher_features(train, teacher, context.processor, batch_size=256, **regions)
-            return fuse_teacher_targets(features, teacher)
-        return compute_teacher_targets(train, teacher, context.processor, batch_size=256, **regions)
+        config = teacher.model.config
+        if teacher.kind == "dclip" and config.freeze_vision_tower and config.freeze_text_tower:
+            features = compute_teacher_features(train, teacher.model, teacher.processor, batch_size=256, **regions)
+            return fuse_teacher_targets(features, teacher.model)
+        return compute_teacher_targets(train, teacher, batch_size=256, **regions)
 
 
-def distill(context: RunContext, base_clip: str, teacher_dir: str) -> StageResult:
-    """The student: initialised from the base CLIP, trained with the method's terms (DCLIP: contrastive + cosine to
-    the teacher; CLIP-CID: cluster + instance discrimination against the teacher's embeddings)."""
-    from modeling_dclip import DCLIPModel, DCLIPTeacherModel
+def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str | None = None) -> StageResult:
+    """One student (`method`, default `--method`): built as `--student_preset` / `--student_model` /
+    `--student_inherit_layers` say (default: the base CLIP), trained with the method's terms (DCLIP: contrastive +
+    cosine to the teacher; CLIP-CID: cluster + instance discrimination against the teacher's embeddings; none:
+    contrastive alone), saved without its distillation heads in its own folder."""
+    from modeling_dclip import DCLIPModel
 
-    model_args, args = context.model_args, context.args
-    torch.manual_seed(context.training_args.seed)
-    student = DCLIPModel.from_clip(model_args.student_model or base_clip, distillation_method=args.method,
-                                   teacher_name_or_path=teacher_dir)
-    teacher = DCLIPTeacherModel.from_pretrained(teacher_dir)
-    train = context.data["train"] if args.online_teacher else teacher_targets(context, teacher)
-    weights, centers = args.loss_weights(), None
+    from .students import build_student
+
+    model_args, args, method = context.model_args, context.args, method or context.args.method
+    kind, folder = context.teacher_kind_for(method), context.student_folder(method)
+    teacher = context.load_teacher(kind, base_clip, teacher_dir) if kind is not None else None
+    student = build_student(
+        model_args.student_model, base_clip, context.processor, context.data_args.image_size,
+        model_args.student_preset, model_args.student_inherit_layers,
+        teacher.embed_dim if teacher is not None else None, context.training_args.seed,
+        distillation_method=STUDENT_CONFIG_METHODS[method], teacher_name_or_path=teacher.name if teacher else None)
+    online = args.online_teacher and teacher is not None
+    train = teacher_targets(context, teacher) if teacher is not None and not online else context.data["train"]
+    weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
         centers, labels = cluster_teacher_embeddings(train, args.num_clusters, context.training_args,
-                                                     context.output / "student")
+                                                     context.output / folder)
         train = train.add_column(CLUSTER_LABELS, labels.tolist())
     if model_args.lora_rank:
         student = with_lora(student, model_args)
-    stage_args = context.stage_arguments("distill", args.distill_steps, args.distill_learning_rate)
-    collator = DCLIPCollator(context.processor, with_teacher_inputs=args.online_teacher,
+    stage_args = context.stage_arguments("distill", args.distill_steps, args.distill_learning_rate, folder)
+    collator = DCLIPCollator(context.processor, teacher=teacher if online else None,
                              **context.data_args.region_settings())
     trainer = DCLIPTrainer(
         model=student, args=stage_args, train_dataset=train, loss_weights=weights, data_collator=collator,
-        teacher=teacher if args.online_teacher else None, cluster_centers=centers, cluster_scale=args.cluster_scale,
+        teacher=teacher if online else None, cluster_centers=centers, cluster_scale=args.cluster_scale,
         cluster_margin=args.cluster_margin,
     )
-    log = context.train(trainer, "distill")
+    log = context.train(trainer, folder)
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload() if model_args.lora_rank else None
-    return StageResult(save_final(trainer, context.processor, context.final_folder("distill"), model=merged), log)
+    final = save_final(trainer, context.processor, context.final_folder("distill", folder), model=merged,
+                       export=DCLIPModel.drop_teacher_heads)
+    return StageResult(final, log)
 
 
 def cluster_teacher_embeddings(train, num_clusters: int, training_args: TrainingArguments,
@@ -242,15 +324,15 @@ def cluster_teacher_embeddings(train, num_clusters: int, training_args: Training
 
 
 def evaluate_models(context: RunContext, artefacts: dict[str, str]) -> dict[str, EvaluationResult]:
-    """The chosen `--eval_models` among the run's artefacts on the eval split, with the run's processor (main process
-    only; the others get nothing)."""
+    """The chosen `--eval_models` (`all`: every model) among the run's artefacts on the eval split, each with its own
+    processor (main process only; the others get nothing)."""
     chosen = {name.strip() for name in context.args.eval_models.split(",")}
     results = {}
     if not context.is_main:
         return results
-    for name in ("base_clip", "teacher", "student"):
-        if name in artefacts and name in chosen:
+    for name, folder in artefacts.items():
+        if name != "detector" and (name in chosen or "all" in chosen):
             results[name] = evaluate_checkpoint(
-                artefacts[name], context.data["eval"], context.data.get("validation"), zero_shot_tasks(),
-                context.processor, teacher_top_k=context.args.eval_top_k)
+                folder, context.data["eval"], context.data.get("validation"), zero_shot_tasks(),
+                teacher_top_k=context.args.eval_top_k)
     return results

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import torch
 from datasets import Dataset
 
@@ -84,8 +83,8 @@ def _map_fingerprint(dataset: Dataset, processor, weights: str, use_given_boxes:
 
 def compute_teacher_targets(
     dataset: Dataset,
-    teacher: torch.nn.Module,
-    processor,
+    teacher,
+    processor=None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     use_given_boxes: bool = True,
@@ -93,22 +92,23 @@ def compute_teacher_targets(
     desc: str = "teacher targets",
 ) -> Dataset:
     """
-    `dataset` plus float32 columns `teacher_image_embeds` and `teacher_text_embeds` (`embed_dim` each).
+    `dataset` plus float32 columns `teacher_image_embeds` and `teacher_text_embeds` (the teacher's width each).
 
-    Boxes and spans come from the data when it has them (`use_given_*`), else from the processor's detector and span
-    extractor. The result is cached by a fingerprint of the data, the teacher's weights and these settings.
+    `teacher`: a `dclip.teachers.Teacher` (any CLIP-family dual encoder or DCLIP teacher, with its own processor), or
+    a model with the `processor` it reads. The teacher runs on its own processor's pixels and token ids. For a DCLIP
+    teacher, boxes and spans come from the data when it has them (`use_given_*`), else from the processor's detector
+    and span extractor. The result is cached by a fingerprint of the data, the teacher's weights and these settings.
     """
-    teacher, device = _place_teacher(teacher, device)
-    fingerprint = _map_fingerprint(dataset, processor, model_fingerprint(teacher), use_given_boxes, use_given_spans)
+    from .teachers import as_teacher
+
+    teacher = as_teacher(teacher, processor)
+    model, device = _place_teacher(teacher.model, device)
+    settings = (use_given_boxes, use_given_spans) if teacher.kind == "dclip" else (False, False)
+    fingerprint = _map_fingerprint(dataset, teacher.processor, f"{teacher.kind}:{model_fingerprint(model)}", *settings)
 
     def embed(batch: dict) -> dict:
-        inputs = teacher_inputs(processor, batch, use_given_boxes, use_given_spans)
-        with torch.no_grad():
-            out = teacher(**{k: v.to(device) for k, v in inputs.items()})
-        return {
-            TEACHER_IMAGE_EMBEDS: out.image_embeds.float().cpu().numpy().astype(np.float32),
-            TEACHER_TEXT_EMBEDS: out.text_embeds.float().cpu().numpy().astype(np.float32),
-        }
+        image, text = teacher.embed(teacher.inputs(batch, use_given_boxes, use_given_spans))
+        return {TEACHER_IMAGE_EMBEDS: image.float().cpu().numpy(), TEACHER_TEXT_EMBEDS: text.float().cpu().numpy()}
 
     return dataset.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc=desc)
 

@@ -12,7 +12,7 @@ from .columns import (
     CLUSTER_LABELS,
     STUDENT_INPUTS,
     TEACHER_IMAGE_EMBEDS,
-    TEACHER_REGION_INPUTS,
+    TEACHER_INPUTS,
     TEACHER_TARGETS,
     TEACHER_TEXT_EMBEDS,
 )
@@ -26,6 +26,8 @@ METHOD_LOSS_WEIGHTS = {  # each method's terms at weight 1
     "dclip": ("contrastive", "cosine_image", "cosine_text"),
     "clip_cid": ("cluster_image", "cluster_text", "instance"),
     "dclip+clip_cid": ("contrastive", "cosine_image", "cosine_text", "cluster_image", "cluster_text", "instance"),
+    "instance": ("instance",),  # CLIP-CID without its cluster term
+    "none": ("contrastive",),  # no teacher: the same student trained as a plain CLIP
 }
 
 
@@ -59,7 +61,10 @@ class DCLIPTrainer(Trainer):
         self.loss_weights = {name: float(weight) for name, weight in weights.items() if weight}
         if not self.loss_weights:
             raise ValueError("`loss_weights` gives every term weight 0: nothing to train.")
-        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        if teacher is not None and not hasattr(teacher, "embed"):
+            raise TypeError(f"`teacher` must be a `dclip.teachers.Teacher` (a model with its own processor: "
+                            f"`load_teacher` or `as_teacher(model, processor)`), got {type(teacher).__name__}")
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None
         self.clip_loss = ClipLoss(local_loss=local_loss)
         self.cosine_loss = CosineDistillLoss()
         self.instance_loss = InstanceDistillLoss()
@@ -73,7 +78,7 @@ class DCLIPTrainer(Trainer):
 
     def _teacher_targets(self, inputs: dict) -> dict[str, torch.Tensor]:
         targets = {name: inputs.pop(name) for name in TEACHER_TARGETS if name in inputs}
-        teacher_inputs = {name: inputs.pop(name) for name in TEACHER_REGION_INPUTS if name in inputs}
+        teacher_inputs = inputs.pop(TEACHER_INPUTS, None)
         needed = {target for term, target in COSINE_TARGETS.items() if term in self.loss_weights}
         if "instance" in self.loss_weights:
             needed |= set(TEACHER_TARGETS)
@@ -82,38 +87,44 @@ class DCLIPTrainer(Trainer):
         elif self.cluster_loss is not None:
             needed.add(TEACHER_IMAGE_EMBEDS)
         if needed - set(targets):
-            if self.teacher is None:
-                raise ValueError(f"the cosine terms need {sorted(needed - set(targets))} in the batch or a "
-                                 "`teacher` for online targets.")
-            with torch.no_grad():
-                out = self.teacher(**{k: inputs[k] for k in STUDENT_INPUTS if k in inputs}, **teacher_inputs)
-            targets.update({TEACHER_IMAGE_EMBEDS: out.image_embeds, TEACHER_TEXT_EMBEDS: out.text_embeds})
+            if self.teacher is None or teacher_inputs is None:
+                raise ValueError(f"the teacher's terms need {sorted(needed - set(targets))} in the batch, or a "
+                                 "`teacher` and its own inputs under `teacher_inputs` (`DCLIPCollator(teacher=...)`) "
+                                 "for online targets.")
+            image, text = self.teacher.embed(teacher_inputs)
+            targets.update({TEACHER_IMAGE_EMBEDS: image, TEACHER_TEXT_EMBEDS: text})
         if self.cluster_loss is not None and CLUSTER_LABELS not in targets:
             centers = self.cluster_loss.centers
             targets[CLUSTER_LABELS] = (targets[TEACHER_IMAGE_EMBEDS].to(centers) @ centers.t()).argmax(-1)
         return targets
 
     def compute_terms(self, model: nn.Module, inputs: dict) -> tuple[dict[str, torch.Tensor], object]:
-        """The unweighted loss terms of a batch, and the student's outputs."""
+        """The unweighted loss terms of a batch, and the student's outputs. The terms against the teacher read the
+        student's embeddings in the teacher's space: through its distillation heads when the widths differ
+        (`distill_*_embeds`), else as they are."""
         targets = self._teacher_targets(inputs)
         outputs = model(**{k: inputs[k] for k in STUDENT_INPUTS if k in inputs})
+        in_teacher_space = {
+            "image": _first_present(outputs, "distill_image_embeds", "image_embeds"),
+            "text": _first_present(outputs, "distill_text_embeds", "text_embeds"),
+        }
         terms = {}
         if "contrastive" in self.loss_weights:
             logit_scale = self.accelerator.unwrap_model(model).logit_scale
             terms["contrastive"] = self.clip_loss(outputs.image_embeds, outputs.text_embeds, logit_scale)
         for term, target in COSINE_TARGETS.items():
             if term in self.loss_weights:
-                student_embeds = outputs.image_embeds if term == "cosine_image" else outputs.text_embeds
+                student_embeds = in_teacher_space["image" if term == "cosine_image" else "text"]
                 terms[term] = self.cosine_loss(student_embeds, targets[target])
         if self.cluster_loss is not None and self.cluster_loss.centers.device != outputs.image_embeds.device:
             self.cluster_loss.to(outputs.image_embeds.device)
         for term in CLUSTER_TERMS:
             if term in self.loss_weights:
-                student_embeds = outputs.image_embeds if term == "cluster_image" else outputs.text_embeds
+                student_embeds = in_teacher_space["image" if term == "cluster_image" else "text"]
                 terms[term] = self.cluster_loss(student_embeds, targets[CLUSTER_LABELS].to(student_embeds.device))
         if "instance" in self.loss_weights:
             terms["instance"] = self.instance_loss(
-                outputs.image_embeds, outputs.text_embeds, targets[TEACHER_IMAGE_EMBEDS],
+                in_teacher_space["image"], in_teacher_space["text"], targets[TEACHER_IMAGE_EMBEDS],
                 targets[TEACHER_TEXT_EMBEDS], self.accelerator.unwrap_model(model).logit_scale)
         return terms, outputs
 
@@ -133,3 +144,9 @@ class DCLIPTrainer(Trainer):
             self._term_sums.clear()
             self._term_steps = 0
         super().log(logs, *args, **kwargs)
+
+
+def _first_present(outputs, *names: str) -> torch.Tensor:
+    """The first of `outputs`' fields `names` that is set (a student without distillation heads has no
+    `distill_*_embeds`)."""
+    return next(value for value in (getattr(outputs, name, None) for name in names) if value is not None)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num_train_scenes", "128", "--image_size", "32", "--preset", "clip-tiny", "--fusion_hidden_size", "32",
-        "--seed", "0", "--save_steps", "2", "--logging_steps", "1"]
+        "--seed", "0", "--save_steps", "2", "--logging_steps", "1", "--compare_methods", "none,clip_cid"]
 
 
 def _train(processes: int, port: int, *arguments: str) -> subprocess.CompletedProcess:

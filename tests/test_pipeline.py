@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -40,7 +41,8 @@ def tiny_run(tmp_path_factory):
 
 def test_every_stage_writes_a_hub_ready_folder(tiny_run):
     root, summary = tiny_run
-    assert set(summary["artefacts"]) == {"detector", "base_clip", "teacher", "student", "model_card"}
+    students = {"student", "student_none", "student_clip_cid", "student_instance"}
+    assert set(summary["artefacts"]) == {"detector", "base_clip", "teacher", "model_card"} | students
     # the student folder carries its card: valid metadata, the run's own numbers against the base CLIP
     from huggingface_hub import ModelCard
 
@@ -57,9 +59,20 @@ def test_every_stage_writes_a_hub_ready_folder(tiny_run):
     student_config = json.loads(open(f"{summary['artefacts']['student']}/config.json").read())
     assert student_config["distillation_method"] == "dclip"
     assert student_config["teacher_name_or_path"] == summary["artefacts"]["teacher"]
+    for name, method in (("student_none", None), ("student_clip_cid", "clip_cid"), ("student_instance", "clip_cid")):
+        config = json.loads(open(f"{summary['artefacts'][name]}/config.json").read())
+        assert config["distillation_method"] == method and config.get("teacher_embed_dim") is None
+        # CLIP-CID's students learn from the teacher checkpoint's own embeddings (here the base CLIP), not fusion
+        assert config["teacher_name_or_path"] == (summary["artefacts"]["base_clip"] if method else None)
     written = json.loads(open(root / "out" / "summary.json").read())
-    assert written["metrics"].keys() == {"base_clip", "teacher", "student"}
-    assert set(written["training"]) == {"pretrain", "teacher", "distill"}
+    assert written["metrics"].keys() == {"base_clip", "teacher"} | students
+    assert set(written["training"]) == {"pretrain", "teacher", "distill", "distill_none", "distill_clip_cid",
+                                        "distill_instance"}
+    assert set(written["comparisons"]) == {"student vs student_none", "student_clip_cid vs student_none",
+                                           "student_instance vs student_none", "teacher vs student_none",
+                                           "student_clip_cid vs student_instance", "student vs base_clip"}
+    for name in written["metrics"]:  # per-query outcomes, for paired bootstraps across runs
+        assert len(np.load(root / "out" / "eval" / f"{name}.npz")["image_retrieval_recall@1"]) == 50
     assert all(stage["global_step"] == 3 for stage in written["training"].values())
     # every stage reads the one processor saved for the run
     assert (root / "out" / "processor" / "tokenizer.json").is_file()
@@ -121,7 +134,7 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
     result = run(
         ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4, lora_rank=4),
         DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
-        DistillationArguments(stage="distill", distill_steps=3, distill_learning_rate=1e-2, detector_epochs=1,
+        DistillationArguments(compare_methods="", stage="distill", distill_steps=3, distill_learning_rate=1e-2, detector_epochs=1,
                               detector_train_samples=64),
         training_args,
     )
@@ -150,7 +163,7 @@ def test_clip_cid_student_on_curated_rows(tiny_run, tmp_path):
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
         save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
     )
-    arguments = DistillationArguments(stage="distill", method="dclip+clip_cid", distill_steps=2, num_clusters=5,
+    arguments = DistillationArguments(compare_methods="", stage="distill", method="dclip+clip_cid", distill_steps=2, num_clusters=5,
                                       detector_epochs=1, detector_train_samples=64)
     assert {term for term, weight in arguments.loss_weights().items() if weight} == {
         "contrastive", "cosine_image", "cosine_text", "cluster_image", "cluster_text", "instance"}
@@ -205,7 +218,7 @@ def test_real_recipe_on_local_checkpoints_and_an_imagefolder(tiny_clip_dir, tmp_
         ModelArguments(student_model=str(tiny_clip_dir), teacher_model=str(tiny_clip_dir), fusion_hidden_size=32,
                        fusion_num_heads=4),
         DataArguments(dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")),
-        DistillationArguments(teacher_steps=2, distill_steps=2),
+        DistillationArguments(compare_methods="", teacher_steps=2, distill_steps=2),
         training_args,
     )
     assert summary["artefacts"]["base_clip"] == str(tiny_clip_dir) and "detector" not in summary["artefacts"]
@@ -295,7 +308,7 @@ def _run_stage(folder: Path, data_kwargs: dict | None = None, resume: bool = Fal
     arguments = dict(pretrain_steps=3, teacher_steps=3, distill_steps=3, detector_epochs=1, detector_train_samples=64)
     return run(ModelArguments(**TINY_MODEL),
                DataArguments(cache_dir=str(folder / "cache"), **TINY_DATA, **(data_kwargs or {})),
-               DistillationArguments(**{**arguments, **distill_kwargs}), training_args)
+               DistillationArguments(compare_methods="", **{**arguments, **distill_kwargs}), training_args)
 
 
 class Recorder:
@@ -420,7 +433,7 @@ def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path, monkeypatch):
     arguments = (
         ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4),
         DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
-        DistillationArguments(stage="distill", distill_steps=3, detector_epochs=1, detector_train_samples=64),
+        DistillationArguments(compare_methods="", stage="distill", distill_steps=3, detector_epochs=1, detector_train_samples=64),
     )
 
     def distill(**overrides):
@@ -448,6 +461,6 @@ def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere" / "checkpoint-1"
     shutil.copytree(student / "checkpoint-1", elsewhere)
     with pytest.raises(ValueError, match="run its stage alone with --stage"):
-        run(arguments[0], arguments[1], DistillationArguments(stage="all", detector_epochs=1),
+        run(arguments[0], arguments[1], DistillationArguments(compare_methods="", stage="all", detector_epochs=1),
             TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True,
                               resume_from_checkpoint=str(elsewhere)))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import fused_teacher, random_images
 from transformers import TrainingArguments
 
+from dclip.teachers import as_teacher
 from dclip.trainer import DCLIPTrainer
 from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 
@@ -59,7 +60,7 @@ def test_hybrid_loss_is_the_weighted_sum_of_naive_terms(student, batch, tmp_path
     assert logged["loss_cosine_image"] == pytest.approx(cos_image, rel=1e-4)
 
 
-def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip, batch, tmp_path):
+def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip, batch, processor, tmp_path):
     teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
     with torch.no_grad():
         targets = teacher(**batch)
@@ -68,13 +69,18 @@ def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip
     cached = make_trainer(student, tmp_path, loss_weights=weights).compute_loss(
         student, {**batch, "teacher_image_embeds": targets.image_embeds, "teacher_text_embeds": targets.text_embeds}
     )
-    online = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, batch)
+    trainer = make_trainer(student, tmp_path, loss_weights=weights, teacher=as_teacher(teacher, processor))
+    online = trainer.compute_loss(student, {**batch, "teacher_inputs": dict(batch)})
     assert online.item() == pytest.approx(cached.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="teacher_inputs"):  # never the student's own inputs in their place
+        trainer.compute_loss(student, batch)
+    with pytest.raises(TypeError, match="Teacher"):  # a bare model has no processor to make its inputs
+        make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher)
 
 
 def test_online_teacher_gets_each_rows_regions_and_spans(student, tiny_clip, processor, tmp_path):
-    """Online mode, batches from `DCLIPCollator(with_teacher_inputs=True)`: the teacher sees each row's region crops
-    and spans, so the loss equals the loss on targets cached by `compute_teacher_targets` from the same rows."""
+    """Online mode, batches from `DCLIPCollator(teacher=...)`: the teacher sees each row's region crops and spans, so
+    the loss equals the loss on targets cached by `compute_teacher_targets` from the same rows."""
     from datasets import Dataset
 
     from dclip.data.collator import DCLIPCollator
@@ -93,23 +99,27 @@ def test_online_teacher_gets_each_rows_regions_and_spans(student, tiny_clip, pro
     cached = compute_teacher_targets(rows, teacher, processor, batch_size=4, device="cpu")
     weights = {"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0}
     student.eval()
-    online_batch = DCLIPCollator(processor, with_teacher_inputs=True)([rows[i] for i in range(4)])
+    online_teacher = as_teacher(teacher, processor)
+    online_batch = DCLIPCollator(processor, teacher=online_teacher)([rows[i] for i in range(4)])
     cached_batch = DCLIPCollator(processor)([cached[i] for i in range(4)])
-    online = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, online_batch)
+    trainer = make_trainer(student, tmp_path, loss_weights=weights, teacher=online_teacher)
+    online = trainer.compute_loss(student, online_batch)
     expected = make_trainer(student, tmp_path, loss_weights=weights).compute_loss(student, cached_batch)
     assert online.item() == pytest.approx(expected.item(), rel=1e-5)
 
     # the comparison can fail: without its regions, or without its spans, this teacher gives other targets
     student_inputs = {k: online_batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-    regions = {k: v for k, v in online_batch.items() if k.startswith("region_")}
-    spans = {k: v for k, v in online_batch.items() if k.startswith("span_")}
+    own = online_batch["teacher_inputs"]
+    regions = {k: v for k, v in own.items() if k.startswith("region_")}
+    spans = {k: v for k, v in own.items() if k.startswith("span_")}
+    plain = {k: v for k, v in own.items() if k not in regions and k not in spans}
     with torch.no_grad():
-        without_regions = teacher(**student_inputs, **spans).image_embeds
-        without_spans = teacher(**student_inputs, **regions).text_embeds
+        without_regions = teacher(**plain, **spans).image_embeds
+        without_spans = teacher(**plain, **regions).text_embeds
     assert (without_regions - cached_batch["teacher_image_embeds"]).abs().max() > 1e-3
     assert (without_spans - cached_batch["teacher_text_embeds"]).abs().max() > 1e-3
-    for incomplete in ({**student_inputs, **spans}, {**student_inputs, **regions}):
-        loss = make_trainer(student, tmp_path, loss_weights=weights, teacher=teacher).compute_loss(student, incomplete)
+    for incomplete in ({**plain, **spans}, {**plain, **regions}):
+        loss = trainer.compute_loss(student, {**student_inputs, "teacher_inputs": incomplete})
         assert abs(loss.item() - expected.item()) > 1e-5
 
 

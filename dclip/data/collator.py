@@ -14,6 +14,7 @@ from ..columns import (
     SPANS,
     TEACHER_FEATURE_COLUMNS,
     TEACHER_FEATURE_MASKS,
+    TEACHER_INPUTS,
     TEACHER_TARGETS,
 )
 
@@ -35,18 +36,21 @@ def teacher_inputs(processor, batch: dict, use_given_boxes: bool = True, use_giv
 
 class DCLIPCollator:
     """
-    Turns a list of rows into student inputs (`input_ids`, `attention_mask`, `pixel_values`), the precomputed
-    teacher targets and `cluster_labels` when the rows carry them, and, with `with_teacher_inputs` (online teacher),
-    the teacher's region and span inputs ([`teacher_inputs`]: the rows' `boxes` / `spans` when present and
-    `use_given_boxes` / `use_given_spans`, else the processor's detector and extractor, as the cached targets do).
+    Turns a list of rows into student inputs (`input_ids`, `attention_mask`, `pixel_values`) made by the student's
+    `processor`, the precomputed teacher targets and `cluster_labels` when the rows carry them, and, with an online
+    `teacher` (a `dclip.teachers.Teacher`), the teacher's own inputs under `teacher_inputs`: made by the teacher's
+    processor (its image size and tokenizer), with the rows' `boxes` / `spans` when present and `use_given_boxes` /
+    `use_given_spans`, else its detector and extractor, as the cached targets are. `with_teacher_inputs` makes the
+    main inputs themselves a DCLIP teacher's ([`teacher_inputs`] of `processor`: training the teacher itself).
     """
 
     def __init__(self, processor, with_teacher_inputs: bool = False, use_given_boxes: bool = True,
-                 use_given_spans: bool = True):
+                 use_given_spans: bool = True, teacher=None):
         self.processor = processor
         self.with_teacher_inputs = with_teacher_inputs
         self.use_given_boxes = use_given_boxes
         self.use_given_spans = use_given_spans
+        self.teacher = teacher
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         columns = {name: [row[name] for row in rows] for name in ROW_COLUMNS if name in rows[0]}
@@ -55,6 +59,8 @@ class DCLIPCollator:
         else:
             batch = self.processor(images=columns[IMAGE], text=columns[CAPTION])
         batch = dict(batch)
+        if self.teacher is not None:
+            batch[TEACHER_INPUTS] = self.teacher.inputs(columns, self.use_given_boxes, self.use_given_spans)
         for name in TEACHER_TARGETS:
             if name in rows[0]:
                 batch[name] = torch.from_numpy(np.stack([np.asarray(row[name], dtype=np.float32) for row in rows]))

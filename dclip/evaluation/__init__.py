@@ -5,6 +5,7 @@ follow CLIP_benchmark where they overlap (`image_retrieval_recall@5`, `acc1`, `m
 task, as CLIP_benchmark's `metrics/`: `retrieval`, `classification`, `teacher`; `embedding` holds the embedding loops
 they share, `suite` the whole evaluations, `report` the metric tables. This package re-exports their public names."""
 
+from .bootstrap import paired_bootstrap
 from .classification import (
     DEFAULT_TEMPLATES,
     classification_metrics,
@@ -28,14 +29,15 @@ from .retrieval import (
     sampled_positive_ranks,
 )
 from .suite import EvaluationResult, evaluate_checkpoint, evaluate_model, evaluate_teacher
-from .teacher import rerank_scores, teacher_retrieval
+from .teacher import rerank_scores, teacher_retrieval, teacher_zero_shot
 
 
 __all__ = [
     "DEFAULT_TEMPLATES", "EvaluationResult", "classification_metrics", "embed_images", "embed_texts",
     "evaluate_checkpoint", "evaluate_model", "evaluate_teacher", "exact_positive_ranks", "faiss_positive_ranks",
     "format_estimate", "format_metrics_table", "hard_negative_accuracy", "image_groups", "is_estimate_detail",
-    "linear_probe_accuracy", "load_clip_towers", "metrics_from_ranks", "nearest_neighbours", "ranks_from_scores",
-    "recall_from_scores", "rerank_scores", "retrieval_metrics", "sampled_positive_ranks", "teacher_retrieval",
+    "linear_probe_accuracy", "load_clip_towers", "metrics_from_ranks", "nearest_neighbours", "paired_bootstrap",
+    "ranks_from_scores", "recall_from_scores", "rerank_scores", "retrieval_metrics", "sampled_positive_ranks",
+    "teacher_retrieval", "teacher_zero_shot",
     "zero_shot_accuracy", "zero_shot_classification", "zero_shot_classifier", "zero_shot_top1_keys",
 ]

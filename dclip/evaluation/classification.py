@@ -30,7 +30,8 @@ def zero_shot_classifier(model, processor, class_names: list[str], templates=DEF
 def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
                            ks: tuple[int, ...] = (1, 5)) -> dict:
     """From `scores (samples, classes)` and integer `labels`: top-K accuracy `acc<K>` (K below the class count),
-    `mean_per_class_recall` over the classes present, and `per_class_recall` by class name (CLIP_benchmark names)."""
+    `mean_per_class_recall` over the classes present, and `per_class_recall` by class name (CLIP_benchmark names),
+    and `correct`, whether each sample's top-1 class is its label (for paired bootstraps)."""
     labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(-scores, axis=1, kind="stable")
     results: dict = {}
@@ -42,6 +43,7 @@ def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
                  if np.any(labels == c)}
     results["mean_per_class_recall"] = float(np.mean(list(per_class.values()))) if per_class else float("nan")
     results["per_class_recall"] = per_class
+    results["correct"] = (top1 == labels).astype(np.float64)
     return results
 
 
@@ -66,23 +68,26 @@ def zero_shot_accuracy(model, processor, dataset, label_column: str, class_names
 
 
 def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_features: np.ndarray, test_labels,
-                          regularization: float = 1.0, max_iter: int = 1000) -> float:
+                          regularization: float = 1.0, max_iter: int = 1000, return_correct: bool = False):
     """Top-1 accuracy on `test_*` of a logistic regression (L-BFGS, inverse regularisation `regularization`) fitted
-    on frozen `train_*` features, as in CLIP's linear-probe evaluation."""
+    on frozen `train_*` features, as in CLIP's linear-probe evaluation; with `return_correct`, also whether each test
+    sample was classified right."""
     from sklearn.linear_model import LogisticRegression
 
     classifier = LogisticRegression(C=regularization, max_iter=max_iter)
     classifier.fit(train_features, np.asarray(train_labels))
-    return float((classifier.predict(test_features) == np.asarray(test_labels)).mean())
+    correct = (classifier.predict(test_features) == np.asarray(test_labels)).astype(np.float64)
+    return (float(correct.mean()), correct) if return_correct else float(correct.mean())
 
 
 def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, text_embeds: np.ndarray,
-                           device: str | torch.device | None = None) -> dict[str, float]:
+                           device: str | torch.device | None = None, outcomes: dict | None = None) -> dict[str, float]:
     """
     How often each image scores its own caption above each of its hard-negative captions (`hard_negatives`,
     with kinds in `hard_negative_types`: swapped attribute, swapped relation, wrong count): `hard_negative_accuracy`
     over all (image, negative) pairs and `hard_negative_accuracy_<kind>` per kind. `image_embeds` / `text_embeds`:
-    normalised, a row per dataset row (the row's image and caption).
+    normalised, a row per dataset row (the row's image and caption). A dict given as `outcomes` receives each
+    figure's per-pair outcomes (per kind: one per image that has a negative of that kind, in row order).
     """
     negatives = dataset["hard_negatives"]
     kinds = dataset["hard_negative_types"] if "hard_negative_types" in dataset.column_names else \
@@ -96,7 +101,9 @@ def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, 
     positive_scores = np.einsum("nd,nd->n", image_embeds[rows], text_embeds[rows])
     negative_scores = np.einsum("nd,nd->n", image_embeds[rows], negative_embeds)
     correct = positive_scores > negative_scores
-    results = {"hard_negative_accuracy": float(correct.mean())}
+    per_pair = {"hard_negative_accuracy": correct.astype(np.float64)}
     for kind in sorted(set(flat_kinds)):
-        results[f"hard_negative_accuracy_{kind}"] = float(correct[flat_kinds == kind].mean())
-    return results
+        per_pair[f"hard_negative_accuracy_{kind}"] = correct[flat_kinds == kind].astype(np.float64)
+    if outcomes is not None:
+        outcomes.update(per_pair)
+    return {key: float(values.mean()) for key, values in per_pair.items()}

@@ -35,4 +35,5 @@ def is_estimate_detail(key: str) -> bool:
 
 def zero_shot_top1_keys(metrics: dict[str, float]) -> list[str]:
     """The zero-shot top-1 accuracies among `metrics` (one per task)."""
-    return [key for key in metrics if key.startswith("zeroshot_") and key.endswith("_acc1")]
+    return [key for key in metrics if key.startswith("zeroshot_") and key.endswith("_acc1")
+            and key != "zeroshot_mean_acc1"]

@@ -25,10 +25,12 @@ logger = logging.getLogger(__package__)  # "dclip.evaluation", the logger of the
 def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image,
                       ks: tuple[int, ...] = (1, 5, 10), backend: str = "auto", exact_max_pairs: int = 10_000_000_000,
                       sample_pairs: int = 2_500_000_000, seed: int = 0, faiss_depth: int = 100,
-                      faiss_nprobe: int = 8, faiss_exact_below: int = 50_000) -> dict[str, float]:
+                      faiss_nprobe: int = 8, faiss_exact_below: int = 50_000,
+                      outcomes: dict | None = None) -> dict[str, float]:
     """
     Recall@K and mAP both ways (COCO convention: several captions per image). `image_embeds (images, dim)` and
-    `text_embeds (texts, dim)` are L2-normalised; `text_to_image[t]` is the image of caption `t`.
+    `text_embeds (texts, dim)` are L2-normalised; `text_to_image[t]` is the image of caption `t`. A dict given as
+    `outcomes` receives each metric's per-query values (see `metrics_from_ranks`), for paired bootstraps.
 
     `backend`:
     - "exact": every query ranked against the whole gallery (blocked matrix products), full-ranking mAP;
@@ -48,7 +50,7 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to
         backend = "exact" if len(image_embeds) * len(text_embeds) <= exact_max_pairs else "sampled"
     if backend == "exact":
         image_ranks, text_ranks = exact_positive_ranks(image_embeds, text_embeds, text_to_image)
-        return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks)
+        return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks, outcomes=outcomes)
     if backend == "sampled":
         rng = np.random.default_rng(seed)
         images_with_captions = np.unique(text_to_image)
@@ -60,7 +62,7 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to
                     len(image_embeds), len(text_embeds), len(caption_sample), len(image_sample))
         image_ranks, text_ranks, sampled_owner = sampled_positive_ranks(image_embeds, text_embeds, text_to_image,
                                                                         caption_sample, image_sample)
-        metrics = metrics_from_ranks(image_ranks, text_ranks, sampled_owner, ks, with_stderr=True)
+        metrics = metrics_from_ranks(image_ranks, text_ranks, sampled_owner, ks, with_stderr=True, outcomes=outcomes)
         metrics["image_retrieval_queries"] = len(caption_sample)
         metrics["text_retrieval_queries"] = len(image_sample)
         return metrics
@@ -69,7 +71,7 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to
                        "file; backend='exact' for exact figures", len(image_embeds), len(text_embeds))
         image_ranks, text_ranks = faiss_positive_ranks(image_embeds, text_embeds, text_to_image, faiss_depth,
                                                        faiss_nprobe, faiss_exact_below)
-        return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks, depth=faiss_depth)
+        return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks, depth=faiss_depth, outcomes=outcomes)
     raise ValueError(f"backend must be 'auto', 'exact', 'sampled' or 'faiss', got {backend!r}")
 
 
@@ -240,11 +242,13 @@ def ranks_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch
 
 def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_image,
                        ks: tuple[int, ...] = (1, 5, 10), depth: int | None = None,
-                       with_stderr: bool = False) -> dict[str, float]:
+                       with_stderr: bool = False, outcomes: dict | None = None) -> dict[str, float]:
     """Recall@K and mAP both ways from per-caption ranks (see above): `image_ranks` of captions (text-to-image) and
     `text_ranks` of captions whose images are `text_to_image` (image-to-text; the two may cover different captions
     when queries are sampled). With a search `depth`, mAP counts positives past it as never retrieved and its key
-    says `mAP@<depth>`; `with_stderr` adds each figure's standard error over queries as `<key>_stderr`."""
+    says `mAP@<depth>`; `with_stderr` adds each figure's standard error over queries as `<key>_stderr`. A dict given
+    as `outcomes` receives each metric's per-query values: per caption for `image_retrieval_*`, per image (in image
+    order) for `text_retrieval_*`."""
     owner = np.asarray(text_to_image, dtype=np.int64)
     best_text_rank = np.full(owner.max() + 1 if len(owner) else 0, np.inf)
     np.minimum.at(best_text_rank, owner, text_ranks)
@@ -256,6 +260,8 @@ def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_
     suffix = "mAP" if depth is None else f"mAP@{depth}"
     per_query[f"image_retrieval_{suffix}"] = _average_precisions(image_ranks, np.arange(len(image_ranks)))
     per_query[f"text_retrieval_{suffix}"] = _average_precisions(text_ranks, owner)
+    if outcomes is not None:
+        outcomes.update({key: np.asarray(values, dtype=np.float64) for key, values in per_query.items()})
     results = {}
     for key, values in per_query.items():
         results[key] = float(np.mean(values)) if len(values) else float("nan")
@@ -282,10 +288,11 @@ def _average_precisions(ranks: np.ndarray, queries: np.ndarray) -> np.ndarray:
 
 
 def recall_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch.Tensor, text_to_image,
-                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K and mAP both ways from dense scores (see `ranks_from_scores`)."""
+                       ks: tuple[int, ...] = (1, 5, 10), outcomes: dict | None = None) -> dict[str, float]:
+    """Recall@K and mAP both ways from dense scores (see `ranks_from_scores`; `outcomes` as in
+    `metrics_from_ranks`)."""
     image_ranks, text_ranks = ranks_from_scores(image_query_scores, text_query_scores, text_to_image)
-    return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks)
+    return metrics_from_ranks(image_ranks, text_ranks, text_to_image, ks, outcomes=outcomes)
 
 
 def image_groups(dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -6,23 +6,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .classification import DEFAULT_TEMPLATES, hard_negative_accuracy, linear_probe_accuracy, zero_shot_classification
 from .embedding import embed_images, embed_texts, load_clip_towers
 from .retrieval import image_groups, retrieval_metrics
-from .teacher import teacher_retrieval
+from .teacher import teacher_retrieval, teacher_zero_shot
 
 
 @dataclass
 class EvaluationResult:
-    """Flat `metrics` (name -> value; the keys of summary tables and model cards) and `per_class_recall`
-    (zero-shot task -> class -> recall), with the sizes evaluated."""
+    """Flat `metrics` (name -> value; the keys of summary tables and model cards), `per_class_recall` (zero-shot
+    task -> class -> recall), the sizes evaluated, and `outcomes`: for each metric that is a mean over queries, the
+    per-query values (aligned across models evaluated on the same data), for paired bootstraps."""
 
     metrics: dict[str, float]
     per_class_recall: dict[str, dict[str, float]] = field(default_factory=dict)
     num_images: int = 0
     num_texts: int = 0
+    outcomes: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add_means(self) -> None:
+        """`zeroshot_mean_acc1` and `linear_probe_mean_acc1`: per image, the mean over the tasks' top-1 outcomes."""
+        for prefix in ("zeroshot", "linear_probe"):
+            keys = [key for key in self.outcomes if key.startswith(f"{prefix}_label") and key.endswith("_acc1")]
+            if keys:
+                per_image = np.mean([self.outcomes[key] for key in sorted(keys)], axis=0)
+                self.outcomes[f"{prefix}_mean_acc1"] = per_image
+                self.metrics[f"{prefix}_mean_acc1"] = float(per_image.mean())
 
 
 def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
@@ -38,8 +50,10 @@ def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, li
     images = test.select(image_rows) if len(image_rows) != len(test) else test
     image_embeds = embed_images(model, processor, images, batch_size=batch_size)
     text_embeds = embed_texts(model, processor, test["caption"], batch_size=batch_size)
-    metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks, backend=retrieval_backend)
-    result = EvaluationResult(metrics, num_images=len(image_embeds), num_texts=len(text_embeds))
+    outcomes: dict[str, np.ndarray] = {}
+    metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks, backend=retrieval_backend,
+                                outcomes=outcomes)
+    result = EvaluationResult(metrics, num_images=len(image_embeds), num_texts=len(text_embeds), outcomes=outcomes)
     tasks = {column: names for column, names in (tasks or {}).items() if column in test.column_names}
     probe_embeds = None
     if tasks and probe_train is not None:
@@ -52,26 +66,42 @@ def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, li
             if name in zero_shot:
                 metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
         result.per_class_recall[column] = zero_shot["per_class_recall"]
+        outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
         if probe_embeds is not None:
-            metrics[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
-                probe_embeds, probe_images[column], image_embeds, images[column])
+            metrics[f"linear_probe_{column}_acc1"], outcomes[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
+                probe_embeds, probe_images[column], image_embeds, images[column], return_correct=True)
     if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
-        metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds))
+        metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds, outcomes=outcomes))
+    result.add_means()
     return result
 
 
 def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
-                     batch_size: int = 256) -> EvaluationResult:
-    """The cross-modal teacher's retrieval Recall@K and mAP: global shortlist, fused re-ranking (`teacher_retrieval`);
+                     batch_size: int = 256, tasks: dict[str, list[str]] | None = None,
+                     templates=DEFAULT_TEMPLATES) -> EvaluationResult:
+    """The cross-modal teacher's retrieval Recall@K and mAP (global shortlist, fused re-ranking: `teacher_retrieval`)
+    and zero-shot classification by fused scores for each `tasks` label column present (`teacher_zero_shot`);
     regions from the processor's detector (if any) and spans from its extractor, as at test time."""
     from ..targets import compute_teacher_features
 
     features = compute_teacher_features(test, teacher, processor, batch_size=batch_size, use_given_boxes=False,
                                         use_given_spans=False)
     image_rows, text_to_image = image_groups(test)
+    outcomes: dict[str, np.ndarray] = {}
     metrics = teacher_retrieval(teacher, features, top_k=top_k, ks=ks, image_rows=image_rows,
-                                text_to_image=text_to_image)
-    return EvaluationResult(metrics, num_images=len(image_rows), num_texts=len(test))
+                                text_to_image=text_to_image, outcomes=outcomes)
+    result = EvaluationResult(metrics, num_images=len(image_rows), num_texts=len(test), outcomes=outcomes)
+    images = test.select(image_rows) if len(image_rows) != len(test) else test
+    for column, names in (tasks or {}).items():
+        if column in test.column_names:
+            zero_shot = teacher_zero_shot(teacher, processor, features, image_rows, images[column], names, templates)
+            for name in ("acc1", "acc5", "mean_per_class_recall"):
+                if name in zero_shot:
+                    metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
+            result.per_class_recall[column] = zero_shot["per_class_recall"]
+            outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
+    result.add_means()
+    return result
 
 
 def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
@@ -90,6 +120,6 @@ def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[s
     processor = processor or DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)  # our class
     if PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type") == "dclip_teacher":
         teacher = DCLIPTeacherModel.from_pretrained(name_or_path).to("cuda" if torch.cuda.is_available() else "cpu")
-        return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks)
+        return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks, tasks=tasks, templates=templates)
     return evaluate_model(load_clip_towers(name_or_path), processor, test, probe_train=probe_train, tasks=tasks,
                           templates=templates, ks=ks, retrieval_backend=retrieval_backend)

@@ -10,27 +10,15 @@ import torch
 from .retrieval import recall_from_scores
 
 
-@torch.no_grad()
-def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
-                      image_rows: np.ndarray | None = None, text_to_image: np.ndarray | None = None,
-                      device: str | torch.device | None = None) -> dict[str, float]:
-    """
-    Recall@K of the cross-modal teacher on image-caption pairs, from the towers' cached outputs
-    (`dclip.targets.compute_teacher_features` columns, a row per pair; `image_rows` / `text_to_image` as from
-    `image_groups`, default: row `i` is image `i` and its caption). Fusion scores pairs, not single items, so
-    retrieval is two-stage, as with ITM models: the towers' global similarity shortlists `top_k` candidates per
-    query and the fused pair score re-ranks them. Candidates beyond the shortlist keep their global order.
-    """
+def _feature_sides(teacher, features, image_rows: np.ndarray, device: torch.device):
+    """The cached tower outputs (`compute_teacher_features` columns) as the teacher's image side (rows
+    `image_rows`) and text side (every row)."""
     from modeling_dclip import DCLIPTeacherImageFeatures, DCLIPTeacherTextFeatures
 
     from ..targets import TEACHER_FEATURE_COLUMNS
 
-    device = torch.device(device or next(teacher.parameters()).device)
-    teacher.eval()
     columns = features.with_format("torch", columns=list(TEACHER_FEATURE_COLUMNS))[:]
     columns = {name: value.to(device) for name, value in columns.items()}
-    if image_rows is None:
-        image_rows = text_to_image = np.arange(len(features))
     rows = torch.as_tensor(image_rows, device=device)
     image_features = DCLIPTeacherImageFeatures(
         global_embeds=columns["image_global_features"][rows].float(),
@@ -41,6 +29,26 @@ def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = 
         global_embeds=columns["text_global_features"].float(), span_embeds=columns["span_features"].float(),
         span_mask=columns["span_mask"].bool(),
     )
+    return image_features, text_features
+
+
+@torch.no_grad()
+def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
+                      image_rows: np.ndarray | None = None, text_to_image: np.ndarray | None = None,
+                      device: str | torch.device | None = None, outcomes: dict | None = None) -> dict[str, float]:
+    """
+    Recall@K of the cross-modal teacher on image-caption pairs, from the towers' cached outputs
+    (`dclip.targets.compute_teacher_features` columns, a row per pair; `image_rows` / `text_to_image` as from
+    `image_groups`, default: row `i` is image `i` and its caption). Fusion scores pairs, not single items, so
+    retrieval is two-stage, as with ITM models: the towers' global similarity shortlists `top_k` candidates per
+    query and the fused pair score re-ranks them. Candidates beyond the shortlist keep their global order.
+    `outcomes` as in `metrics_from_ranks`.
+    """
+    device = torch.device(device or next(teacher.parameters()).device)
+    teacher.eval()
+    if image_rows is None:
+        image_rows = text_to_image = np.arange(len(features))
+    image_features, text_features = _feature_sides(teacher, features, image_rows, device)
     image_global = torch.nn.functional.normalize(image_features.global_embeds, dim=-1)
     text_global = torch.nn.functional.normalize(text_features.global_embeds, dim=-1)
     similarity = (image_global @ text_global.t()).float().cpu()  # (images, texts)
@@ -50,7 +58,33 @@ def teacher_retrieval(teacher, features, top_k: int = 16, ks: tuple[int, ...] = 
 
     image_query_scores = rerank_scores(similarity, fused, top_k)
     text_query_scores = rerank_scores(similarity.t(), lambda text, image: fused(image, text), top_k)
-    return recall_from_scores(image_query_scores, text_query_scores, text_to_image, ks)
+    return recall_from_scores(image_query_scores, text_query_scores, text_to_image, ks, outcomes=outcomes)
+
+
+@torch.no_grad()
+def teacher_zero_shot(teacher, processor, features, image_rows: np.ndarray, labels, class_names: list[str],
+                      templates=("a photo of a {}.",), batch_size: int = 4096) -> dict:
+    """
+    Zero-shot classification by the cross-modal teacher: each image (its cached tower outputs, rows `image_rows` of
+    `features`) is fused with every class prompt (`template.format(name)`, spans from the processor's extractor) and
+    scored by the fused pair score, averaged over the templates; `classification_metrics` of those scores.
+    """
+    from .classification import classification_metrics
+
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    image_features, _ = _feature_sides(teacher, features, image_rows, device)
+    prompts = [template.format(name) for name in class_names for template in templates]
+    inputs = processor(text=prompts, return_spans=True)
+    text_features = teacher.encode_text_side(**{
+        name: inputs[name].to(device)
+        for name in ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")})
+    pairs = torch.cartesian_prod(torch.arange(len(image_rows)), torch.arange(len(prompts))).to(device)
+    scores = torch.cat([
+        teacher.pair_logits(image_features, text_features, chunk[:, 0], chunk[:, 1]).float().cpu()
+        for chunk in pairs.split(batch_size)
+    ]).reshape(len(image_rows), len(class_names), len(templates)).mean(-1)
+    return classification_metrics(scores.numpy(), labels, class_names)
 
 
 def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int = 4096) -> torch.Tensor:
