@@ -36,9 +36,10 @@ def check_run_arguments(model_args: ModelArguments, data_args: DataArguments, ar
                         training_args: TrainingArguments) -> Path | None:
     """Refuse combinations that no stage could run, before any work; return the checkpoint folder that
     `--resume_from_checkpoint` names, if it names one (checked complete)."""
-    if data_args.dataset_name is not None and model_args.student_model is None:
-        raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint): a base CLIP is pretrained here "
-                         "only on the embedded default data.")
+    if data_args.dataset_name is not None and model_args.student_model is None and (
+            model_args.student_preset is None or model_args.teacher_model is None):
+        raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint), or --student_preset and "
+                         "--teacher_model: a base CLIP is pretrained here only on the embedded default data.")
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repository the student goes to, e.g. "
                          "your-name/dclip-student)")
@@ -128,7 +129,7 @@ def train_stages(context: RunContext) -> tuple[dict, dict[str, str]]:
         upstream_retrained = bool({"pretrain", "teacher"} & set(training))
         return args.runs(stage) and not (resume and finished and not upstream_retrained)
     base_clip = model_args.student_model or str(context.final_folder("pretrain"))
-    if model_args.student_model is None and due("pretrain"):
+    if model_args.student_model is None and context.needs_base_clip() and due("pretrain"):
         result = pretrain(context)
         base_clip, training["pretrain"] = result.folder, result.training
     teacher_dir = str(context.final_folder("teacher"))

@@ -114,6 +114,12 @@ class RunContext:
         kinds = {self.teacher_kind_for(method) for method in self.methods}
         return kinds - {None}
 
+    def needs_base_clip(self) -> bool:
+        """Whether a base CLIP is needed: a student starts from it, or a teacher is (or fuses) it."""
+        model_args = self.model_args
+        student_from_base = model_args.student_model is None and model_args.student_preset is None
+        return student_from_base or (model_args.teacher_model is None and bool(self.teacher_kinds()))
+
     def teacher_kind_for(self, method: str) -> str | None:
         """The kind of teacher `method`'s student learns from (None: no teacher); a trained DCLIP teacher given as
         `--teacher_model` teaches every method under `--teacher_kind auto`."""

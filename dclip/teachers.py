@@ -67,14 +67,21 @@ class Teacher:
             from .data.collator import teacher_inputs
 
             return teacher_inputs(self.processor, batch, use_given_boxes, use_given_spans)
-        images = [image.convert("RGB") if hasattr(image, "convert") else image for image in batch[IMAGE]]
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        tokenizer = self.processor.tokenizer
+        return {"pixel_values": self.pixels(batch[IMAGE]), **self.tokenize(batch[CAPTION])}
+
+    def pixels(self, images) -> torch.Tensor:
+        """`pixel_values` of `images` by the teacher's own image processor (its size and normalisation)."""
+        images = [image.convert("RGB") if hasattr(image, "convert") else image for image in images]
+        return self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts) -> dict[str, torch.Tensor]:
+        """`input_ids` (and `attention_mask`) of `texts` by the teacher's own tokenizer, padded as the model was
+        trained (SigLIP: to the maximum length, without a mask)."""
         siglip = "siglip" in (getattr(self.model.config, "model_type", "") or "")
-        text = tokenizer(list(batch[CAPTION]), padding="max_length" if siglip else True, truncation=True,
-                         max_length=self._max_text_length(), return_tensors="pt")
-        inputs = {"pixel_values": pixels, "input_ids": text["input_ids"]}
-        if "attention_mask" in text and not siglip:  # SigLIP was trained without a text attention mask
+        text = self.processor.tokenizer(list(texts), padding="max_length" if siglip else True, truncation=True,
+                                        max_length=self._max_text_length(), return_tensors="pt")
+        inputs = {"input_ids": text["input_ids"]}
+        if "attention_mask" in text and not siglip:
             inputs["attention_mask"] = text["attention_mask"]
         return inputs
 
@@ -94,6 +101,18 @@ class Teacher:
         text_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
         text = _features(self.model.get_text_features(**text_inputs))
         return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
+
+
+class DualEncoderProcessor:
+    """A dual-encoder teacher's own processor as the evaluation calls one: `processor(images=...)` gives its
+    `pixel_values`, `processor(text=...)` its padded token ids (`Teacher.pixels`, `Teacher.tokenize`)."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def __call__(self, images=None, text=None) -> dict[str, torch.Tensor]:
+        inputs = {"pixel_values": self.teacher.pixels(images)} if images is not None else {}
+        return {**inputs, **(self.teacher.tokenize(text) if text is not None else {})}
 
 
 def load_teacher(name_or_path: str, kind: str | None = None, detector_path: str | None = None,

@@ -108,17 +108,25 @@ def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[s
                         processor=None, templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10),
                         retrieval_backend: str = "auto", teacher_top_k: int = 16) -> EvaluationResult:
     """
-    Evaluate a saved model, local or on the Hub: a `DCLIPTeacherModel` folder by its fused retrieval
-    (`evaluate_teacher`), anything else (a `DCLIPModel` folder, any CLIP checkpoint) with `evaluate_model`.
-    `processor`: default, the checkpoint's own (a `DCLIPProcessor` around its tokenizer and image processor).
+    Evaluate a saved model, local or on the Hub: a `DCLIPTeacherModel` folder by its fused retrieval and zero-shot
+    (`evaluate_teacher`), anything else (a `DCLIPModel` folder, any CLIP checkpoint, another dual encoder such as a
+    `SiglipModel`) with `evaluate_model`. `processor`: default, the checkpoint's own (a `DCLIPProcessor` around its
+    tokenizer and image processor; for another dual encoder, its own processor as `DualEncoderProcessor` calls it).
     """
-    from transformers import PretrainedConfig
-
     from modeling_dclip import DCLIPTeacherModel
     from processing_dclip import DCLIPProcessor
 
+    from ..teachers import DUAL_ENCODER, DualEncoderProcessor, load_teacher, model_type
+
+    found = model_type(name_or_path)
+    if found not in ("dclip", "dclip_teacher", "clip"):  # another dual encoder (SigLIP, ...): its own processor
+        teacher = load_teacher(name_or_path, DUAL_ENCODER)
+        teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+        return evaluate_model(teacher.model, processor or DualEncoderProcessor(teacher), test,
+                              probe_train=probe_train, tasks=tasks, templates=templates, ks=ks,
+                              retrieval_backend=retrieval_backend)
     processor = processor or DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)  # our class
-    if PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type") == "dclip_teacher":
+    if found == "dclip_teacher":
         teacher = DCLIPTeacherModel.from_pretrained(name_or_path).to("cuda" if torch.cuda.is_available() else "cpu")
         return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks, tasks=tasks, templates=templates)
     return evaluate_model(load_clip_towers(name_or_path), processor, test, probe_train=probe_train, tasks=tasks,
