@@ -502,3 +502,30 @@ def test_evaluate_model_scores_each_caption_against_its_own_image():
     assert result.metrics["image_retrieval_mAP"] == pytest.approx(t2i_map, abs=1e-6)
     assert result.metrics["text_retrieval_mAP"] == pytest.approx(i2t_map, abs=1e-6)
     assert 0 < result.metrics["image_retrieval_recall@1"] < 1  # not a trivial case
+
+
+def test_paired_bootstrap_matches_a_naive_loop_and_normal_theory():
+    from dclip.evaluation import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    a = (rng.random(400) < 0.30).astype(float)  # hits of model A on 400 queries
+    b = np.where(rng.random(400) < 0.8, a, (rng.random(400) < 0.2).astype(float))  # B: mostly the same queries
+    result = paired_bootstrap(a, b, num_resamples=500, seed=3)
+    draws = np.random.default_rng(3)
+    naive = []
+    for _ in range(500):  # resample queries with replacement, the same ones for both models
+        rows = draws.integers(0, 400, size=400)
+        naive.append(a[rows].mean() - b[rows].mean())
+    low, high = np.quantile(naive, [0.025, 0.975])
+    assert result["low"] == pytest.approx(low) and result["high"] == pytest.approx(high)
+    assert result["difference"] == pytest.approx(a.mean() - b.mean())
+    # paired: the interval is about the difference's own standard error, far narrower than unpaired noise
+    stderr = np.std(a - b, ddof=1) / np.sqrt(400)
+    assert (high - low) == pytest.approx(2 * 1.96 * stderr, rel=0.2)
+    assert result["excludes_zero"] == bool(low > 0 or high < 0)
+    same = paired_bootstrap(a, a, num_resamples=100)
+    assert same["low"] == same["high"] == 0.0 and not same["excludes_zero"]
+    better = paired_bootstrap(np.ones(50), np.zeros(50), num_resamples=100)
+    assert better["low"] == 1.0 and better["excludes_zero"] and np.isnan(better["relative"])
+    with pytest.raises(ValueError, match="paired outcomes"):
+        paired_bootstrap(a, b[:10])
