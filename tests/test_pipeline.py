@@ -134,8 +134,8 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
     result = run(
         ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4, lora_rank=4),
         DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
-        DistillationArguments(compare_methods="", stage="distill", distill_steps=3, distill_learning_rate=1e-2, detector_epochs=1,
-                              detector_train_samples=64),
+        DistillationArguments(compare_methods="", stage="distill", distill_steps=3, distill_learning_rate=1e-2,
+                              detector_epochs=1, detector_train_samples=64),
         training_args,
     )
     assert not stale.exists() and result["training"]["distill"]["global_step"] == 3
@@ -163,8 +163,8 @@ def test_clip_cid_student_on_curated_rows(tiny_run, tmp_path):
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[], use_cpu=True,
         save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
     )
-    arguments = DistillationArguments(compare_methods="", stage="distill", method="dclip+clip_cid", distill_steps=2, num_clusters=5,
-                                      detector_epochs=1, detector_train_samples=64)
+    arguments = DistillationArguments(compare_methods="", stage="distill", method="dclip+clip_cid", distill_steps=2,
+                                      num_clusters=5, detector_epochs=1, detector_train_samples=64)
     assert {term for term, weight in arguments.loss_weights().items() if weight} == {
         "contrastive", "cosine_image", "cosine_text", "cluster_image", "cluster_text", "instance"}
     result = run(
@@ -433,7 +433,8 @@ def test_resume_from_a_named_checkpoint_folder(tiny_run, tmp_path, monkeypatch):
     arguments = (
         ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4),
         DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
-        DistillationArguments(compare_methods="", stage="distill", distill_steps=3, detector_epochs=1, detector_train_samples=64),
+        DistillationArguments(compare_methods="", stage="distill", distill_steps=3, detector_epochs=1,
+                              detector_train_samples=64),
     )
 
     def distill(**overrides):

@@ -32,7 +32,8 @@ def test_sigkill_then_resume_continues_from_the_last_checkpoint(tmp_path):
         sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--output_dir", str(output),
         "--cache_dir", str(tmp_path / "cache"), "--preset", "clip-tiny", "--num_train_scenes", "256",
         "--image_size", "32", "--max_eval_samples", "32", "--detector_epochs", "0", "--fusion_hidden_size", "32",
-        "--compare_methods", "", "--pretrain_steps", "2", "--teacher_steps", "2", "--distill_steps", "150", "--save_steps", "5",
+        "--compare_methods", "", "--pretrain_steps", "2", "--teacher_steps", "2", "--distill_steps", "150",
+        "--save_steps", "5",
         "--per_device_train_batch_size", "8", "--logging_steps", "5", "--use_cpu",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import fused_teacher, random_images
 
-from dclip.students import build_student, inherit_layers
+from dclip.students import build_student
 from modeling_dclip import DCLIPModel
 
 
