@@ -132,6 +132,9 @@ class DistillationArguments:
     teacher_steps: int = option(150, "steps of the teacher's fusion block")
     distill_steps: int = option(300, "steps of the student")
     pretrain_learning_rate: float = option(1e-3, "learning rate of the base CLIP")
+    pretrain_region_fraction: float = option(0.5, "fraction of the base CLIP's training pairs that are (region "
+                                                  "crop, phrase) pairs from the data's annotated boxes and spans "
+                                                  "(region-aware pretraining of the teacher's towers); 0: none")
     teacher_learning_rate: float = option(5e-4, "learning rate of the teacher")
     distill_learning_rate: float = option(2e-4, "learning rate of the student")
     online_teacher: bool = option(False, "run the teacher per batch instead of caching")

@@ -19,6 +19,7 @@ from transformers import PretrainedConfig, Trainer, TrainingArguments
 from .arguments import DataArguments, DistillationArguments, ModelArguments
 from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
+from .data.regions import with_region_pairs
 from .data.scenes import zero_shot_tasks
 from .evaluation import EvaluationResult, evaluate_checkpoint
 from .presets import SMALL_CLIP_PRESETS, small_clip_config
@@ -163,14 +164,19 @@ def train_default_detector(context: RunContext) -> str:
 
 
 def pretrain(context: RunContext) -> StageResult:
-    """Train a base CLIP from scratch (contrastive only) on the training split; saved as a plain `CLIPModel`."""
+    """Train a base CLIP from scratch (contrastive only) on the training split, with `--pretrain_region_fraction` of
+    its pairs (region crop, phrase) pairs (`dclip.data.regions`); saved as a plain `CLIPModel`."""
     from modeling_dclip import DCLIPModel
 
-    torch.manual_seed(context.training_args.seed)
+    train, seed = context.data["train"], context.training_args.seed
+    if context.args.pretrain_region_fraction:
+        with context.training_args.main_process_first(local=False, desc="region pairs"):
+            train = with_region_pairs(train, context.args.pretrain_region_fraction, seed)
+    torch.manual_seed(seed)
     config = small_clip_config(context.processor.tokenizer, context.data_args.image_size, context.model_args.preset)
     model = DCLIPModel(config)
     stage_args = context.stage_arguments("pretrain", context.args.pretrain_steps, context.args.pretrain_learning_rate)
-    trainer = DCLIPTrainer(model=model, args=stage_args, train_dataset=context.data["train"],
+    trainer = DCLIPTrainer(model=model, args=stage_args, train_dataset=train,
                            data_collator=DCLIPCollator(context.processor), loss_weights={"contrastive": 1.0})
     log = context.train(trainer, STAGE_FOLDERS["pretrain"])
     folder = save_final(trainer, context.processor, context.final_folder("pretrain"), export=DCLIPModel.to_clip)
