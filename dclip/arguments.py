@@ -27,9 +27,10 @@ def option(default, help: str):
 class ModelArguments:
     student_model: str | None = option(None, "CLIP checkpoint to start the student from (e.g. a smaller CLIP "
                                              "than the teacher); default: the base CLIP of the `pretrain` stage")
-    student_preset: str | None = option(None, "train the student from scratch at this size "
-                                              f"({', '.join(SMALL_CLIP_PRESETS)}) instead of starting from "
-                                              "a checkpoint")
+    student_preset: str | None = option("clip-tiny", "the student's size when it is trained from scratch "
+                                                     f"({', '.join(SMALL_CLIP_PRESETS)}): the default when "
+                                                     "neither --student_model nor --student_inherit_layers is "
+                                                     "given; none: start from the base CLIP (fine-tuning mode)")
     student_inherit_layers: int | None = option(None, "weight inheritance (TinyCLIP): the student is the "
                                                       "--student_model (default: the base CLIP) cut to this "
                                                       "many evenly spaced layers per tower")
@@ -58,12 +59,12 @@ class ModelArguments:
     def __post_init__(self):
         if self.teacher_kind not in ("auto", *TEACHER_KINDS):
             raise ValueError(f"--teacher_kind must be auto or one of {TEACHER_KINDS}, got {self.teacher_kind!r}")
+        if self.student_preset in ("none", "None", "") or self.student_model is not None or \
+                self.student_inherit_layers:  # a checkpoint (or the base CLIP, cut) starts the student
+            self.student_preset = None
         if self.student_preset is not None and self.student_preset not in SMALL_CLIP_PRESETS:
-            raise ValueError(f"--student_preset must be one of {list(SMALL_CLIP_PRESETS)}, got "
+            raise ValueError(f"--student_preset must be one of {list(SMALL_CLIP_PRESETS)} or none, got "
                              f"{self.student_preset!r}")
-        if self.student_preset is not None and (self.student_model is not None or self.student_inherit_layers):
-            raise ValueError("--student_preset trains a student from scratch: drop --student_model and "
-                             "--student_inherit_layers")
 
 
 @dataclass
@@ -128,7 +129,7 @@ class DistillationArguments:
     detector_epochs: int = option(6, "0: no detector stage (regions: the data's boxes "
                                      "with --use_annotated_regions, else the whole image)")
     detector_train_samples: int = option(5000, "scenes the detector trains on")
-    pretrain_steps: int = option(300, "steps of the base CLIP (embedded data)")
+    pretrain_steps: int = option(600, "steps of the base CLIP (embedded data)")
     teacher_steps: int = option(150, "steps of the teacher's fusion block")
     distill_steps: int = option(300, "steps of the student")
     pretrain_learning_rate: float = option(1e-3, "learning rate of the base CLIP")
@@ -136,7 +137,8 @@ class DistillationArguments:
                                                   "crop, phrase) pairs from the data's annotated boxes and spans "
                                                   "(region-aware pretraining of the teacher's towers); 0: none")
     teacher_learning_rate: float = option(5e-4, "learning rate of the teacher")
-    distill_learning_rate: float = option(2e-4, "learning rate of the student")
+    distill_learning_rate: float = option(1e-3, "learning rate of the student (one trained from scratch; "
+                                                "2e-4 suits one fine-tuned from a checkpoint)")
     online_teacher: bool = option(False, "run the teacher per batch instead of caching")
     cpu_threads: int | None = option(None, "torch threads per process on CPU; default: "
                                            "the cores this process may use / processes per machine "

@@ -19,7 +19,8 @@ def test_train_help_shows_the_true_defaults():
     blocks = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n  (?=--)", result.stdout)}
     for flag, default in (("per_device_train_batch_size", "128"), ("logging_steps", "25"), ("save_steps", "100"),
                           ("save_total_limit", "1"), ("output_dir", "outputs/default"), ("distill_steps", "300"),
-                          ("distill_learning_rate", "0.0002")):
+                          ("distill_learning_rate", "0.001"), ("student_preset", "clip-tiny"),
+                          ("pretrain_region_fraction", "0.5")):
         assert f"(default: {default})" in blocks[f"--{flag}"], blocks[f"--{flag}"]
 
 

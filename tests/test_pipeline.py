@@ -58,6 +58,8 @@ def test_every_stage_writes_a_hub_ready_folder(tiny_run):
         assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
     student_config = json.loads(open(f"{summary['artefacts']['student']}/config.json").read())
     assert student_config["distillation_method"] == "dclip"
+    # the default student: the clip-tiny preset trained from scratch, not the base CLIP fine-tuned
+    assert student_config["base_model_name_or_path"] is None and student_config["projection_dim"] == 64
     assert student_config["teacher_name_or_path"] == summary["artefacts"]["teacher"]
     for name, method in (("student_none", None), ("student_clip_cid", "clip_cid"), ("student_instance", "clip_cid")):
         config = json.loads(open(f"{summary['artefacts'][name]}/config.json").read())
@@ -132,7 +134,8 @@ def test_lora_student_changes_only_attention_and_saves_merged(tiny_run, tmp_path
         save_strategy="no", dataloader_num_workers=0, seed=0,
     )
     result = run(
-        ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4, lora_rank=4),
+        ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4, lora_rank=4,
+                       student_preset="none"),
         DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32),
         DistillationArguments(compare_methods="", stage="distill", distill_steps=3, distill_learning_rate=1e-2,
                               detector_epochs=1, detector_train_samples=64),
