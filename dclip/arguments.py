@@ -136,6 +136,8 @@ class DistillationArguments:
     pretrain_region_fraction: float = option(0.5, "fraction of the base CLIP's training pairs that are (region "
                                                   "crop, phrase) pairs from the data's annotated boxes and spans "
                                                   "(region-aware pretraining of the teacher's towers); 0: none")
+    pretrain_bare_fraction: float = option(0.5, "embedded data: fraction of those phrases that name the "
+                                                "object's shape alone (colour and size words dropped)")
     teacher_learning_rate: float = option(5e-4, "learning rate of the teacher")
     distill_learning_rate: float = option(1e-3, "learning rate of the student (one trained from scratch; "
                                                 "2e-4 suits one fine-tuned from a checkpoint)")

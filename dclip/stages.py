@@ -20,7 +20,7 @@ from .arguments import DataArguments, DistillationArguments, ModelArguments
 from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.regions import with_region_pairs
-from .data.scenes import zero_shot_tasks
+from .data.scenes import COLORS, SIZES, zero_shot_tasks
 from .evaluation import EvaluationResult, evaluate_checkpoint
 from .presets import SMALL_CLIP_PRESETS, small_clip_config
 from .targets import compute_teacher_features, compute_teacher_targets, fuse_teacher_targets
@@ -171,7 +171,9 @@ def pretrain(context: RunContext) -> StageResult:
     train, seed = context.data["train"], context.training_args.seed
     if context.args.pretrain_region_fraction:
         with context.training_args.main_process_first(local=False, desc="region pairs"):
-            train = with_region_pairs(train, context.args.pretrain_region_fraction, seed)
+            bare = (*COLORS, *SIZES) if context.data_args.dataset_name is None else ()  # the scenes' adjectives
+            train = with_region_pairs(train, context.args.pretrain_region_fraction, seed, bare,
+                                      context.args.pretrain_bare_fraction)
     torch.manual_seed(seed)
     config = small_clip_config(context.processor.tokenizer, context.data_args.image_size, context.model_args.preset)
     model = DCLIPModel(config)

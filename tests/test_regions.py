@@ -39,3 +39,15 @@ def test_the_mix_holds_the_asked_fraction_of_region_pairs(rows):
     assert with_region_pairs(rows, 0.0) is rows
     with pytest.raises(ValueError, match="span_objects"):
         region_pairs(rows.remove_columns("span_objects"))
+
+
+def test_bare_phrases_name_the_shape_alone(rows):
+    from dclip.data.regions import bare_phrase
+
+    assert bare_phrase("a small orange hexagon", frozenset({"small", "orange"})) == "a hexagon"
+    assert bare_phrase("an orange circle", frozenset({"orange"})) == "a circle"
+    assert bare_phrase("a small egg", frozenset({"small"})) == "an egg"
+    every = region_pairs(rows, bare_words={"red", "blue"}, bare_fraction=1.0)
+    assert every["caption"] == ["a square", "a square"]
+    some = [region_pairs(rows.select([0] * 50), {"red", "blue"}, 0.5, seed)["caption"] for seed in (0, 1)]
+    assert some[0] != some[1] and 30 < sum(caption == "a square" for caption in some[0]) < 70  # of 100
