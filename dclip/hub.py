@@ -188,9 +188,11 @@ METHOD_TITLES = {"dclip": "DCLIP", "clip_cid": "CLIP-CID", "dclip+clip_cid": "DC
 
 
 def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[str, float] | None = None,
-                      plots: list[tuple[str, str]] | None = None, template: str = "student.md"):
+                      plots: list[tuple[str, str]] | None = None, template: str = "student.md",
+                      differences: dict[str, dict] | None = None):
     """A `huggingface_hub.ModelCard` from `model_cards/<template>`: YAML metadata (library, pipeline tag, tags,
-    datasets, base model, `model-index` from `metrics`), usage, a metric table against `baseline`, `plots`
+    datasets, base model, `model-index` from `metrics`), usage, a metric table against `baseline` (with each
+    `differences[key]`, a `paired_bootstrap` result, as the difference and its 95% interval), `plots`
     (`(title, file)`), the recipe. Checked with `validate_model_card` before it is returned."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -204,18 +206,27 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
     baseline = baseline or {}
     from .evaluation import format_estimate
 
+    differences = differences or {}
     rows = [{"name": f"{metric_title(key)} (`{key}`)", "value": format_estimate(metrics, key, separator=" ± "),
-             "baseline": format_estimate(baseline, key, separator=" ± ") if key in baseline else "-"}
+             "baseline": format_estimate(baseline, key, separator=" ± ") if key in baseline else "-",
+             "difference": format_difference(differences[key]) if key in differences else "-"}
             for key in reported_keys(metrics)]
     card = ModelCard.from_template(
         card_data, template_path=str(template_path(template)), repo_id=info.repo_id,
         model_name=info.model_name, method_title=METHOD_TITLES.get(info.method, info.method), metric_rows=rows,
         model_column=info.model_label, baseline_column=info.baseline_label if baseline else None,
+        difference_column=bool(differences),
         plots=[{"title": title, "file": file} for title, file in plots or []], recipe=info.recipe,
         command=info.command, evaluation_note=info.evaluation_note, limitations=info.limitations,
         image_size=info.image_size, example_labels=json.dumps(info.example_labels),
     )
     return validate_model_card(str(card))
+
+
+def format_difference(result: dict) -> str:
+    """A `paired_bootstrap` result as `+0.037 [+0.012, +0.061]`, marked * when the interval excludes 0."""
+    mark = " *" if result.get("excludes_zero") else ""
+    return f"{result['difference']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]{mark}"
 
 
 def validate_model_card(content: str):
@@ -245,7 +256,8 @@ def validate_model_card(content: str):
 def write_model_card(folder: str | Path, info: CardInfo, metrics: dict[str, float],
                      baseline: dict[str, float] | None = None,
                      per_class_recall: dict[str, dict[str, float]] | None = None,
-                     baseline_per_class_recall: dict[str, dict[str, float]] | None = None) -> Path:
+                     baseline_per_class_recall: dict[str, dict[str, float]] | None = None,
+                     differences: dict[str, dict] | None = None) -> Path:
     """Write `README.md` (the card), its plots and `eval_results.json` into a saved model folder; return the card."""
     folder = Path(folder)
     plots = []
@@ -256,9 +268,10 @@ def write_model_card(folder: str | Path, info: CardInfo, metrics: dict[str, floa
         plot_zero_shot_per_class(per_class_recall, baseline_per_class_recall, folder / ZERO_SHOT_PLOT,
                                  info.model_label, info.baseline_label)
         plots.append(("Zero-shot recall per class", ZERO_SHOT_PLOT))
-    card = render_model_card(info, metrics, baseline, plots)
+    card = render_model_card(info, metrics, baseline, plots, differences=differences)
     (folder / EVAL_RESULTS_FILE).write_text(json.dumps(
         {"dataset": info.dataset_type, "split": info.dataset_split, "metrics": metrics, "baseline": baseline or {},
+         "baseline_label": info.baseline_label, "differences": differences or {},
          "per_class_recall": per_class_recall or {}}, indent=2))
     card.save(folder / "README.md")
     return folder / "README.md"
@@ -276,12 +289,18 @@ def write_student_card(summary: dict, model_args, data_args, args, training_args
     student_dir = summary["artefacts"]["student"]
     embedded = data_args.dataset_name is None
     weights = {term: weight for term, weight in args.loss_weights().items() if weight}
+    if model_args.student_preset:
+        start = f"student: the {model_args.student_preset} preset trained from scratch"
+    else:
+        start = f"student initialised from {model_args.student_model or 'the base CLIP pretrained in this run'}" \
+            + (f", cut to {model_args.student_inherit_layers} layers per tower" if model_args.student_inherit_layers
+               else "")
+    teacher = model_args.teacher_model or "the base CLIP pretrained in this run"
     recipe = [f"method: {args.method}; loss terms (weights): "
               + ", ".join(f"{term} ({weight:g})" for term, weight in weights.items()),
-              f"student initialised from {model_args.student_model or 'the base CLIP pretrained in this run'}; "
-              f"teacher towers: {model_args.teacher_model or 'the same base CLIP'}, fusion width "
-              f"{model_args.fusion_hidden_size}, {model_args.fusion_num_layers} layers, "
-              f"{model_args.num_negatives} hard negatives",
+              f"{start}; teacher: {teacher} (its own processor), fused with YOLO regions and caption spans for "
+              f"DCLIP (fusion width {model_args.fusion_hidden_size}, {model_args.fusion_num_layers} layers, "
+              f"{model_args.num_negatives} hard negatives)",
               f"{args.distill_steps} steps at learning rate {args.distill_learning_rate:g}, batch "
               f"{training_args.per_device_train_batch_size} per device x {training_args.world_size} processes"
               + (f", LoRA rank {model_args.lora_rank} (merged)" if model_args.lora_rank else ""),
@@ -290,9 +309,13 @@ def write_student_card(summary: dict, model_args, data_args, args, training_args
     recipe += [f"stage {stage}: {info['global_step']} steps in {info['seconds']} s"
                for stage, info in summary.get("training", {}).items()]
     claims = summary.get("claims", {})
+    baseline = "student_none" if "student_none" in metrics else "base_clip"
+    baseline_label = "same student, no teacher" if baseline == "student_none" else "base CLIP"
     note = (f"Measured by dclip on the first {data_args.max_eval_samples} pairs of the `{data_args.eval_split}` "
-            f"split, after training; the baseline is the CLIP the student started from.")
-    if "student_zero_shot_retention" in claims:
+            "split, after training. " + (
+                "The baseline is the same student trained without a teacher (same steps, learning rate, data and "
+                "seed)." if baseline == "student_none" else "The baseline is the CLIP the student started from."))
+    if "student_zero_shot_retention" in claims and baseline == "base_clip":
         note += (f" Text-to-image Recall@1 relative gain over it: "
                  f"{claims['student_text_to_image_recall@1_relative_gain']:+.1%}; zero-shot accuracy kept: "
                  f"{claims['student_zero_shot_retention']:.1%}.")
@@ -309,10 +332,10 @@ def write_student_card(summary: dict, model_args, data_args, args, training_args
         dataset_type=hub_dataset or ("dclip-scenes" if embedded else Path(data_args.dataset_name).name),
         dataset_name=("dclip procedural scenes (embedded default)" if embedded else data_args.dataset_name),
         dataset_split=data_args.eval_split, recipe=recipe, command=command, evaluation_note=note,
-        image_size=int(crop), example_labels=labels,
+        image_size=int(crop), example_labels=labels, baseline_label=baseline_label,
     )
-    return write_model_card(student_dir, info, metrics["student"], metrics.get("base_clip"),
-                            per_class.get("student"), per_class.get("base_clip"))
+    return write_model_card(student_dir, info, metrics["student"], metrics.get(baseline), per_class.get("student"),
+                            per_class.get(baseline), summary.get("comparisons", {}).get(f"student vs {baseline}"))
 
 
 def upload_files(folder: str | Path) -> list[str]:

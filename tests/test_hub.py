@@ -236,3 +236,22 @@ def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert (tmp_path / "r.png").stat().st_size > 1000 and (tmp_path / "z.png").stat().st_size > 1000
+
+
+def test_card_shows_each_difference_with_its_interval_and_calls_only_excluding_ones_gains():
+    from dclip.evaluation import paired_bootstrap
+    from dclip.hub import render_model_card
+
+    gain = paired_bootstrap([1.0] * 60 + [0.0] * 40, [1.0] * 40 + [0.0] * 60, num_resamples=200)
+    noise = paired_bootstrap([1.0, 0.0] * 50, [0.0, 1.0] * 50, num_resamples=200)
+    info = card_info("me/student")
+    info.baseline_label = "same student, no teacher"
+    card = str(render_model_card(info, METRICS, BASELINE, differences={
+        "image_retrieval_recall@1": gain, "text_retrieval_recall@1": noise}))
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| ")}
+    t2i = rows["text-to-image Recall@1 (`image_retrieval_recall@1`)"]
+    assert f"{gain['difference']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}] *" in t2i
+    i2t = rows["image-to-text Recall@1 (`text_retrieval_recall@1`)"]
+    assert f"[{noise['low']:+.3f}, {noise['high']:+.3f}] |" in i2t and "*" not in i2t  # contains 0: no claim
+    assert "| same student, no teacher | difference, 95% interval |" in card
+    assert "paired bootstrap" in card
