@@ -47,8 +47,9 @@ class DCLIPConfig(CLIPConfig):
         teacher_name_or_path (`str`, *optional*): the teacher the student was distilled from.
         distillation_method (`str`, *optional*): `"dclip"`, `"clip_cid"`, `"dclip+clip_cid"` or `None` (plain CLIP).
         teacher_embed_dim (`int`, *optional*): while distilling from a teacher of another embedding width, the width
-            of two linear heads that map the student's image and text embeddings into the teacher's space (as in
-            CLIP-KD). Training only: a saved student has no heads and this is `None`.
+            of a linear head that maps the student's image and text embeddings into the teacher's space (one map for
+            both, so that their alignment carries over; CLIP-KD maps features likewise). Training only: a saved
+            student has no head and this is `None`.
 
     Example:
 

@@ -90,7 +90,8 @@ class DCLIPOutput(ModelOutput):
         text_model_output, vision_model_output (`BaseModelOutputWithPooling`): the towers' outputs.
         distill_text_embeds, distill_image_embeds (`torch.FloatTensor` of shape `(batch_size, teacher_embed_dim)`,
             *optional*): only while distilling from a teacher of another width (`config.teacher_embed_dim`): the
-            embeddings mapped into the teacher's space by the distillation heads, L2-normalised. Not in `CLIPOutput`.
+            embeddings mapped into the teacher's space by the distillation head (one for both), L2-normalised. Not in
+            `CLIPOutput`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -277,14 +278,12 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         super().__init__(config)
         self._build_towers(config)
         self.post_init()
-        if getattr(config, "teacher_embed_dim", None) is not None:  # training only: see `drop_teacher_heads`
-            # drawn from a forked random state, so that the towers start the same with heads or without
+        if getattr(config, "teacher_embed_dim", None) is not None:  # training only: see `drop_teacher_head`
+            # drawn from a forked random state, so that the towers start the same with the head or without
+            # one map for both modalities, so that aligning each with the teacher aligns them with each other
             with torch.random.fork_rng(devices=[]):
-                std = self.projection_dim**-0.5 * config.initializer_factor
-                for name in ("teacher_image_head", "teacher_text_head"):
-                    head = nn.Linear(self.projection_dim, config.teacher_embed_dim, bias=False)
-                    nn.init.normal_(head.weight, std=std)
-                    setattr(self, name, head)
+                self.teacher_head = nn.Linear(self.projection_dim, config.teacher_embed_dim, bias=False)
+                nn.init.normal_(self.teacher_head.weight, std=self.projection_dim**-0.5 * config.initializer_factor)
 
     @classmethod
     def from_clip(
@@ -298,17 +297,16 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         config = cls._config_from_clip(clip, name, **config_kwargs)
         model = cls(config)
         missing, unexpected = model.load_state_dict(clip.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(("teacher_image_head.", "teacher_text_head.")) for key in missing):
+        if unexpected or any(not key.startswith("teacher_head.") for key in missing):
             raise RuntimeError(f"CLIP weights do not fit the student: missing={missing}, unexpected={unexpected}")
         model.set_attn_implementation(_attn_implementations(clip.config))  # e.g. "eager" for attention weights
         return model.to(dtype=clip.dtype)
 
-    def drop_teacher_heads(self) -> DCLIPModel:
-        """This student without the distillation heads of a wider or narrower teacher (`config.teacher_embed_dim`),
+    def drop_teacher_head(self) -> DCLIPModel:
+        """This student without the distillation head of a wider or narrower teacher (`config.teacher_embed_dim`),
         as it is saved and used: a plain CLIP dual encoder. Returns `self`."""
-        for name in ("teacher_image_head", "teacher_text_head"):
-            if hasattr(self, name):
-                delattr(self, name)
+        if hasattr(self, "teacher_head"):
+            del self.teacher_head
         self.config.teacher_embed_dim = None
         return self
 
@@ -327,8 +325,8 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         config._attn_implementation = self.config._attn_implementation
         clip = CLIPModel(config).to(dtype=self.dtype)
         clip.set_attn_implementation(_attn_implementations(self.config))  # the towers' own, if set apart
-        heads = ("teacher_image_head.", "teacher_text_head.")  # training only (`drop_teacher_heads`)
-        clip.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith(heads)}, strict=True)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("teacher_head.")}  # training only
+        clip.load_state_dict(state, strict=True)
         return clip.to(self.device)
 
     def forward(
@@ -365,9 +363,9 @@ class DCLIPModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         image_embeds = _l2_normalize(self.visual_projection(vision_outputs.pooler_output))
         text_embeds = _l2_normalize(self.text_projection(text_outputs.pooler_output))
         distill = {}
-        if hasattr(self, "teacher_image_head"):  # in forward, so that DDP / FSDP see the heads
-            distill = {"distill_image_embeds": _l2_normalize(self.teacher_image_head(image_embeds)),
-                       "distill_text_embeds": _l2_normalize(self.teacher_text_head(text_embeds))}
+        if hasattr(self, "teacher_head"):  # in forward, so that DDP / FSDP see the head
+            distill = {"distill_image_embeds": _l2_normalize(self.teacher_head(image_embeds)),
+                       "distill_text_embeds": _l2_normalize(self.teacher_head(text_embeds))}
 
         logits_per_text = torch.matmul(text_embeds, image_embeds.t().to(text_embeds.device))
         logits_per_text = logits_per_text * self.logit_scale.exp().to(text_embeds.device)

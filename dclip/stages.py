@@ -248,7 +248,7 @@ def with_lora(student, model_args: ModelArguments):
     from peft import LoraConfig, get_peft_model
 
     targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
-    heads = [name for name in ("teacher_image_head", "teacher_text_head") if hasattr(student, name)]
+    heads = ["teacher_head"] if hasattr(student, "teacher_head") else []
     config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha, target_modules=targets,
                         lora_dropout=0.0, bias="none", modules_to_save=heads or None)
     return get_peft_model(student, config)
@@ -303,7 +303,7 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     log = context.train(trainer, folder)
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload() if model_args.lora_rank else None
     final = save_final(trainer, context.processor, context.final_folder("distill", folder), model=merged,
-                       export=DCLIPModel.drop_teacher_heads)
+                       export=DCLIPModel.drop_teacher_head)
     return StageResult(final, log)
 
 

@@ -1,7 +1,7 @@
 """Students smaller than their teacher: a `SMALL_CLIP_PRESETS` size trained from scratch, a smaller CLIP checkpoint,
 or the base CLIP cut to a subset of its layers (weight inheritance, as TinyCLIP's manual inheritance does); and the
 existing mode, a student initialised from the base CLIP and fine-tuned. Where the teacher's embedding width differs
-from the student's, the student gets distillation heads (`DCLIPConfig.teacher_embed_dim`), dropped when it is saved.
+from the student's, the student gets a distillation head (`DCLIPConfig.teacher_embed_dim`), dropped when it is saved.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def build_student(student_model: str | None, base_clip: str, processor, image_si
     """
     The student: `preset` trained from scratch (vocabulary and image size from `processor` / `image_size`), else the
     CLIP checkpoint `student_model` (default `base_clip`), cut to `inherit` layers per tower if given. With a
-    `teacher_embed_dim` other than its own width, it carries distillation heads into the teacher's space.
+    `teacher_embed_dim` other than its own width, it carries a distillation head into the teacher's space.
     `config_kwargs` are `DCLIPConfig` fields (`distillation_method`, `teacher_name_or_path`). The towers' initial
-    weights depend only on `seed`, not on whether the student has heads.
+    weights depend only on `seed`, not on whether the student has a head.
     """
     from configuration_dclip import DCLIPConfig
     from modeling_dclip import DCLIPModel, _clip_architecture_kwargs
@@ -49,11 +49,11 @@ def build_student(student_model: str | None, base_clip: str, processor, image_si
     if preset is not None:
         architecture = _clip_architecture_kwargs(small_clip_config(processor.tokenizer, image_size, preset))
         width = architecture["projection_dim"]
-        heads = teacher_embed_dim if teacher_embed_dim not in (None, width) else None
-        return DCLIPModel(DCLIPConfig(**architecture, teacher_embed_dim=heads, **config_kwargs))
+        head = teacher_embed_dim if teacher_embed_dim not in (None, width) else None
+        return DCLIPModel(DCLIPConfig(**architecture, teacher_embed_dim=head, **config_kwargs))
     from transformers import PretrainedConfig
 
     width = PretrainedConfig.get_config_dict(student_model or base_clip)[0]["projection_dim"]
-    heads = teacher_embed_dim if teacher_embed_dim not in (None, width) else None
-    student = DCLIPModel.from_clip(student_model or base_clip, teacher_embed_dim=heads, **config_kwargs)
+    head = teacher_embed_dim if teacher_embed_dim not in (None, width) else None
+    student = DCLIPModel.from_clip(student_model or base_clip, teacher_embed_dim=head, **config_kwargs)
     return inherit_layers(student, inherit) if inherit else student

@@ -100,7 +100,7 @@ class DCLIPTrainer(Trainer):
 
     def compute_terms(self, model: nn.Module, inputs: dict) -> tuple[dict[str, torch.Tensor], object]:
         """The unweighted loss terms of a batch, and the student's outputs. The terms against the teacher read the
-        student's embeddings in the teacher's space: through its distillation heads when the widths differ
+        student's embeddings in the teacher's space: through its distillation head when the widths differ
         (`distill_*_embeds`), else as they are."""
         targets = self._teacher_targets(inputs)
         outputs = model(**{k: inputs[k] for k in STUDENT_INPUTS if k in inputs})
@@ -147,6 +147,6 @@ class DCLIPTrainer(Trainer):
 
 
 def _first_present(outputs, *names: str) -> torch.Tensor:
-    """The first of `outputs`' fields `names` that is set (a student without distillation heads has no
+    """The first of `outputs`' fields `names` that is set (a student without a distillation head has no
     `distill_*_embeds`)."""
     return next(value for value in (getattr(outputs, name, None) for name in names) if value is not None)
