@@ -132,7 +132,8 @@ class DistillationArguments:
     pretrain_steps: int = option(600, "steps of the base CLIP (embedded data)")
     teacher_steps: int = option(150, "steps of the teacher's fusion block")
     distill_steps: int = option(300, "steps of the student")
-    pretrain_learning_rate: float = option(1e-3, "learning rate of the base CLIP")
+    pretrain_learning_rate: float = option(2e-3, "learning rate of the base CLIP")
+    pretrain_warmup: float = option(0.1, "linear warm-up of the base CLIP: steps, or a fraction of them below 1")
     pretrain_region_fraction: float = option(0.5, "fraction of the base CLIP's training pairs that are (region "
                                                   "crop, phrase) pairs from the data's annotated boxes and spans "
                                                   "(region-aware pretraining of the teacher's towers); 0: none")

@@ -99,9 +99,9 @@ class RunContext:
     def train(self, trainer: Trainer, folder: str) -> TrainingLog:
         return train_stage(trainer, self.training_args.resume_from_checkpoint, self.resume_from(folder))
 
-    def stage_arguments(self, stage: str, steps: int, learning_rate: float,
-                        folder: str | None = None) -> TrainingArguments:
-        return stage_arguments(self.training_args, folder or STAGE_FOLDERS[stage], steps, learning_rate)
+    def stage_arguments(self, stage: str, steps: int, learning_rate: float, folder: str | None = None,
+                        warmup: float | None = None) -> TrainingArguments:
+        return stage_arguments(self.training_args, folder or STAGE_FOLDERS[stage], steps, learning_rate, warmup)
 
     def fusion_teacher_given(self) -> bool:
         """Whether `--teacher_model` is a trained DCLIP teacher folder (then no `teacher` stage is needed)."""
@@ -177,7 +177,8 @@ def pretrain(context: RunContext) -> StageResult:
     torch.manual_seed(seed)
     config = small_clip_config(context.processor.tokenizer, context.data_args.image_size, context.model_args.preset)
     model = DCLIPModel(config)
-    stage_args = context.stage_arguments("pretrain", context.args.pretrain_steps, context.args.pretrain_learning_rate)
+    stage_args = context.stage_arguments("pretrain", context.args.pretrain_steps, context.args.pretrain_learning_rate,
+                                         warmup=context.args.pretrain_warmup)
     trainer = DCLIPTrainer(model=model, args=stage_args, train_dataset=train,
                            data_collator=DCLIPCollator(context.processor), loss_weights={"contrastive": 1.0})
     log = context.train(trainer, STAGE_FOLDERS["pretrain"])

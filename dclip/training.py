@@ -46,13 +46,16 @@ def cpu_threads_per_process(requested: int | None = None) -> int:
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def stage_arguments(training_args: TrainingArguments, name: str, steps: int, learning_rate: float) -> TrainingArguments:
-    """The run's training arguments for one stage: its own folder, steps, learning rate and run name (one per stage
-    for `--report_to` integrations); the run pushes only the student, at the end."""
+def stage_arguments(training_args: TrainingArguments, name: str, steps: int, learning_rate: float,
+                    warmup: float | None = None) -> TrainingArguments:
+    """The run's training arguments for one stage: its own folder, steps, learning rate, warm-up (`warmup`: steps,
+    or a fraction of them below 1; default the run's) and run name (one per stage for `--report_to`
+    integrations); the run pushes only the student, at the end."""
     run_name = f"{training_args.run_name}-{name}" if training_args.run_name else name
     return dataclasses.replace(
         training_args, output_dir=os.path.join(training_args.output_dir, name), max_steps=steps,
         learning_rate=learning_rate, remove_unused_columns=False, push_to_hub=False, run_name=run_name,
+        warmup_steps=training_args.warmup_steps if warmup is None else warmup,
     )
 
 
