@@ -10,11 +10,12 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import torch
 from datasets import Dataset
 
-from .columns import TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
-from .data.collator import TeacherFeatureCollator, teacher_inputs
+from .columns import TEACHER_FEATURE_COLUMNS, TEACHER_FEATURE_MASKS, TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
+from .data.collator import teacher_inputs
 
 
 TOWER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
@@ -172,16 +173,20 @@ def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size
     """Teacher targets (`teacher_image_embeds`, `teacher_text_embeds`) from `compute_teacher_features` columns:
     the fusion block only, no tower. Cached by a fingerprint of the data and the whole teacher."""
     teacher, device = _place_teacher(teacher, device)
-    collate = TeacherFeatureCollator(return_loss=False)
     fingerprint = hashlib.sha256(f"{features._fingerprint}-{model_fingerprint(teacher)}".encode()).hexdigest()[:16]
 
-    def fuse(batch: dict) -> dict:
-        rows = [{name: batch[name][i] for name in TEACHER_FEATURE_COLUMNS} for i in range(len(batch["region_mask"]))]
+    def fuse(batch: dict) -> dict:  # numpy columns (the format below): no per-row Python objects
+        inputs = {name: torch.from_numpy(np.asarray(batch[name])) for name in TEACHER_FEATURE_COLUMNS}
+        inputs = {name: value.bool() if name in TEACHER_FEATURE_MASKS else value.float()
+                  for name, value in inputs.items()}
         with torch.no_grad():
-            out = teacher(**{k: v.to(device) for k, v in collate(rows).items()})
+            out = teacher(**{k: v.to(device) for k, v in inputs.items()})
         return {
             TEACHER_IMAGE_EMBEDS: out.image_embeds.float().cpu().numpy(),
             TEACHER_TEXT_EMBEDS: out.text_embeds.float().cpu().numpy(),
         }
 
-    return features.map(fuse, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc="teacher targets")
+    numeric = features.with_format("numpy", columns=list(TEACHER_FEATURE_COLUMNS), output_all_columns=True)
+    fused = numeric.map(fuse, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
+                        desc="teacher targets")
+    return fused.with_format(None)
