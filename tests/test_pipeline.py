@@ -361,7 +361,7 @@ def test_distillation_trains_every_term_of_the_method(tiny_run):
     their sum (weight 1 each); the base CLIP is trained on the contrastive term alone."""
     root, _ = tiny_run
     assert DistillationArguments().loss_weights() == {
-        "contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0, "cluster_image": 0.0, "cluster_text": 0.0,
+        "contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 10.0, "cluster_image": 0.0, "cluster_text": 0.0,
         "instance": 0.0}
     assert DistillationArguments(cosine_text_weight=0.25).loss_weights()["cosine_text"] == 0.25
     logs = {}
