@@ -23,7 +23,7 @@ def model_type(name_or_path: str) -> str | None:
     return PretrainedConfig.get_config_dict(str(name_or_path))[0].get("model_type")
 
 
-def _features(output) -> torch.Tensor:
+def pooled_features(output) -> torch.Tensor:
     """`get_*_features` of a DCLIP model returns a tensor; transformers 5's CLIP and SigLIP an output object."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -97,9 +97,9 @@ class Teacher:
         if self.kind == FUSION:
             out = self.model(**inputs)
             return out.image_embeds, out.text_embeds
-        image = _features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        image = pooled_features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
         text_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        text = _features(self.model.get_text_features(**text_inputs))
+        text = pooled_features(self.model.get_text_features(**text_inputs))
         return torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
 
 

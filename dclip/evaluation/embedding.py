@@ -8,19 +8,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..teachers import model_type, pooled_features
+
 
 def load_clip_towers(name_or_path: str):
     """A [`DCLIPModel`] or [`DCLIPTeacherModel`] folder as itself, any CLIP checkpoint (local or Hub) as a
     [`DCLIPModel`]: each has `get_image_features` / `get_text_features` returning tensors. On the GPU if there is
     one."""
-    from transformers import PretrainedConfig
-
     from modeling_dclip import DCLIPModel, DCLIPTeacherModel
 
-    model_type = PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")  # no remote code loaded
-    if model_type == "dclip":
+    found = model_type(name_or_path)  # no remote code loaded
+    if found == "dclip":
         model = DCLIPModel.from_pretrained(name_or_path)
-    elif model_type == "dclip_teacher":
+    elif found == "dclip_teacher":
         model = DCLIPTeacherModel.from_pretrained(name_or_path)
     else:
         model = DCLIPModel.from_clip(name_or_path)
@@ -32,7 +32,7 @@ def _embed(model, encode, batches, device: str | torch.device | None, **progress
     """L2-normalised float32 features `(rows, dim)` of `encode(model, batch, device)` over `batches`."""
     device = torch.device(device or next(model.parameters()).device)
     model.eval()
-    chunks = [torch.nn.functional.normalize(_features(encode(batch, device)).float(), dim=-1).cpu()
+    chunks = [torch.nn.functional.normalize(pooled_features(encode(batch, device)).float(), dim=-1).cpu()
               for batch in tqdm(batches, **progress)]
     return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
 
@@ -45,11 +45,6 @@ def embed_images(model, processor, dataset, batch_size: int = 256, image_column:
         return model.get_image_features(processor(images=images)["pixel_values"].to(device))
 
     return _embed(model, encode, range(0, len(dataset), batch_size), device, desc="image embeddings", unit="batch")
-
-
-def _features(output) -> torch.Tensor:
-    """`get_*_features` of a DCLIP model returns a tensor; a plain transformers 5 `CLIPModel` an output object."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def embed_texts(model, processor, texts: list[str], batch_size: int = 256,
