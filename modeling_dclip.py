@@ -66,10 +66,14 @@ def _attn_implementations(config: CLIPConfig) -> dict:
 
 
 def _load_clip(clip: str | os.PathLike | CLIPModel, **from_pretrained_kwargs) -> tuple[CLIPModel, str | None]:
-    """A `CLIPModel` from a checkpoint name, a local folder or an instance, and the name to record as provenance."""
+    """A `CLIPModel` from a checkpoint name, a local folder (a CLIP or a DCLIP student) or an instance, and the name to
+    record as provenance."""
     if isinstance(clip, CLIPModel):
         return clip, clip.config.name_or_path or None
     if isinstance(clip, (str, os.PathLike)):
+        config = CLIPConfig.get_config_dict(clip, **from_pretrained_kwargs)[0]
+        if config.get("model_type") == DCLIPConfig.model_type:  # a DCLIP student: its exact plain-CLIP export
+            return DCLIPModel.from_pretrained(clip, **from_pretrained_kwargs).to_clip(), str(clip)
         return CLIPModel.from_pretrained(clip, **from_pretrained_kwargs), str(clip)
     raise TypeError(f"`clip` must be a checkpoint name, a path or a `CLIPModel`, got {type(clip).__name__}.")
 

@@ -50,6 +50,23 @@ def test_from_clip_loads_a_checkpoint_folder(tiny_clip_dir, tiny_clip):
         torch.testing.assert_close(student.state_dict()[name], tensor, atol=0, rtol=0)
 
 
+def test_from_clip_loads_a_dclip_student_folder(tiny_clip, tmp_path):
+    """A trained student is a smaller CLIP to start another from (the fine-tuning mode): loaded as its plain-CLIP
+    export, weights exact, without transformers' model-type mismatch warning."""
+    trained = DCLIPModel.from_clip(tiny_clip)
+    with torch.no_grad():
+        trained.logit_scale.add_(0.5)  # differs from the CLIP it came from
+    trained.save_pretrained(tmp_path / "student")
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    with CaptureLogger(logging.get_logger("transformers.configuration_utils")) as captured:
+        student = DCLIPModel.from_clip(str(tmp_path / "student"))
+    assert "model of type" not in captured.out
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(student.state_dict()[name], tensor, atol=0, rtol=0)
+
+
 def test_from_clip_rejects_other_types():
     with pytest.raises(TypeError, match="checkpoint name, a path or a `CLIPModel`"):
         DCLIPModel.from_clip(42)
