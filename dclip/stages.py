@@ -17,7 +17,7 @@ from datasets import DatasetDict
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
 from .arguments import DataArguments, DistillationArguments, ModelArguments
-from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS
+from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.regions import with_region_pairs
 from .data.scenes import COLORS, SIZES, zero_shot_tasks
@@ -289,7 +289,7 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
         centers, labels = cluster_teacher_embeddings(train, args.num_clusters, context.training_args,
-                                                     context.output / folder)
+                                                     context.output / folder, args.cluster_on)
         train = train.add_column(CLUSTER_LABELS, labels.tolist())
     if model_args.lora_rank:
         student = with_lora(student, model_args)
@@ -308,17 +308,22 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     return StageResult(final, log)
 
 
-def cluster_teacher_embeddings(train, num_clusters: int, training_args: TrainingArguments,
-                               folder: Path) -> tuple[torch.Tensor, np.ndarray]:
+def cluster_teacher_embeddings(train, num_clusters: int, training_args: TrainingArguments, folder: Path,
+                               cluster_on: str = "image") -> tuple[torch.Tensor, np.ndarray]:
     """
-    CLIP-CID's clusters: spherical k-means (FAISS) of the teacher's image embeddings (`teacher_image_embeds`),
-    and each row's nearest centre. The main process computes them once and saves `cluster_centers.npy` in `folder`
-    with `cluster_centers.json`, a fingerprint of the embeddings, K and the seed: a resumed run and the other
-    processes read them back (so every process and restart agrees); centres made from other embeddings are redone.
+    CLIP-CID's clusters: spherical k-means (FAISS) of the teacher's embeddings, and each row's nearest centre.
+    `cluster_on`: the image embeddings (`teacher_image_embeds`, the paper's), the text embeddings, or `joint`, each
+    pair's normalised sum of both (all in the one space the student's image and text embeddings are classified in).
+    The main process computes them once and saves `cluster_centers.npy` in `folder` with `cluster_centers.json`, a
+    fingerprint of the embeddings, K and the seed: a resumed run and the other processes read them back (so every
+    process and restart agrees); centres made from other embeddings are redone.
     """
     from .curation import assign_clusters, normalize_embeddings, spherical_kmeans
 
-    embeddings = normalize_embeddings(np.asarray(train[TEACHER_IMAGE_EMBEDS], dtype=np.float32))
+    columns = {"image": (TEACHER_IMAGE_EMBEDS,), "text": (TEACHER_TEXT_EMBEDS,),
+               "joint": (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS)}[cluster_on]
+    embeddings = normalize_embeddings(sum(normalize_embeddings(np.asarray(train[column], dtype=np.float32))
+                                          for column in columns))
     if not 1 <= num_clusters <= len(embeddings):  # on every process, before any of them waits for the main one
         raise ValueError(f"--num_clusters must be between 1 and the {len(embeddings)} training rows, got "
                          f"{num_clusters}")

@@ -300,3 +300,33 @@ def test_cluster_centres_are_redone_for_other_embeddings(tmp_path):
     assert not torch.allclose(new_centers, centers) and len(np.unique(new_labels)) == 4
     with pytest.raises(ValueError, match="--num_clusters must be between 1 and the 200"):
         cluster_teacher_embeddings(other, 500, args, tmp_path / "student")
+
+
+def test_cluster_on_text_or_joint_embeddings(tmp_path, monkeypatch):
+    """Image embeddings scattered at random, text embeddings in 3 tight groups: clustered on the text, the labels are
+    the text's groups, which clustering the image cannot find; `joint` clusters each pair's normalised sum."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    import dclip.curation
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=0)
+    groups = np.repeat(np.arange(3), 40)
+    text = np.eye(8, dtype=np.float32)[groups] * 10 + np.random.default_rng(0).normal(0, 0.1, (120, 8))
+    image = 0.3 * unit_rows(120, 8, seed=3)
+    data = Dataset.from_dict({"teacher_image_embeds": image.tolist(), "teacher_text_embeds": text.tolist()})
+    _, labels = cluster_teacher_embeddings(data, 3, args, tmp_path / "text", "text")
+    _, image_labels = cluster_teacher_embeddings(data, 3, args, tmp_path / "image", "image")
+    # the same partition as the text's groups, up to the names of the clusters
+    assert len({(g, label) for g, label in zip(groups, labels)}) == 3
+    assert len({(g, label) for g, label in zip(groups, image_labels)}) > 3
+    clustered = []
+    real_kmeans = dclip.curation.spherical_kmeans
+    monkeypatch.setattr(dclip.curation, "spherical_kmeans", lambda x, *a, **k: clustered.append(x) or real_kmeans(
+        x, *a, **k))
+    cluster_teacher_embeddings(data, 3, args, tmp_path / "joint", "joint")
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    np.testing.assert_allclose(clustered[0], unit(unit(image) + unit(text)), atol=1e-5)

@@ -358,10 +358,11 @@ def test_resumed_stage_continues_from_its_checkpoint_and_matches_an_uninterrupte
 
 def test_distillation_trains_every_term_of_the_method(tiny_run):
     """DCLIP's hybrid loss: each logged student step has the contrastive and both cosine terms, and the loss is
-    their weighted sum (contrastive 1, cosine 10 each); the base CLIP is trained on the contrastive term alone."""
+    their weighted sum (contrastive 1, cosine 10 on the image, 3 on the text); the base CLIP is trained on the
+    contrastive term alone."""
     root, _ = tiny_run
     assert DistillationArguments().loss_weights() == {
-        "contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 10.0, "cluster_image": 0.0, "cluster_text": 0.0,
+        "contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 3.0, "cluster_image": 0.0, "cluster_text": 0.0,
         "instance": 0.0}
     assert DistillationArguments(cosine_text_weight=0.25).loss_weights()["cosine_text"] == 0.25
     logs = {}
@@ -373,7 +374,7 @@ def test_distillation_trains_every_term_of_the_method(tiny_run):
         terms = {key: value for key, value in entry.items() if key.startswith("loss_")}
         assert set(terms) == {"loss_contrastive", "loss_cosine_image", "loss_cosine_text"}
         assert terms["loss_cosine_image"] > 0 and terms["loss_cosine_text"] > 0
-        expected = terms["loss_contrastive"] + 10 * (terms["loss_cosine_image"] + terms["loss_cosine_text"])
+        expected = terms["loss_contrastive"] + 10 * terms["loss_cosine_image"] + 3 * terms["loss_cosine_text"]
         assert entry["loss"] == pytest.approx(expected, abs=1e-4)
     for entry in logs["base_clip"]:
         assert {key for key in entry if key.startswith("loss_")} == {"loss_contrastive"}
