@@ -117,8 +117,9 @@ class DistillationArguments:
     stage: str = option("all", f"one of {STAGES}")
     method: str = option("dclip", "the published student's loss terms: dclip (contrastive + cosine to the "
                                   "teacher), clip_cid (cluster + instance discrimination), dclip+clip_cid, "
-                                  "instance (CLIP-CID's instance term alone) or none (contrastive only, no "
-                                  "teacher)")
+                                  "dclip+instance (DCLIP's terms and CLIP-CID's instance term, both against the "
+                                  "DCLIP teacher), instance (CLIP-CID's instance term alone) or none "
+                                  "(contrastive only, no teacher)")
     compare_methods: str | None = option(None, "comma-separated methods of further students trained and "
                                                "evaluated beside it, identically (steps, learning rate, data, "
                                                "seed); default: none,clip_cid,instance on the embedded data, none "

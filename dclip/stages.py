@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 STAGE_FOLDERS = {"detector": "detector", "pretrain": "base_clip", "teacher": "teacher", "distill": "student"}
 # what a student's `DCLIPConfig.distillation_method` says for each method
 STUDENT_CONFIG_METHODS = {"dclip": "dclip", "clip_cid": "clip_cid", "dclip+clip_cid": "dclip+clip_cid",
-                          "instance": "clip_cid", "none": None}
+                          "dclip+instance": "dclip+clip_cid", "instance": "clip_cid", "none": None}
 
 
 @dataclass

@@ -26,6 +26,7 @@ METHOD_LOSS_WEIGHTS = {  # each method's terms at weight 1
     "dclip": ("contrastive", "cosine_image", "cosine_text"),
     "clip_cid": ("cluster_image", "cluster_text", "instance"),
     "dclip+clip_cid": ("contrastive", "cosine_image", "cosine_text", "cluster_image", "cluster_text", "instance"),
+    "dclip+instance": ("contrastive", "cosine_image", "cosine_text", "instance"),  # + CLIP-CID's instance term
     "instance": ("instance",),  # CLIP-CID without its cluster term
     "none": ("contrastive",),  # no teacher: the same student trained as a plain CLIP
 }

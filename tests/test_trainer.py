@@ -195,3 +195,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip, batch, tmp_p
     assert gradients[0].keys() == gradients[1].keys() and len(gradients[0]) > 10
     for name, grad in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_dclip_plus_instance_method_trains_dclips_terms_and_the_instance_term(student, batch, tmp_path):
+    """`--method dclip+instance`: DCLIP's hybrid loss plus CLIP-CID's instance term, all against the fused DCLIP
+    teacher's embeddings, at DCLIP's default weights and 1 for the instance term; each term is computed."""
+    from configuration_dclip import DCLIPConfig
+    from dclip.arguments import DistillationArguments
+    from dclip.stages import STUDENT_CONFIG_METHODS
+    from dclip.teachers import FUSION
+
+    args = DistillationArguments(method="dclip+instance", compare_methods="")
+    weights = args.loss_weights()
+    assert weights == {"contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 3.0, "cluster_image": 0.0,
+                       "cluster_text": 0.0, "instance": 1.0}
+    assert args.teacher_kind("dclip+instance") == FUSION
+    assert DCLIPConfig(distillation_method=STUDENT_CONFIG_METHODS["dclip+instance"]).distillation_method == \
+        "dclip+clip_cid"
+    generator = torch.Generator().manual_seed(1)
+    targets = {name: F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+               for name in ("teacher_image_embeds", "teacher_text_embeds")}
+    trainer = make_trainer(student, tmp_path, loss_weights=weights)
+    terms, _ = trainer.compute_terms(student, {**batch, **targets})
+    assert set(terms) == {"contrastive", "cosine_image", "cosine_text", "instance"}
+    assert all(torch.isfinite(value) and value > 0 for value in terms.values())
