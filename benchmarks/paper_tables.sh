@@ -44,7 +44,7 @@ for k in 16 256; do
 done
 
 # the fine-tuning mode: a pretrained smaller CLIP (the default run's no-teacher student) as the starting point, and
-# DCLIP's cosine terms at the paper's weight 1 (chosen on the validation split: +2.3 / +2.8 points of Recall@1 over
+# DCLIP's cosine terms at the paper's weight 1 (chosen on the validation split: +2.6 / +2.6 points of Recall@1 over
 # the starting point, against +1.2 / -1.0 at the from-scratch default of 10 / 3, whose pull towards the teacher's
 # space unlearns what a pretrained student knows)
 FINETUNE="--student_model $DEFAULT/student_none/final --distill_learning_rate 2e-4"
