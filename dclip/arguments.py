@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainingArguments
 
+from .columns import TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
 from .presets import SMALL_CLIP_PRESETS
 from .teachers import DUAL_ENCODER, FUSION, TEACHER_KINDS
 from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS
 
 
 STAGES = ("detector", "pretrain", "teacher", "distill", "evaluate", "all")
-CLUSTER_SOURCES = ("image", "text", "joint")  # which teacher embeddings CLIP-CID's k-means clusters
+# which teacher embeddings CLIP-CID's k-means clusters (`--cluster_on`): the columns, summed after normalising
+CLUSTER_SOURCES = {"image": (TEACHER_IMAGE_EMBEDS,), "text": (TEACHER_TEXT_EMBEDS,),
+                   "joint": (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS)}
 
 
 def option(default, help: str):
@@ -171,7 +174,7 @@ class DistillationArguments:
                 raise ValueError(f"--method must be one of {list(METHOD_LOSS_WEIGHTS)} (so must each of "
                                  f"--compare_methods), got {method!r}")
         if self.cluster_on not in CLUSTER_SOURCES:
-            raise ValueError(f"--cluster_on must be one of {CLUSTER_SOURCES}, got {self.cluster_on!r}")
+            raise ValueError(f"--cluster_on must be one of {list(CLUSTER_SOURCES)}, got {self.cluster_on!r}")
         if self.num_clusters < 1:
             raise ValueError(f"--num_clusters must be at least 1, got {self.num_clusters}")
         if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):

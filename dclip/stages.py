@@ -16,8 +16,8 @@ import torch
 from datasets import DatasetDict
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
-from .arguments import DataArguments, DistillationArguments, ModelArguments
-from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
+from .arguments import CLUSTER_SOURCES, DataArguments, DistillationArguments, ModelArguments
+from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.regions import with_region_pairs
 from .data.scenes import COLORS, SIZES, zero_shot_tasks
@@ -320,10 +320,9 @@ def cluster_teacher_embeddings(train, num_clusters: int, training_args: Training
     """
     from .curation import assign_clusters, normalize_embeddings, spherical_kmeans
 
-    columns = {"image": (TEACHER_IMAGE_EMBEDS,), "text": (TEACHER_TEXT_EMBEDS,),
-               "joint": (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS)}[cluster_on]
-    embeddings = normalize_embeddings(sum(normalize_embeddings(np.asarray(train[column], dtype=np.float32))
-                                          for column in columns))
+    parts = [normalize_embeddings(np.asarray(train[column], dtype=np.float32))
+             for column in CLUSTER_SOURCES[cluster_on]]
+    embeddings = parts[0] if len(parts) == 1 else normalize_embeddings(sum(parts))
     if not 1 <= num_clusters <= len(embeddings):  # on every process, before any of them waits for the main one
         raise ValueError(f"--num_clusters must be between 1 and the {len(embeddings)} training rows, got "
                          f"{num_clusters}")
