@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from dclip.hub import format_difference
+
 
 MODELS = {
     "base_clip": "base CLIP (the teacher's towers)",
@@ -49,8 +51,7 @@ def comparison_table(comparisons: dict) -> list[str]:
         cells = []
         for _, key in COMPARED:
             r = results.get(key)
-            cells.append("-" if r is None else f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
-                         + (" **" if r["excludes_zero"] else ""))
+            cells.append("-" if r is None else format_difference(r, mark="**"))
         lines.append(f"| {MODELS.get(model, model)} vs {MODELS.get(baseline, baseline)} | " + " | ".join(cells) + " |")
     return lines
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dclip.hub import format_difference
 from dclip.reporting import compare
 
 
@@ -81,9 +82,7 @@ def cell(metrics: dict, key: str) -> str:
 def interval(results: dict, pair: str, key: str) -> str:
     """`+0.042 [+0.012, +0.071] **` (** where the interval excludes 0), or `-` where not compared."""
     r = results["comparisons"].get(pair, {}).get(key)
-    if r is None:
-        return "-"
-    return f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]" + (" **" if r["excludes_zero"] else "")
+    return "-" if r is None else format_difference(r, mark="**")
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -223,10 +223,10 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
     return validate_model_card(str(card))
 
 
-def format_difference(result: dict) -> str:
-    """A `paired_bootstrap` result as `+0.037 [+0.012, +0.061]`, marked * when the interval excludes 0."""
-    mark = " *" if result.get("excludes_zero") else ""
-    return f"{result['difference']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]{mark}"
+def format_difference(result: dict, mark: str = "*") -> str:
+    """A `paired_bootstrap` result as `+0.037 [+0.012, +0.061]`, followed by ` <mark>` when the interval excludes 0."""
+    suffix = f" {mark}" if result.get("excludes_zero") else ""
+    return f"{result['difference']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]{suffix}"
 
 
 def validate_model_card(content: str):
