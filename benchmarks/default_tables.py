@@ -15,7 +15,7 @@ from dclip.hub import format_difference
 MODELS = {
     "base_clip": "base CLIP (the teacher's towers)",
     "teacher": "DCLIP teacher (fused)",
-    "student": "DCLIP student",
+    "student": "DCLIP + instance student (published)",
     "student_none": "same student, no teacher",
     "student_clip_cid": "CLIP-CID student (cluster + instance)",
     "student_instance": "CLIP-CID student, instance only",

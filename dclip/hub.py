@@ -166,7 +166,7 @@ class CardInfo:
 
     repo_id: str
     model_name: str = "dclip-student"
-    method: str = "dclip"
+    method: str = "dclip+instance"
     base_model: str | None = None
     datasets: list[str] = field(default_factory=list)
     dataset_type: str = "dclip-scenes"
@@ -184,7 +184,8 @@ class CardInfo:
     license: str = "apache-2.0"
 
 
-METHOD_TITLES = {"dclip": "DCLIP", "clip_cid": "CLIP-CID", "dclip+clip_cid": "DCLIP + CLIP-CID"}
+METHOD_TITLES = {"dclip": "DCLIP", "clip_cid": "CLIP-CID", "dclip+clip_cid": "DCLIP + CLIP-CID",
+                 "dclip+instance": "DCLIP + instance distillation", "instance": "instance distillation"}
 
 
 def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[str, float] | None = None,

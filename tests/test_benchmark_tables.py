@@ -41,7 +41,8 @@ def test_paper_tables_from_run_folders(tmp_path, paper_tables):
     default, runs = tmp_path / "default", tmp_path / "runs"
     _write_run(default, {"base_clip": 0.3, "teacher": 0.5, "student": 0.45, "student_none": 0.3,
                          "student_clip_cid": 0.3, "student_instance": 0.3}, seed=0)
-    for seed, run in enumerate(["dclip_clip_cid", "clip_cid_k16", "clip_cid_k256", "finetune_dclip", "finetune_none",
+    for seed, run in enumerate(["dclip", "dclip_clip_cid", "clip_cid_k16", "clip_cid_k256", "finetune_dclip",
+                                "finetune_none",
                                 "redundant_full", "redundant_balanced_0.5"], start=1):
         _write_run(runs / run, {"student": 0.35}, seed=seed)
     (runs / "curated_0.5").mkdir()
@@ -55,7 +56,8 @@ def test_paper_tables_from_run_folders(tmp_path, paper_tables):
         expected = paired_bootstrap(a["image_retrieval_recall@1"], b["image_retrieval_recall@1"])
     assert expected["excludes_zero"]  # 0.45 against 0.3 on 400 queries
     cell = f"{expected['difference']:+.3f} [{expected['low']:+.3f}, {expected['high']:+.3f}] **"
-    row = next(line for line in text.splitlines() if line.startswith("| DCLIP student |") and "[" in line)
+    published = "| DCLIP + instance student (published) |"
+    row = next(line for line in text.splitlines() if line.startswith(published) and "[" in line)
     assert row.split(" | ")[1] == cell
     for heading in ("**Retrieval and classification**", "**CLIP-CID: cluster discrimination**",
                     "**The fine-tuning mode**", "**Image semantic balance**"):

@@ -57,7 +57,8 @@ def test_every_stage_writes_a_hub_ready_folder(tiny_run):
         names = {p.name for p in Path(folder).iterdir()}
         assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= names
     student_config = json.loads(open(f"{summary['artefacts']['student']}/config.json").read())
-    assert student_config["distillation_method"] == "dclip"
+    # the published method, dclip+instance: DCLIP's terms and CLIP-CID's instance term, both against the fused teacher
+    assert student_config["distillation_method"] == "dclip+clip_cid"
     # the default student: the clip-tiny preset trained from scratch, not the base CLIP fine-tuned
     assert student_config["base_model_name_or_path"] is None and student_config["projection_dim"] == 64
     assert student_config["teacher_name_or_path"] == summary["artefacts"]["teacher"]
@@ -357,13 +358,18 @@ def test_resumed_stage_continues_from_its_checkpoint_and_matches_an_uninterrupte
 
 
 def test_distillation_trains_every_term_of_the_method(tiny_run):
-    """DCLIP's hybrid loss: each logged student step has the contrastive and both cosine terms, and the loss is
-    their weighted sum (contrastive 1, cosine 10 on the image, 3 on the text); the base CLIP is trained on the
-    contrastive term alone."""
+    """The published method, dclip+instance: each logged student step has DCLIP's contrastive and cosine terms and
+    CLIP-CID's instance term, and the loss is their weighted sum (contrastive 1, cosine 10 on the image, 3 on the
+    text, instance 0.3); DCLIP alone has no instance term; the base CLIP is trained on the contrastive term alone."""
     root, _ = tiny_run
+    assert DistillationArguments().method == "dclip+instance"
     assert DistillationArguments().loss_weights() == {
         "contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 3.0, "cluster_image": 0.0, "cluster_text": 0.0,
-        "instance": 0.0}
+        "instance": 0.3}
+    assert DistillationArguments(method="dclip").loss_weights()["instance"] == 0.0
+    # the 0.3 is dclip+instance's own: CLIP-CID keeps its instance term at 1, also beside a 0.3 published student
+    assert DistillationArguments(method="clip_cid").loss_weights()["instance"] == 1.0
+    assert DistillationArguments().loss_weights("instance")["instance"] == 1.0
     assert DistillationArguments(cosine_text_weight=0.25).loss_weights()["cosine_text"] == 0.25
     logs = {}
     for stage in ("base_clip", "student"):
@@ -372,9 +378,10 @@ def test_distillation_trains_every_term_of_the_method(tiny_run):
     assert [entry["step"] for entry in logs["student"]] == [1, 2, 3]
     for entry in logs["student"]:
         terms = {key: value for key, value in entry.items() if key.startswith("loss_")}
-        assert set(terms) == {"loss_contrastive", "loss_cosine_image", "loss_cosine_text"}
-        assert terms["loss_cosine_image"] > 0 and terms["loss_cosine_text"] > 0
-        expected = terms["loss_contrastive"] + 10 * terms["loss_cosine_image"] + 3 * terms["loss_cosine_text"]
+        assert set(terms) == {"loss_contrastive", "loss_cosine_image", "loss_cosine_text", "loss_instance"}
+        assert terms["loss_cosine_image"] > 0 and terms["loss_cosine_text"] > 0 and terms["loss_instance"] > 0
+        expected = (terms["loss_contrastive"] + 10 * terms["loss_cosine_image"] + 3 * terms["loss_cosine_text"]
+                    + 0.3 * terms["loss_instance"])
         assert entry["loss"] == pytest.approx(expected, abs=1e-4)
     for entry in logs["base_clip"]:
         assert {key for key in entry if key.startswith("loss_")} == {"loss_contrastive"}
