@@ -20,10 +20,11 @@ DEFAULT=${DEFAULT:-outputs/default}
 OUT=${OUT:-outputs/paper_tables}
 REDUNDANCY="--exact_duplicate_fraction 0.1 --near_duplicate_fraction 0.15 --concept_fraction 0.15"
 # the base CLIP's image embeddings of these scenes are tightly packed (exact copies at cosine 1, distinct scenes of
-# one concept close to it), so the thresholds sit close to 1; with the default run's region-pretrained base CLIP
-# 0.9999 removed 10.6% of the pairs, 0.999 34.6% and 0.998 46.2% (chosen on the training split's embeddings)
+# one concept close to it), so the thresholds sit close to 1; with the default run's 900-step base CLIP 0.999
+# removed 28.4% of the pairs, 0.9985 35.4% and 0.9975 45.0% (chosen on the training split's embeddings:
+# `examples/curate.py --embeddings <dir>/image_embeddings.npy`, no training or evaluation)
 DUPLICATE="--duplicate_threshold 0.99999"
-THRESHOLDS=${THRESHOLDS:-"0.999 0.998"}
+THRESHOLDS=${THRESHOLDS:-"0.9985 0.9975"}
 
 if [ -z "${REUSE_DEFAULT:-}" ]; then
   rm -rf "$DEFAULT"
