@@ -221,6 +221,66 @@ def test_teacher_retrieval_is_the_fused_score_on_the_shortlist(tiny_clip, proces
         assert result[f"image_retrieval_recall@{k}"] == pytest.approx((t2i < k).mean())
 
 
+def test_teacher_hard_negatives_compare_fused_scores_of_each_image_with_its_caption_and_negatives(tiny_clip,
+                                                                                                   processor):
+    """Each (image, hard negative) outcome is the fused score of the image with its own caption against the fused
+    score with the negative, each computed here by a full teacher forward on that one pair."""
+    from conftest import random_images
+    from datasets import Dataset
+
+    from dclip.evaluation import teacher_hard_negatives
+    from dclip.evaluation.teacher import _encode_prompts
+    from dclip.targets import compute_teacher_features
+    from modeling_dclip import DCLIPTeacherModel
+
+    captions = ["a red circle left of a blue square", "two green stars", "a blue triangle above a red circle"]
+    negatives = [["a blue circle left of a red square", "a blue square left of a red circle"], ["three green stars"],
+                 ["a red triangle above a blue circle", "a red circle above a blue triangle", "two blue triangles"]]
+    kinds = [["swap_attribute", "swap_relation"], ["wrong_count"], ["swap_attribute", "swap_relation", "wrong_count"]]
+    data = Dataset.from_dict({"image": random_images(3, seed=5), "caption": captions})
+    torch.manual_seed(0)
+    teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
+    for projection in (teacher.image_output_projection, teacher.text_output_projection):  # a fusion with a say
+        torch.nn.init.normal_(projection.weight, std=1.0)
+    features = compute_teacher_features(data, teacher, processor, batch_size=2)
+    outcomes = {}
+    result = teacher_hard_negatives(teacher, processor, features, negatives, kinds, batch_size=2, outcomes=outcomes)
+
+    def fused(image, caption):
+        with torch.no_grad():
+            inputs = processor(text=[caption], images=[image], return_regions=True, return_spans=True)
+            inputs.pop("region_source")
+            out = teacher(**inputs)
+            zero = torch.zeros(1, dtype=torch.long)
+            return teacher.pair_logits(out.image_features, out.text_features, zero, zero).item()
+
+    expected = {"all": [], "swap_attribute": [], "swap_relation": [], "wrong_count": []}
+    for image, caption, row, row_kinds in zip(data["image"], captions, negatives, kinds):
+        for negative, kind in zip(row, row_kinds):
+            correct = fused(image, caption) > fused(image, negative)
+            expected["all"].append(correct)
+            expected[kind].append(correct)
+    assert 0 < np.mean(expected["all"]) < 1  # both outcomes occur: the comparison is not trivially one-sided
+    assert outcomes["hard_negative_accuracy"].tolist() == [float(c) for c in expected["all"]]
+    for kind in ("swap_attribute", "swap_relation", "wrong_count"):
+        assert result[f"hard_negative_accuracy_{kind}"] == pytest.approx(np.mean(expected[kind]))
+    # prompts encoded in batches that find different numbers of spans: padded to one width, the same scores
+    flat = [text for row in negatives for text in row]
+    one, several = (_encode_prompts(teacher, processor, flat, "cpu", batch_size=size) for size in (1024, 1))
+    image_features, _ = teacher_image_side(features, teacher)
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    texts = torch.arange(len(flat))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.pair_logits(image_features, several, index, texts),
+                                   teacher.pair_logits(image_features, one, index, texts), atol=1e-5, rtol=1e-5)
+
+
+def teacher_image_side(features, teacher):
+    from dclip.evaluation.teacher import _feature_sides
+
+    return _feature_sides(teacher, features, np.arange(len(features)), torch.device("cpu"))
+
+
 def test_linear_probe_accuracy_on_separable_and_on_uninformative_features():
     from dclip.evaluation import linear_probe_accuracy
 

@@ -41,7 +41,9 @@ def captions(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     scenes = load_scenes(SceneConfig(num_train=96, image_size=STUDENT_SIZE), cache_dir=str(cache))
     prompts = [f"a photo of a {name}." for names in zero_shot_tasks().values() for name in names]  # evaluation's
-    return cache, [caption for split in scenes.values() for caption in split["caption"]] + prompts
+    negatives = [negative for split in scenes.values() if "hard_negatives" in split.column_names
+                 for row in split["hard_negatives"] for negative in row]  # the fused teacher's hard-negative scores
+    return cache, [caption for split in scenes.values() for caption in split["caption"]] + prompts + negatives
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from .retrieval import (
     sampled_positive_ranks,
 )
 from .suite import EvaluationResult, evaluate_checkpoint, evaluate_model, evaluate_teacher
-from .teacher import rerank_scores, teacher_retrieval, teacher_zero_shot
+from .teacher import rerank_scores, teacher_hard_negatives, teacher_retrieval, teacher_zero_shot
 
 
 __all__ = [
@@ -38,6 +38,6 @@ __all__ = [
     "format_estimate", "format_metrics_table", "hard_negative_accuracy", "image_groups", "is_estimate_detail",
     "linear_probe_accuracy", "load_clip_towers", "metrics_from_ranks", "nearest_neighbours", "paired_bootstrap",
     "ranks_from_scores", "recall_from_scores", "rerank_scores", "retrieval_metrics", "sampled_positive_ranks",
-    "teacher_retrieval", "teacher_zero_shot",
+    "teacher_hard_negatives", "teacher_retrieval", "teacher_zero_shot",
     "zero_shot_accuracy", "zero_shot_classification", "zero_shot_classifier", "zero_shot_top1_keys",
 ]

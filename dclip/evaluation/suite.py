@@ -12,7 +12,7 @@ import torch
 from .classification import DEFAULT_TEMPLATES, hard_negative_accuracy, linear_probe_accuracy, zero_shot_classification
 from .embedding import embed_images, embed_texts, load_clip_towers
 from .retrieval import image_groups, retrieval_metrics
-from .teacher import teacher_retrieval, teacher_zero_shot
+from .teacher import teacher_hard_negatives, teacher_retrieval, teacher_zero_shot
 
 
 @dataclass
@@ -79,8 +79,9 @@ def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, li
 def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
                      batch_size: int = 256, tasks: dict[str, list[str]] | None = None,
                      templates=DEFAULT_TEMPLATES) -> EvaluationResult:
-    """The cross-modal teacher's retrieval Recall@K and mAP (global shortlist, fused re-ranking: `teacher_retrieval`)
-    and zero-shot classification by fused scores for each `tasks` label column present (`teacher_zero_shot`);
+    """The cross-modal teacher's retrieval Recall@K and mAP (global shortlist, fused re-ranking: `teacher_retrieval`),
+    zero-shot classification by fused scores for each `tasks` label column present (`teacher_zero_shot`) and
+    hard-negative accuracy by fused scores where `test` has `hard_negatives` (`teacher_hard_negatives`);
     regions from the processor's detector (if any) and spans from its extractor, as at test time."""
     from ..targets import compute_teacher_features
 
@@ -100,6 +101,11 @@ def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, .
                     metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
             result.per_class_recall[column] = zero_shot["per_class_recall"]
             outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
+    if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
+        kinds = test["hard_negative_types"] if "hard_negative_types" in test.column_names else \
+            [["all"] * len(row) for row in test["hard_negatives"]]
+        metrics.update(teacher_hard_negatives(teacher, processor, features, test["hard_negatives"], kinds,
+                                              outcomes=outcomes))
     result.add_means()
     return result
 

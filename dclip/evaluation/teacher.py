@@ -75,16 +75,68 @@ def teacher_zero_shot(teacher, processor, features, image_rows: np.ndarray, labe
     teacher.eval()
     image_features, _ = _feature_sides(teacher, features, image_rows, device)
     prompts = [template.format(name) for name in class_names for template in templates]
-    inputs = processor(text=prompts, return_spans=True)
-    text_features = teacher.encode_text_side(**{
-        name: inputs[name].to(device)
-        for name in ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")})
+    text_features = _encode_prompts(teacher, processor, prompts, device)
     pairs = torch.cartesian_prod(torch.arange(len(image_rows)), torch.arange(len(prompts))).to(device)
     scores = torch.cat([
         teacher.pair_logits(image_features, text_features, chunk[:, 0], chunk[:, 1]).float().cpu()
         for chunk in pairs.split(batch_size)
     ]).reshape(len(image_rows), len(class_names), len(templates)).mean(-1)
     return classification_metrics(scores.numpy(), labels, class_names)
+
+
+def _encode_prompts(teacher, processor, texts: list[str], device, batch_size: int = 1024):
+    """The teacher's text side (global and span embeddings) of `texts`, spans from the processor's extractor."""
+    from modeling_dclip import DCLIPTeacherTextFeatures
+
+    names = ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        inputs = processor(text=texts[start : start + batch_size], return_spans=True)
+        parts.append(teacher.encode_text_side(**{name: inputs[name].to(device) for name in names}))
+    if len(parts) == 1:
+        return parts[0]
+    widest = max(part.span_embeds.shape[1] for part in parts)  # batches may find different numbers of spans
+
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 2) + (0, widest - tensor.shape[1]))
+    return DCLIPTeacherTextFeatures(
+        global_embeds=torch.cat([part.global_embeds for part in parts]),
+        span_embeds=torch.cat([pad(part.span_embeds) for part in parts]),
+        span_mask=torch.cat([pad(part.span_mask) for part in parts]))
+
+
+@torch.no_grad()
+def teacher_hard_negatives(teacher, processor, features, negatives: list[list[str]], kinds: list[list[str]],
+                           batch_size: int = 4096, outcomes: dict | None = None) -> dict[str, float]:
+    """
+    Hard-negative accuracy of the cross-modal teacher: how often the fused score of each image (row `i` of the cached
+    tower outputs `features`) with its own caption (row `i`) beats its fused score with each of its hard-negative
+    captions (`negatives[i]`, kinds `kinds[i]`); the same figures, names and per-pair `outcomes` as
+    `hard_negative_accuracy` for a dual encoder.
+    """
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    rows = np.repeat(np.arange(len(negatives)), [len(row) for row in negatives])
+    if not len(rows):
+        return {}
+    image_features, text_features = _feature_sides(teacher, features, np.arange(len(negatives)), device)
+    negative_features = _encode_prompts(teacher, processor, [text for row in negatives for text in row], device)
+    index = torch.as_tensor(rows, device=device)
+    own = torch.arange(len(negatives), device=device)
+    positive = torch.cat([teacher.pair_logits(image_features, text_features, chunk, chunk).float().cpu()
+                          for chunk in own.split(batch_size)])[rows]
+    negative = torch.cat([
+        teacher.pair_logits(image_features, negative_features, index[start : start + batch_size],
+                            torch.arange(start, min(start + batch_size, len(rows)), device=device)).float().cpu()
+        for start in range(0, len(rows), batch_size)])
+    correct = (positive > negative).numpy()
+    flat_kinds = np.array([kind for row in kinds for kind in row])
+    per_pair = {"hard_negative_accuracy": correct.astype(np.float64)}
+    for kind in sorted(set(flat_kinds)):
+        per_pair[f"hard_negative_accuracy_{kind}"] = correct[flat_kinds == kind].astype(np.float64)
+    if outcomes is not None:
+        outcomes.update(per_pair)
+    return {key: float(values.mean()) for key, values in per_pair.items()}
 
 
 def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int = 4096) -> torch.Tensor:
