@@ -728,9 +728,24 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
             return self.encode_text_side(input_ids, attention_mask, span_input_ids, span_attention_mask, span_mask)
         raise ValueError("DCLIPTeacherModel.forward needs `input_ids` or `text_global_features`.")
 
-    def _training_loss(self, image_features, text_features, global_image_embeds, global_text_embeds):
+    @staticmethod
+    def _caption_negatives(global_embeds, span_embeds, span_mask, mask):
+        """Each caption's own hard negatives `(batch, negatives, ...)` as one flat text side, and which are real
+        (None without them)."""
+        if global_embeds is None:
+            return None
+        batch, count = global_embeds.shape[:2]
+        if mask is None:
+            mask = torch.ones(batch, count, dtype=torch.bool, device=global_embeds.device)
+        flat = DCLIPTeacherTextFeatures(
+            global_embeds=global_embeds.flatten(0, 1), span_embeds=span_embeds.flatten(0, 1),
+            span_mask=span_mask.flatten(0, 1).bool())
+        return flat, mask.bool()
+
+    def _training_loss(self, image_features, text_features, global_image_embeds, global_text_embeds, negatives=None):
         """The pairwise (ITM-style) loss over each pair and its hard negatives both ways (plus the global contrastive
-        loss when a tower trains), and the per-image pair logits."""
+        loss when a tower trains), and the per-image pair logits. `negatives` (`_caption_negatives`): each image's
+        caption's own hard negatives (e.g. swapped attributes), scored against the image beside the batch's."""
         with torch.no_grad():
             similarity = global_image_embeds @ global_text_embeds.t()
         text_candidates = self._candidates(similarity, self.config.num_negatives)  # per image
@@ -740,6 +755,12 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         caption_pair_logits = self.pair_logits(
             image_features, text_features, image_candidates, rows.expand_as(image_candidates)
         )
+        if negatives is not None:
+            negative_features, negative_mask = negatives
+            batch, count = negative_mask.shape
+            own = self.pair_logits(image_features, negative_features, rows[:batch].expand(batch, count),
+                                   torch.arange(batch * count, device=similarity.device).view(batch, count))
+            pair_logits = torch.cat([pair_logits, own.masked_fill(~negative_mask, float("-inf"))], dim=1)
         targets = torch.zeros(similarity.shape[0], dtype=torch.long, device=similarity.device)
         loss = (F.cross_entropy(pair_logits, targets) + F.cross_entropy(caption_pair_logits, targets)) / 2
         if not (self.config.freeze_vision_tower and self.config.freeze_text_tower):
@@ -771,6 +792,10 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         region_features: torch.FloatTensor | None = None,
         text_global_features: torch.FloatTensor | None = None,
         span_features: torch.FloatTensor | None = None,
+        negative_text_global_features: torch.FloatTensor | None = None,
+        negative_span_features: torch.FloatTensor | None = None,
+        negative_span_mask: torch.BoolTensor | None = None,
+        negative_mask: torch.BoolTensor | None = None,
         return_loss: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -782,12 +807,12 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
 
         The towers' outputs may be given instead of pixels and ids (precomputed once while the towers are frozen):
         `image_global_features (batch, projection_dim)` with `region_features (batch, regions, projection_dim)`,
-        `region_boxes` and `region_mask`; `text_global_features` with `span_features` and `span_mask`.
+        `region_boxes` and `region_mask`; `text_global_features` with `span_features` and `span_mask`. `negative_*`
+        (`(batch, negatives, ...)`, with `negative_mask`): each caption's own hard negatives for the training loss.
 
-        `output_attentions` and `output_hidden_states` are refused (`ValueError`): the teacher's outputs are fused
-        embeddings, its towers run on whole images, region crops, captions and spans at once (or not at all, from
-        cached features), and its fusion block keeps no attention weights. Ask the towers themselves, e.g.
-        `teacher.vision_model(pixel_values, output_attentions=True)`.
+        `output_attentions` and `output_hidden_states` are refused (`ValueError`): the outputs are fused embeddings,
+        the towers run on images, crops, captions and spans at once (or not at all, from cached features), and the
+        fusion keeps no attention weights. Ask the towers: `teacher.vision_model(pixel_values, output_attentions=True)`.
         """
         self._refuse_output_flags(output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         image_features = self._image_features(
@@ -802,18 +827,14 @@ class DCLIPTeacherModel(_CLIPTowersMixin, DCLIPPreTrainedModel):
         global_text_embeds = _l2_normalize(text_features.global_embeds)
         loss = pair_logits = None
         if return_loss:
+            negatives = self._caption_negatives(negative_text_global_features, negative_span_features,
+                                                negative_span_mask, negative_mask)
             loss, pair_logits = self._training_loss(image_features, text_features, global_image_embeds,
-                                                    global_text_embeds)
+                                                    global_text_embeds, negatives)
         output = DCLIPTeacherOutput(
-            loss=loss,
-            pair_logits=pair_logits,
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-            global_image_embeds=global_image_embeds,
-            global_text_embeds=global_text_embeds,
-            image_features=image_features,
-            text_features=text_features,
-        )
+            loss=loss, pair_logits=pair_logits, image_embeds=image_embeds, text_embeds=text_embeds,
+            global_image_embeds=global_image_embeds, global_text_embeds=global_text_embeds,
+            image_features=image_features, text_features=text_features)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
 

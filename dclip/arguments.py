@@ -53,6 +53,10 @@ class ModelArguments:
     fusion_num_layers: int = option(2, "bidirectional cross-attention layers of the fusion block")
     fusion_num_heads: int = option(4, "attention heads of the fusion block")
     num_negatives: int = option(3, "hard negatives per pair in the teacher's pairwise objective")
+    teacher_caption_negatives: int = option(0, "the teacher's pairwise objective also scores each image against "
+                                                "its caption's first N own hard negatives (the data's "
+                                                "`hard_negatives` column: swapped attributes, relations, counts); "
+                                                "0: only the batch's other captions")
     detector_path: str | None = option(None, "YOLO weights for region extraction; default "
                                              "on the embedded data: the `detector` stage's")
     lora_rank: int = option(0, "LoRA rank on the student's attention (peft); 0: full "

@@ -37,6 +37,10 @@ TEACHER_FEATURE_COLUMNS = (
     "text_global_features", "span_features", "span_mask",
 )
 TEACHER_FEATURE_MASKS = ("region_mask", "span_mask")
+# each caption's own hard negatives through the teacher's text tower (`--teacher_caption_negatives`)
+NEGATIVE_FEATURE_COLUMNS = ("negative_text_global_features", "negative_span_features", "negative_span_mask",
+                            "negative_mask")
+NEGATIVE_FEATURE_MASKS = ("negative_span_mask", "negative_mask")
 
 # CLIP-CID: each row's cluster among the k-means centres of the teacher's image embeddings
 CLUSTER_LABELS = "cluster_labels"

@@ -17,13 +17,13 @@ from datasets import DatasetDict
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
 from .arguments import CLUSTER_SOURCES, DataArguments, DistillationArguments, ModelArguments
-from .columns import CLUSTER_LABELS, TEACHER_FEATURE_COLUMNS
+from .columns import CLUSTER_LABELS, NEGATIVE_FEATURE_COLUMNS, TEACHER_FEATURE_COLUMNS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.regions import with_region_pairs
 from .data.scenes import COLORS, SIZES, zero_shot_tasks
 from .evaluation import EvaluationResult, evaluate_checkpoint
 from .presets import SMALL_CLIP_PRESETS, small_clip_config
-from .targets import compute_teacher_features, compute_teacher_targets, fuse_teacher_targets
+from .targets import compute_negative_features, compute_teacher_features, compute_teacher_targets, fuse_teacher_targets
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
 from .training import TrainingLog, save_final, stage_arguments, train_stage, wait_for_everyone
 
@@ -233,9 +233,15 @@ def train_teacher(context: RunContext, base_clip: str) -> StageResult:
     stage_args = context.stage_arguments("teacher", context.args.teacher_steps, context.args.teacher_learning_rate)
     if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
         # frozen towers: encode regions and spans once, then train the fusion block on the cached features
+        columns, negatives = list(TEACHER_FEATURE_COLUMNS), model_args.teacher_caption_negatives
         with context.training_args.main_process_first(local=False, desc="teacher tower features"):
             features = compute_teacher_features(context.data["train"], teacher, processor, batch_size=256, **regions)
-        train, collator = features.select_columns(list(TEACHER_FEATURE_COLUMNS)), TeacherFeatureCollator()
+            if negatives:  # each caption's own hard negatives, scored against its image beside the batch's
+                features = compute_negative_features(features, teacher, processor, negatives)
+                columns += NEGATIVE_FEATURE_COLUMNS
+        train, collator = features.select_columns(columns), TeacherFeatureCollator()
+    elif model_args.teacher_caption_negatives:
+        raise ValueError("--teacher_caption_negatives needs the teacher's towers frozen (their outputs are cached)")
     else:
         train, collator = context.data["train"], _TeacherCollator(processor, **regions)
     trainer = Trainer(model=teacher, args=stage_args, train_dataset=train, data_collator=collator)

@@ -168,6 +168,41 @@ def compute_teacher_features(
                        desc="teacher tower features")
 
 
+def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, processor, count: int,
+                              batch_size: int = 256, device: str | torch.device | None = None) -> Dataset:
+    """
+    `dataset` plus the teacher text tower's outputs for each row's first `count` own hard negatives (its
+    `hard_negatives` column; spans from the processor's extractor) as `NEGATIVE_FEATURE_COLUMNS`: `(count, ...)` per
+    row, padded with `negative_mask` false where a row has fewer. Cached by the data, the towers and `count`.
+    """
+    if "hard_negatives" not in dataset.column_names:
+        raise ValueError("--teacher_caption_negatives needs a `hard_negatives` column (a list of captions per row) "
+                         f"in the training data; it has {dataset.column_names}")
+    teacher, device = _place_teacher(teacher, device)
+    towers = model_fingerprint(teacher, TOWER_PREFIXES)
+    fingerprint = _map_fingerprint(dataset, processor, f"negatives-{count}:{towers}", False, False)
+    names = ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")
+
+    def encode(batch: dict) -> dict:
+        texts, mask = [], []
+        for caption, negatives in zip(batch["caption"], batch["hard_negatives"]):
+            own = list(negatives or [])[:count]
+            texts += own + [caption] * (count - len(own))  # padding, masked out
+            mask.append([True] * len(own) + [False] * (count - len(own)))
+        inputs = processor(text=texts, return_spans=True)
+        with torch.no_grad():
+            text = teacher.encode_text_side(**{name: inputs[name].to(device) for name in names})
+        rows, spans = len(mask), processor.max_spans
+        columns = {"negative_text_global_features": text.global_embeds.reshape(rows, count, -1),
+                   "negative_span_features": _pad(text.span_embeds, spans).reshape(rows, count, spans, -1),
+                   "negative_span_mask": _pad(text.span_mask, spans).reshape(rows, count, spans)}
+        arrays = {k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy() for k, v in columns.items()}
+        return {**arrays, "negative_mask": np.array(mask, dtype=bool)}
+
+    return dataset.map(encode, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
+                       desc="teacher caption negatives")
+
+
 def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size: int = 256,
                          device: str | torch.device | None = None) -> Dataset:
     """Teacher targets (`teacher_image_embeds`, `teacher_text_embeds`) from `compute_teacher_features` columns:

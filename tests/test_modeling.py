@@ -277,6 +277,50 @@ def test_teacher_loss_matches_naive_pairwise_loop(teacher, tokenizer):
     torch.testing.assert_close(out.pair_logits[:, 0], scores.diagonal(), atol=1e-5, rtol=0)
 
 
+def test_teacher_loss_scores_each_image_against_its_captions_own_negatives(teacher, tokenizer):
+    """`negative_*`: each image's row of the pairwise loss also holds its caption's own hard negatives (masked ones
+    left out), each fused on its own; the caption side and the global term are unchanged."""
+    from modeling_dclip import DCLIPTeacherTextFeatures
+
+    teacher.eval()
+    batch = mixed_batch(tokenizer)
+    generator = torch.Generator().manual_seed(5)
+    dim = teacher.config.projection_dim
+    negatives = {"negative_text_global_features": torch.randn(3, 2, dim, generator=generator),
+                 "negative_span_features": torch.randn(3, 2, 4, dim, generator=generator),
+                 "negative_span_mask": torch.tensor([[[True, False, False, False]] * 2] * 3),
+                 "negative_mask": torch.tensor([[True, True], [True, False], [False, False]])}
+    with torch.no_grad():
+        out = teacher(**batch, **negatives, return_loss=True)
+        plain = teacher(**batch, return_loss=True)
+        image_features, text_features = out.image_features, out.text_features
+
+        def fused(i, text, j):
+            img, txt = teacher.fuse(image_features, text, torch.tensor([i]), torch.tensor([j]))
+            return teacher.fusion_logit_scale.exp() * (img * txt).sum()
+
+        scores = torch.stack([torch.stack([fused(i, text_features, j) for j in range(3)]) for i in range(3)])
+        image_side = []
+        for i in range(3):
+            row = [scores[i, i]] + [scores[i, j] for j in range(3) if j != i]
+            for k in range(2):
+                if negatives["negative_mask"][i, k]:
+                    own = DCLIPTeacherTextFeatures(
+                        global_embeds=negatives["negative_text_global_features"][i, k][None],
+                        span_embeds=negatives["negative_span_features"][i, k][None],
+                        span_mask=negatives["negative_span_mask"][i, k][None])
+                    row.append(fused(i, own, 0))
+            image_side.append(F.cross_entropy(torch.stack(row)[None], torch.tensor([0])))
+        caption_side = F.cross_entropy(scores.t(), torch.arange(3))
+        global_logits = teacher.logit_scale.exp() * out.global_text_embeds @ out.global_image_embeds.t()
+        global_term = (F.cross_entropy(global_logits, torch.arange(3))
+                       + F.cross_entropy(global_logits.t(), torch.arange(3))) / 2
+        expected = (torch.stack(image_side).mean() + caption_side) / 2 + global_term
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out.loss, plain.loss)  # the negatives count
+    assert out.pair_logits.shape == (3, 3 + 2) and torch.isinf(out.pair_logits[2, 3:]).all()
+
+
 def test_teacher_projects_into_student_space(tiny_clip, tokenizer):
     teacher = DCLIPTeacherModel.from_clip(tiny_clip, embed_dim=24, fusion_hidden_size=32, fusion_num_heads=4).eval()
     with torch.no_grad():

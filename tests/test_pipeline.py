@@ -409,6 +409,46 @@ def test_use_annotated_regions_decides_the_teacher_inputs(tiny_run, tmp_path, mo
             assert call["region_boxes"] is None and call["spans"] is None
 
 
+def test_teacher_caption_negatives_reach_the_pairwise_loss(tiny_run, tmp_path, monkeypatch):
+    """--teacher_caption_negatives 2: every training step of the teacher gets each row's two own hard negatives
+    through its text tower, and those features are the rows' negatives encoded by the teacher's processor."""
+    from datasets import Dataset
+
+    from dclip.targets import compute_negative_features
+    from modeling_dclip import DCLIPTeacherModel
+    from processing_dclip import DCLIPProcessor
+
+    folder = _copy_of_tiny_run(tiny_run, tmp_path)
+    calls = Recorder(monkeypatch, DCLIPTeacherModel, "forward")
+    training_args = TrainingArguments(output_dir=str(folder / "out"), per_device_train_batch_size=16, report_to=[],
+                                      use_cpu=True, save_steps=2, logging_steps=1, dataloader_num_workers=0, seed=0)
+    run(ModelArguments(**TINY_MODEL, teacher_caption_negatives=2),
+        DataArguments(cache_dir=str(folder / "cache"), **TINY_DATA, max_train_samples=32),
+        DistillationArguments(compare_methods="", stage="teacher", teacher_steps=2), training_args)
+    steps = [call for call in calls.calls if call.get("return_loss")]
+    assert len(steps) == 2
+    for call in steps:
+        assert call["negative_text_global_features"].shape[:2] == (16, 2) and call["negative_mask"].all()
+        assert call["negative_span_features"].shape[:3] == call["negative_span_mask"].shape
+
+    teacher_folder = folder / "out" / "teacher" / "final"
+    teacher = DCLIPTeacherModel.from_pretrained(teacher_folder).eval()
+    processor = DCLIPProcessor.from_pretrained(teacher_folder)
+    rows = Dataset.from_dict({"caption": ["a red circle", "two blue squares"],
+                              "hard_negatives": [["a blue circle", "a red square"], ["three blue squares"]]})
+    features = compute_negative_features(rows, teacher, processor, count=2).with_format("torch")[:]
+    assert features["negative_mask"].tolist() == [[True, True], [True, False]]
+    with torch.no_grad():
+        inputs = processor(text=["a blue circle", "a red square", "three blue squares"], return_spans=True)
+        expected = teacher.encode_text_side(inputs["input_ids"], inputs["attention_mask"], inputs["span_input_ids"],
+                                            inputs["span_attention_mask"], inputs["span_mask"])
+    got = features["negative_text_global_features"]
+    torch.testing.assert_close(torch.stack([got[0, 0], got[0, 1], got[1, 0]]), expected.global_embeds,
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="hard_negatives"):
+        compute_negative_features(rows.remove_columns("hard_negatives"), teacher, processor, count=2)
+
+
 @pytest.mark.parametrize("annotated", [True, False], ids=["annotated", "detected"])
 def test_online_teacher_gets_the_rows_regions_and_spans(tiny_run, tmp_path, monkeypatch, annotated):
     """--online_teacher: each batch's teacher forward gets region crops, boxes and spans: with

@@ -10,6 +10,8 @@ from ..columns import (
     CAPTION,
     CLUSTER_LABELS,
     IMAGE,
+    NEGATIVE_FEATURE_COLUMNS,
+    NEGATIVE_FEATURE_MASKS,
     ROW_COLUMNS,
     SPANS,
     TEACHER_FEATURE_COLUMNS,
@@ -70,16 +72,17 @@ class DCLIPCollator:
 
 
 class TeacherFeatureCollator:
-    """Batches rows carrying the teacher towers' precomputed outputs (`compute_teacher_features`) for the fusion."""
+    """Batches rows carrying the teacher towers' precomputed outputs (`compute_teacher_features`) for the fusion, and
+    their captions' own hard negatives where the rows have them (`compute_negative_features`)."""
 
     def __init__(self, return_loss: bool = True):
         self.return_loss = return_loss
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = {}
-        for name in TEACHER_FEATURE_COLUMNS:
+        for name in TEACHER_FEATURE_COLUMNS + tuple(name for name in NEGATIVE_FEATURE_COLUMNS if name in rows[0]):
             array = np.stack([np.asarray(row[name]) for row in rows])
-            masks = name in TEACHER_FEATURE_MASKS
+            masks = name in TEACHER_FEATURE_MASKS or name in NEGATIVE_FEATURE_MASKS
             batch[name] = torch.from_numpy(array).bool() if masks else torch.from_numpy(array.astype(np.float32))
         if self.return_loss:
             batch["return_loss"] = True
