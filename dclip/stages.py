@@ -234,6 +234,8 @@ def train_teacher(context: RunContext, base_clip: str) -> StageResult:
     if teacher.config.freeze_vision_tower and teacher.config.freeze_text_tower:
         # frozen towers: encode regions and spans once, then train the fusion block on the cached features
         columns, negatives = list(TEACHER_FEATURE_COLUMNS), model_args.teacher_caption_negatives
+        if negatives is None:
+            negatives = 2 if "hard_negatives" in context.data["train"].column_names else 0
         with context.training_args.main_process_first(local=False, desc="teacher tower features"):
             features = compute_teacher_features(context.data["train"], teacher, processor, batch_size=256, **regions)
             if negatives:  # each caption's own hard negatives, scored against its image beside the batch's

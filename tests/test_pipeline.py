@@ -409,9 +409,11 @@ def test_use_annotated_regions_decides_the_teacher_inputs(tiny_run, tmp_path, mo
             assert call["region_boxes"] is None and call["spans"] is None
 
 
-def test_teacher_caption_negatives_reach_the_pairwise_loss(tiny_run, tmp_path, monkeypatch):
-    """--teacher_caption_negatives 2: every training step of the teacher gets each row's two own hard negatives
-    through its text tower, and those features are the rows' negatives encoded by the teacher's processor."""
+@pytest.mark.parametrize("count", [None, 0])
+def test_teacher_caption_negatives_reach_the_pairwise_loss(tiny_run, tmp_path, monkeypatch, count):
+    """--teacher_caption_negatives (default on the embedded scenes, which have hard negatives: 2): every training
+    step of the teacher gets each row's two own hard negatives through its text tower, and those features are the
+    rows' negatives encoded by the teacher's processor; 0: none."""
     from datasets import Dataset
 
     from dclip.targets import compute_negative_features
@@ -422,11 +424,14 @@ def test_teacher_caption_negatives_reach_the_pairwise_loss(tiny_run, tmp_path, m
     calls = Recorder(monkeypatch, DCLIPTeacherModel, "forward")
     training_args = TrainingArguments(output_dir=str(folder / "out"), per_device_train_batch_size=16, report_to=[],
                                       use_cpu=True, save_steps=2, logging_steps=1, dataloader_num_workers=0, seed=0)
-    run(ModelArguments(**TINY_MODEL, teacher_caption_negatives=2),
+    run(ModelArguments(**TINY_MODEL, teacher_caption_negatives=count),
         DataArguments(cache_dir=str(folder / "cache"), **TINY_DATA, max_train_samples=32),
         DistillationArguments(compare_methods="", stage="teacher", teacher_steps=2), training_args)
     steps = [call for call in calls.calls if call.get("return_loss")]
     assert len(steps) == 2
+    if count == 0:
+        assert not any("negative_text_global_features" in call for call in steps)
+        return
     for call in steps:
         assert call["negative_text_global_features"].shape[:2] == (16, 2) and call["negative_mask"].all()
         assert call["negative_span_features"].shape[:3] == call["negative_span_mask"].shape
