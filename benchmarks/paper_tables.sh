@@ -49,7 +49,7 @@ done
 
 # the fine-tuning mode: a pretrained smaller CLIP (the default run's no-teacher student) as the starting point, the
 # published method with DCLIP's cosine terms at the paper's weight 1 (on the validation split, with the 900-step
-# teacher: +3.9 / +0.9 points of Recall@1 over the starting point, against +3.0 / +0.9 for DCLIP alone; the
+# teacher trained without caption negatives: +3.9 / +0.9 points of Recall@1 over the starting point, against +3.0 / +0.9 for DCLIP alone; the
 # from-scratch default of 10 / 3 pulls a pretrained student towards the teacher's space and unlearns what it knows)
 FINETUNE="--student_model $DEFAULT/student_none/final --distill_learning_rate 2e-4"
 student "$OUT/finetune_dclip" $FINETUNE --cosine_image_weight 1 --cosine_text_weight 1

@@ -132,7 +132,8 @@ class DistillationArguments:
     stage: str = option("all", f"one of {STAGES}")
     # the default, dclip+instance, is the one setting of those tried that met every target of the embedded default
     # on the validation split (against the no-teacher student: both Recall@1 up with intervals excluding 0, T2I up
-    # at least 20%, one kind of hard negative up with its interval excluding 0), with the 900-step base CLIP. Points
+    # at least 20%, one kind of hard negative up with its interval excluding 0), with the 900-step base CLIP and a
+    # teacher trained without caption negatives (`--teacher_caption_negatives 0`). Points
     # over the no-teacher student, T2I / I2T / wrong-count hard negatives: dclip+instance (instance 0.3) +8.9 / +9.0 /
     # +3.9; instance 1: +8.1 / +6.4 / +4.0 (lower T2I); dclip alone, cosine weights 10/3: +9.8 / +7.0 / +1.8, 3/3:
     # +7.8 / +6.0 / +2.2 (no hard-negative kind with an interval excluding 0), 3/1: +4.3 / +1.8 / +3.5 (I2T's
