@@ -211,10 +211,10 @@ class DistillationArguments:
         else the method's default (`METHOD_TERM_WEIGHTS`, else `TERM_WEIGHTS`, else 1) for its terms and 0
         otherwise; a compared method gets its own terms at their defaults."""
         defaults = METHOD_LOSS_WEIGHTS[method or self.method]
+        own = METHOD_TERM_WEIGHTS.get(method or self.method, {})
         weights = {}
         for term in LOSS_TERMS:
             explicit = getattr(self, f"{term}_weight") if method in (None, self.method) else None
-            own = METHOD_TERM_WEIGHTS.get(method or self.method, {})
             default = own.get(term, TERM_WEIGHTS.get(term, 1.0)) if term in defaults else 0.0
             weights[term] = float(explicit) if explicit is not None else default
         return weights

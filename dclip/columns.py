@@ -22,6 +22,9 @@ TEACHER_REGION_INPUTS = (
     "region_pixel_values", "region_boxes", "region_mask", "span_input_ids", "span_attention_mask", "span_mask",
 )
 
+# the DCLIP teacher's text side (`DCLIPTeacherModel.encode_text_side`): a caption and its spans
+TEACHER_TEXT_SIDE_INPUTS = ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")
+
 # an online teacher's own inputs (its processor's pixels and token ids, and for a DCLIP teacher its regions and
 # spans), nested under one batch key so that they never mix with the student's
 TEACHER_INPUTS = "teacher_inputs"

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .columns import TEACHER_FEATURE_COLUMNS, TEACHER_FEATURE_MASKS, TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
+from .columns import (
+    CAPTION,
+    TEACHER_FEATURE_COLUMNS,
+    TEACHER_FEATURE_MASKS,
+    TEACHER_IMAGE_EMBEDS,
+    TEACHER_TEXT_EMBEDS,
+    TEACHER_TEXT_SIDE_INPUTS,
+)
 from .data.collator import teacher_inputs
 
 
@@ -181,17 +188,16 @@ def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, proces
     teacher, device = _place_teacher(teacher, device)
     towers = model_fingerprint(teacher, TOWER_PREFIXES)
     fingerprint = _map_fingerprint(dataset, processor, f"negatives-{count}:{towers}", False, False)
-    names = ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")
 
     def encode(batch: dict) -> dict:
         texts, mask = [], []
-        for caption, negatives in zip(batch["caption"], batch["hard_negatives"]):
+        for caption, negatives in zip(batch[CAPTION], batch["hard_negatives"]):
             own = list(negatives or [])[:count]
             texts += own + [caption] * (count - len(own))  # padding, masked out
             mask.append([True] * len(own) + [False] * (count - len(own)))
         inputs = processor(text=texts, return_spans=True)
         with torch.no_grad():
-            text = teacher.encode_text_side(**{name: inputs[name].to(device) for name in names})
+            text = teacher.encode_text_side(**{name: inputs[name].to(device) for name in TEACHER_TEXT_SIDE_INPUTS})
         rows, spans = len(mask), processor.max_spans
         columns = {"negative_text_global_features": text.global_embeds.reshape(rows, count, -1),
                    "negative_span_features": _pad(text.span_embeds, spans).reshape(rows, count, spans, -1),

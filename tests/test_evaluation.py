@@ -185,20 +185,27 @@ def test_image_groups_maps_captions_to_first_rows():
     assert rows.tolist() == [0, 1] and text_to_image.tolist() == [0, 1]
 
 
+def fused_teacher(tiny_clip):
+    """A small DCLIP teacher whose fusion has a say (large output projections), seeded."""
+    from modeling_dclip import DCLIPTeacherModel
+
+    torch.manual_seed(0)
+    teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
+    for projection in (teacher.image_output_projection, teacher.text_output_projection):
+        torch.nn.init.normal_(projection.weight, std=1.0)
+    return teacher
+
+
 def test_teacher_retrieval_is_the_fused_score_on_the_shortlist(tiny_clip, processor):
     from conftest import random_images
     from datasets import Dataset
 
     from dclip.targets import compute_teacher_features
-    from modeling_dclip import DCLIPTeacherModel
 
     captions = ["a red circle", "two blue squares", "a green star", "a triangle above a circle", "a star",
                 "three circles"]
     data = Dataset.from_dict({"image": random_images(6, seed=4), "caption": captions})
-    torch.manual_seed(0)
-    teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
-    for projection in (teacher.image_output_projection, teacher.text_output_projection):  # a fusion with a say
-        torch.nn.init.normal_(projection.weight, std=1.0)
+    teacher = fused_teacher(tiny_clip)
     features = compute_teacher_features(data, teacher, processor, batch_size=4)
     result = teacher_retrieval(teacher, features, top_k=3, ks=(1, 3))
 
@@ -231,17 +238,13 @@ def test_teacher_hard_negatives_compare_fused_scores_of_each_image_with_its_capt
     from dclip.evaluation import teacher_hard_negatives
     from dclip.evaluation.teacher import _encode_prompts
     from dclip.targets import compute_teacher_features
-    from modeling_dclip import DCLIPTeacherModel
 
     captions = ["a red circle left of a blue square", "two green stars", "a blue triangle above a red circle"]
     negatives = [["a blue circle left of a red square", "a blue square left of a red circle"], ["three green stars"],
                  ["a red triangle above a blue circle", "a red circle above a blue triangle", "two blue triangles"]]
     kinds = [["swap_attribute", "swap_relation"], ["wrong_count"], ["swap_attribute", "swap_relation", "wrong_count"]]
     data = Dataset.from_dict({"image": random_images(3, seed=5), "caption": captions})
-    torch.manual_seed(0)
-    teacher = DCLIPTeacherModel.from_clip(tiny_clip, fusion_hidden_size=32, fusion_num_heads=4).eval()
-    for projection in (teacher.image_output_projection, teacher.text_output_projection):  # a fusion with a say
-        torch.nn.init.normal_(projection.weight, std=1.0)
+    teacher = fused_teacher(tiny_clip)
     features = compute_teacher_features(data, teacher, processor, batch_size=2)
     outcomes = {}
     result = teacher_hard_negatives(teacher, processor, features, negatives, kinds, batch_size=2, outcomes=outcomes)

@@ -80,6 +80,26 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_feature
     return (float(correct.mean()), correct) if return_correct else float(correct.mean())
 
 
+def hard_negative_kinds(dataset) -> list[list[str]]:
+    """Each row's hard-negative kinds (`hard_negative_types`), or `"all"` for each negative where the data has none."""
+    if "hard_negative_types" in dataset.column_names:
+        return dataset["hard_negative_types"]
+    return [["all"] * len(row) for row in dataset["hard_negatives"]]
+
+
+def hard_negative_outcomes(correct: np.ndarray, kinds: list[list[str]], outcomes: dict | None = None) -> dict:
+    """Hard-negative accuracy from each (image, negative) pair's outcome `correct` (row order) and its kind:
+    `hard_negative_accuracy` over all pairs and `hard_negative_accuracy_<kind>` per kind; `outcomes` (a dict)
+    receives the per-pair outcomes of each figure."""
+    flat_kinds = np.array([kind for row in kinds for kind in row])
+    per_pair = {"hard_negative_accuracy": correct.astype(np.float64)}
+    for kind in sorted(set(flat_kinds)):
+        per_pair[f"hard_negative_accuracy_{kind}"] = correct[flat_kinds == kind].astype(np.float64)
+    if outcomes is not None:
+        outcomes.update(per_pair)
+    return {key: float(values.mean()) for key, values in per_pair.items()}
+
+
 def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, text_embeds: np.ndarray,
                            device: str | torch.device | None = None, outcomes: dict | None = None) -> dict[str, float]:
     """
@@ -90,20 +110,11 @@ def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, 
     figure's per-pair outcomes (per kind: one per image that has a negative of that kind, in row order).
     """
     negatives = dataset["hard_negatives"]
-    kinds = dataset["hard_negative_types"] if "hard_negative_types" in dataset.column_names else \
-        [["all"] * len(row) for row in negatives]
     rows = np.repeat(np.arange(len(negatives)), [len(row) for row in negatives])
     if not len(rows):
         return {}
     flat_negatives = [text for row in negatives for text in row]
-    flat_kinds = np.array([kind for row in kinds for kind in row])
     negative_embeds = embed_texts(model, processor, flat_negatives, device=device)
     positive_scores = np.einsum("nd,nd->n", image_embeds[rows], text_embeds[rows])
     negative_scores = np.einsum("nd,nd->n", image_embeds[rows], negative_embeds)
-    correct = positive_scores > negative_scores
-    per_pair = {"hard_negative_accuracy": correct.astype(np.float64)}
-    for kind in sorted(set(flat_kinds)):
-        per_pair[f"hard_negative_accuracy_{kind}"] = correct[flat_kinds == kind].astype(np.float64)
-    if outcomes is not None:
-        outcomes.update(per_pair)
-    return {key: float(values.mean()) for key, values in per_pair.items()}
+    return hard_negative_outcomes(positive_scores > negative_scores, hard_negative_kinds(dataset), outcomes)

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .classification import DEFAULT_TEMPLATES, hard_negative_accuracy, linear_probe_accuracy, zero_shot_classification
+from .classification import (
+    DEFAULT_TEMPLATES,
+    hard_negative_accuracy,
+    hard_negative_kinds,
+    linear_probe_accuracy,
+    zero_shot_classification,
+)
 from .embedding import embed_images, embed_texts, load_clip_towers
 from .retrieval import image_groups, retrieval_metrics
 from .teacher import teacher_hard_negatives, teacher_retrieval, teacher_zero_shot
@@ -102,10 +108,8 @@ def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, .
             result.per_class_recall[column] = zero_shot["per_class_recall"]
             outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
     if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
-        kinds = test["hard_negative_types"] if "hard_negative_types" in test.column_names else \
-            [["all"] * len(row) for row in test["hard_negatives"]]
-        metrics.update(teacher_hard_negatives(teacher, processor, features, test["hard_negatives"], kinds,
-                                              outcomes=outcomes))
+        metrics.update(teacher_hard_negatives(teacher, processor, features, test["hard_negatives"],
+                                              hard_negative_kinds(test), outcomes=outcomes))
     result.add_means()
     return result
 

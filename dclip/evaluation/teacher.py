@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..columns import TEACHER_TEXT_SIDE_INPUTS
+from .classification import classification_metrics, hard_negative_outcomes
 from .retrieval import recall_from_scores
 
 
@@ -69,8 +71,6 @@ def teacher_zero_shot(teacher, processor, features, image_rows: np.ndarray, labe
     `features`) is fused with every class prompt (`template.format(name)`, spans from the processor's extractor) and
     scored by the fused pair score, averaged over the templates; `classification_metrics` of those scores.
     """
-    from .classification import classification_metrics
-
     device = next(teacher.parameters()).device
     teacher.eval()
     image_features, _ = _feature_sides(teacher, features, image_rows, device)
@@ -88,11 +88,10 @@ def _encode_prompts(teacher, processor, texts: list[str], device, batch_size: in
     """The teacher's text side (global and span embeddings) of `texts`, spans from the processor's extractor."""
     from modeling_dclip import DCLIPTeacherTextFeatures
 
-    names = ("input_ids", "attention_mask", "span_input_ids", "span_attention_mask", "span_mask")
     parts = []
     for start in range(0, len(texts), batch_size):
         inputs = processor(text=texts[start : start + batch_size], return_spans=True)
-        parts.append(teacher.encode_text_side(**{name: inputs[name].to(device) for name in names}))
+        parts.append(teacher.encode_text_side(**{name: inputs[name].to(device) for name in TEACHER_TEXT_SIDE_INPUTS}))
     if len(parts) == 1:
         return parts[0]
     widest = max(part.span_embeds.shape[1] for part in parts)  # batches may find different numbers of spans
@@ -129,14 +128,7 @@ def teacher_hard_negatives(teacher, processor, features, negatives: list[list[st
         teacher.pair_logits(image_features, negative_features, index[start : start + batch_size],
                             torch.arange(start, min(start + batch_size, len(rows)), device=device)).float().cpu()
         for start in range(0, len(rows), batch_size)])
-    correct = (positive > negative).numpy()
-    flat_kinds = np.array([kind for row in kinds for kind in row])
-    per_pair = {"hard_negative_accuracy": correct.astype(np.float64)}
-    for kind in sorted(set(flat_kinds)):
-        per_pair[f"hard_negative_accuracy_{kind}"] = correct[flat_kinds == kind].astype(np.float64)
-    if outcomes is not None:
-        outcomes.update(per_pair)
-    return {key: float(values.mean()) for key, values in per_pair.items()}
+    return hard_negative_outcomes((positive > negative).numpy(), kinds, outcomes)
 
 
 def rerank_scores(scores: torch.Tensor, pair_score, top_k: int, batch_size: int = 4096) -> torch.Tensor:
