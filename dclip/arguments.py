@@ -17,9 +17,11 @@ from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS
 
 
 STAGES = ("detector", "pretrain", "teacher", "distill", "evaluate", "all")
-# which teacher embeddings CLIP-CID's k-means clusters (`--cluster_on`): the columns, summed after normalising
+# which teacher embeddings CLIP-CID's k-means clusters (`--cluster_on`): the columns, summed after normalising;
+# `region` clusters the DCLIP teacher's embedding of each image's largest region (`REGION_CLUSTER_SOURCE`)
+REGION_CLUSTER_SOURCE = "region"
 CLUSTER_SOURCES = {"image": (TEACHER_IMAGE_EMBEDS,), "text": (TEACHER_TEXT_EMBEDS,),
-                   "joint": (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS)}
+                   "joint": (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS), REGION_CLUSTER_SOURCE: ()}
 
 
 def option(default, help: str):
@@ -158,8 +160,10 @@ class DistillationArguments:
     instance_weight: float | None = option(None, _WEIGHT_HELP)
     num_clusters: int = option(64, "k-means clusters of the teacher's embeddings (CLIP-CID's cluster "
                                    "discrimination; --cluster_on says which)")
-    cluster_on: str = option("image", "the teacher's embeddings k-means clusters: image (CLIP-CID), text, or joint "
-                                      "(each pair's normalised image + text embedding)")
+    cluster_on: str = option("image", "the teacher's embeddings k-means clusters: image (CLIP-CID), text, joint "
+                                      "(each pair's normalised image + text embedding), or region (the DCLIP "
+                                      "teacher's embedding of each image's largest region; the classifier centres "
+                                      "are each cluster's mean teacher image embedding)")
     cluster_scale: float = option(16.0, "margin softmax scale s")
     cluster_margin: float = option(0.2, "additive angular margin m, radians")
     detector_epochs: int = option(4, "0: no detector stage (regions: the data's boxes "

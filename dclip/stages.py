@@ -16,14 +16,20 @@ import torch
 from datasets import DatasetDict
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
-from .arguments import CLUSTER_SOURCES, DataArguments, DistillationArguments, ModelArguments
-from .columns import CLUSTER_LABELS, NEGATIVE_FEATURE_COLUMNS, TEACHER_FEATURE_COLUMNS
+from .arguments import CLUSTER_SOURCES, REGION_CLUSTER_SOURCE, DataArguments, DistillationArguments, ModelArguments
+from .columns import CLUSTER_LABELS, NEGATIVE_FEATURE_COLUMNS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.regions import with_region_pairs
 from .data.scenes import COLORS, SIZES, zero_shot_tasks
 from .evaluation import EvaluationResult, evaluate_checkpoint
 from .presets import SMALL_CLIP_PRESETS, small_clip_config
-from .targets import compute_negative_features, compute_teacher_features, compute_teacher_targets, fuse_teacher_targets
+from .targets import (
+    compute_negative_features,
+    compute_teacher_features,
+    compute_teacher_targets,
+    fuse_teacher_targets,
+    largest_region_features,
+)
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
 from .training import TrainingLog, save_final, stage_arguments, train_stage, wait_for_everyone
 
@@ -275,6 +281,25 @@ def teacher_targets(context: RunContext, teacher):
         return compute_teacher_targets(train, teacher, batch_size=256, **regions)
 
 
+def teacher_region_features(context: RunContext, teacher, base_clip: str, teacher_dir: str):
+    """`--cluster_on region`: the training split with a DCLIP teacher's tower outputs (`compute_teacher_features`,
+    the same cached pass as its targets'): the student's teacher when it is one, else the run's DCLIP teacher (the
+    `teacher` stage's, or a DCLIP `--teacher_model`), whose towers, by default, are the CLIP-CID teacher's own (the
+    base CLIP)."""
+    from .teachers import FUSION
+
+    if teacher is None or teacher.kind != FUSION:
+        try:
+            teacher = context.load_teacher(FUSION, base_clip, teacher_dir)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"--cluster_on region embeds each image's largest region with a DCLIP teacher's towers, "
+                             f"and none could be loaded from {teacher_dir!r} (run the `teacher` stage first, or give "
+                             f"a DCLIP teacher folder as --teacher_model): {error}") from error
+    with context.training_args.main_process_first(local=False, desc="teacher region features"):
+        return compute_teacher_features(context.data["train"], teacher.model, teacher.processor, batch_size=256,
+                                        **context.data_args.region_settings())
+
+
 def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str | None = None) -> StageResult:
     """One student (`method`, default `--method`): built as `--student_preset` / `--student_model` /
     `--student_inherit_layers` say (default: the base CLIP), trained with the method's terms (DCLIP: contrastive +
@@ -296,8 +321,10 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     train = teacher_targets(context, teacher) if teacher is not None and not online else context.data["train"]
     weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
+        regions = (teacher_region_features(context, teacher, base_clip, teacher_dir)
+                   if args.cluster_on == REGION_CLUSTER_SOURCE else None)
         centers, labels = cluster_teacher_embeddings(train, args.num_clusters, context.training_args,
-                                                     context.output / folder, args.cluster_on)
+                                                     context.output / folder, args.cluster_on, regions)
         train = train.add_column(CLUSTER_LABELS, labels.tolist())
     if model_args.lora_rank:
         student = with_lora(student, model_args)
@@ -317,20 +344,30 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
 
 
 def cluster_teacher_embeddings(train, num_clusters: int, training_args: TrainingArguments, folder: Path,
-                               cluster_on: str = "image") -> tuple[torch.Tensor, np.ndarray]:
+                               cluster_on: str = "image", regions=None) -> tuple[torch.Tensor, np.ndarray]:
     """
-    CLIP-CID's clusters: spherical k-means (FAISS) of the teacher's embeddings, and each row's nearest centre.
+    CLIP-CID's clusters: spherical k-means (FAISS) of the teacher's embeddings, each row's nearest centre, and the
+    centres the student's embeddings are classified among.
     `cluster_on`: the image embeddings (`teacher_image_embeds`, the paper's), the text embeddings, or `joint`, each
-    pair's normalised sum of both (all in the one space the student's image and text embeddings are classified in).
-    The main process computes them once and saves `cluster_centers.npy` in `folder` with `cluster_centers.json`, a
-    fingerprint of the embeddings, K and the seed: a resumed run and the other processes read them back (so every
-    process and restart agrees); centres made from other embeddings are redone.
+    pair's normalised sum of both (all in the one space the student's image and text embeddings are classified in,
+    so the k-means centres are the classifier); or `region`, the DCLIP teacher's embedding of each image's largest
+    region (its most prominent object; `regions`: the same rows with `compute_teacher_features` columns, default
+    `train`): the rows are grouped by those, and each group's classifier centre is the normalised mean of its rows'
+    `teacher_image_embeds` (empty groups dropped, labels renumbered).
+    The main process runs k-means once and saves `cluster_centers.npy` in `folder` with `cluster_centers.json`, a
+    fingerprint of the clustered embeddings, K and the seed: a resumed run and the other processes read them back (so
+    every process and restart agrees); centres made from other embeddings are redone.
     """
     from .curation import assign_clusters, normalize_embeddings, spherical_kmeans
 
-    parts = [normalize_embeddings(np.asarray(train[column], dtype=np.float32))
-             for column in CLUSTER_SOURCES[cluster_on]]
-    embeddings = parts[0] if len(parts) == 1 else normalize_embeddings(sum(parts))
+    def column(name: str) -> np.ndarray:
+        return normalize_embeddings(np.asarray(train[name], dtype=np.float32))
+
+    if cluster_on == REGION_CLUSTER_SOURCE:
+        embeddings = normalize_embeddings(largest_region_features(train if regions is None else regions))
+    else:
+        parts = [column(name) for name in CLUSTER_SOURCES[cluster_on]]
+        embeddings = parts[0] if len(parts) == 1 else normalize_embeddings(sum(parts))
     if not 1 <= num_clusters <= len(embeddings):  # on every process, before any of them waits for the main one
         raise ValueError(f"--num_clusters must be between 1 and the {len(embeddings)} training rows, got "
                          f"{num_clusters}")
@@ -347,7 +384,14 @@ def cluster_teacher_embeddings(train, num_clusters: int, training_args: Training
             source_path.write_text(json.dumps(source))
     wait_for_everyone()
     centers = np.load(path)
-    return torch.from_numpy(centers), assign_clusters(embeddings, centers)
+    labels = assign_clusters(embeddings, centers)
+    if cluster_on == REGION_CLUSTER_SOURCE:
+        used, labels = np.unique(labels, return_inverse=True)
+        classified = column(TEACHER_IMAGE_EMBEDS)
+        sums = np.zeros((len(used), classified.shape[1]), dtype=np.float64)
+        np.add.at(sums, labels, classified)
+        centers = normalize_embeddings(sums)
+    return torch.from_numpy(centers), labels
 
 
 def evaluate_models(context: RunContext, artefacts: dict[str, str]) -> dict[str, EvaluationResult]:

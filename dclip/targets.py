@@ -175,6 +175,27 @@ def compute_teacher_features(
                        desc="teacher tower features")
 
 
+def largest_region_features(dataset: Dataset, batch_size: int = 4096) -> np.ndarray:
+    """`(rows, dim)` float32: each row's teacher region embedding (`region_features`, from `compute_teacher_features`)
+    of its largest region box, the most prominent detected object. Read in batches, so only one region per row is
+    held; a row without any region is an error naming it."""
+    missing = [c for c in ("region_features", "region_boxes", "region_mask") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"the teacher's region embeddings are not in the data (missing {missing}): they come from "
+                         "a DCLIP teacher with frozen towers and cached targets")
+    rows, start = [], 0
+    columns = dataset.select_columns(["region_features", "region_boxes", "region_mask"]).with_format("numpy")
+    for batch in columns.iter(batch_size=batch_size):
+        boxes, mask = np.asarray(batch["region_boxes"], np.float32), np.asarray(batch["region_mask"], bool)
+        if not mask.any(1).all():
+            raise ValueError(f"row {start + int(np.flatnonzero(~mask.any(1))[0])} has no region to cluster on")
+        area = np.where(mask, (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), -np.inf)
+        features = np.asarray(batch["region_features"], np.float32)
+        rows.append(features[np.arange(len(features)), area.argmax(1)])
+        start += len(features)
+    return np.concatenate(rows)
+
+
 def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, processor, count: int,
                               batch_size: int = 256, device: str | torch.device | None = None) -> Dataset:
     """

@@ -330,3 +330,40 @@ def test_cluster_on_text_or_joint_embeddings(tmp_path, monkeypatch):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     np.testing.assert_allclose(clustered[0], unit(unit(image) + unit(text)), atol=1e-5)
+
+
+def test_cluster_on_the_largest_region(tmp_path):
+    """`region`: rows are grouped by the teacher's embedding of their largest region box (3 tight groups there,
+    noise in the smaller boxes), and each group's classifier centre is the normalised mean of its rows'
+    `teacher_image_embeds`; a row without a region is named."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], seed=0)
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(3), 40)
+    rng.shuffle(groups)
+    regions = rng.normal(0, 1, (120, 3, 8)).astype(np.float32)
+    small, large = (0.1, 0.1, 0.3, 0.3), (0.2, 0.2, 0.9, 0.8)
+    boxes = np.array([[small, large, small]] * 120, dtype=np.float32)
+    boxes[::2] = [large, small, small]  # the largest box is not always at the same place
+    largest = np.where(np.arange(120) % 2 == 0, 0, 1)
+    regions[np.arange(120), largest] = np.eye(8, dtype=np.float32)[groups] * 10 + rng.normal(0, 0.1, (120, 8))
+    mask = np.ones((120, 3), dtype=bool)
+    mask[:, 2] = False  # a padded slot: its (random) features and zero box are never chosen
+    boxes[:, 2] = 0.0
+    image = unit_rows(120, 6, seed=4)
+    data = Dataset.from_dict({"teacher_image_embeds": image.tolist(), "region_features": regions.tolist(),
+                              "region_boxes": boxes.tolist(), "region_mask": mask.tolist()})
+    centers, labels = cluster_teacher_embeddings(data, 3, args, tmp_path / "region", "region")
+    assert len({(g, label) for g, label in zip(groups, labels)}) == 3
+    assert centers.shape == (3, 6)
+    for label in range(3):
+        mean = image[labels == label].mean(0)
+        np.testing.assert_allclose(centers[label].numpy(), mean / np.linalg.norm(mean), atol=1e-5)
+    mask[7] = False
+    bad = data.remove_columns("region_mask").add_column("region_mask", mask.tolist())
+    with pytest.raises(ValueError, match="row 7 has no region"):
+        cluster_teacher_embeddings(bad, 3, args, tmp_path / "bad", "region")
+    with pytest.raises(ValueError, match="region embeddings are not in the data"):
+        cluster_teacher_embeddings(data.remove_columns("region_features"), 3, args, tmp_path / "none", "region")

@@ -191,6 +191,49 @@ def test_clip_cid_student_on_curated_rows(tiny_run, tmp_path):
         "instance": 1.0}
 
 
+def test_clip_cid_clusters_on_the_teachers_largest_regions(tiny_run, tmp_path, monkeypatch):
+    """--method clip_cid --cluster_on region: k-means runs on the DCLIP teacher's embedding of each training image's
+    largest region (read here from its tower features), although the CLIP-CID student's own teacher is the base CLIP;
+    the classifier centres are in that teacher's space, one per non-empty cluster."""
+    import shutil
+
+    import dclip.curation
+    from dclip.data.loading import load_data
+    from dclip.targets import compute_teacher_features
+    from dclip.teachers import FUSION, load_teacher
+
+    root, summary = tiny_run
+    shutil.copytree(root / "out", tmp_path / "out")
+    clustered = []
+    real_kmeans = dclip.curation.spherical_kmeans
+    monkeypatch.setattr(dclip.curation, "spherical_kmeans",
+                        lambda x, *a, **k: clustered.append(np.array(x)) or real_kmeans(x, *a, **k))
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[],
+                                      use_cpu=True, save_strategy="no", dataloader_num_workers=0, seed=0)
+    data_args = DataArguments(num_train_scenes=200, cache_dir=str(root / "cache"), max_eval_samples=50, image_size=32)
+    run(ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4), data_args,
+        DistillationArguments(compare_methods="", stage="distill", method="clip_cid", cluster_on="region",
+                              num_clusters=6, distill_steps=1, detector_epochs=1, detector_train_samples=64),
+        training_args)
+    teacher = load_teacher(str(tmp_path / "out" / "teacher" / "final"), FUSION)
+    data, _ = load_data(data_args, seed=0)
+    features = compute_teacher_features(data["train"], teacher.model, teacher.processor, batch_size=64,
+                                        **data_args.region_settings()).with_format("numpy")
+    boxes, mask = np.stack(features["region_boxes"]), np.stack(features["region_mask"])
+    area = np.where(mask, (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), -1.0)
+    largest = np.stack(features["region_features"])[np.arange(len(area)), area.argmax(1)]
+    (embeddings,) = clustered
+    np.testing.assert_allclose(embeddings, largest / np.linalg.norm(largest, axis=1, keepdims=True), atol=1e-5)
+    centers = np.load(tmp_path / "out" / "student" / "cluster_centers.npy")
+    assert centers.shape == (6, embeddings.shape[1])  # the k-means centres, in the region embeddings' space
+    with pytest.raises(ValueError, match="--cluster_on region embeds each image's largest region"):
+        shutil.rmtree(tmp_path / "out" / "teacher")
+        run(ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4), data_args,
+            DistillationArguments(compare_methods="", stage="distill", method="clip_cid", cluster_on="region",
+                                  num_clusters=6, distill_steps=1, detector_epochs=1, detector_train_samples=64),
+            training_args)
+
+
 def test_unknown_stage_is_named():
     with pytest.raises(ValueError, match="--stage must be one of"):
         DistillationArguments(stage="finetune")
