@@ -321,10 +321,13 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     train = teacher_targets(context, teacher) if teacher is not None and not online else context.data["train"]
     weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
+        cluster_on, num_clusters = args.clusters(embedded_data=context.data_args.dataset_name is None)
+        if args.num_clusters is None:  # the default K, on fewer training rows than that (a tiny run): one per row
+            num_clusters = min(num_clusters, len(train))
         regions = (teacher_region_features(context, teacher, base_clip, teacher_dir)
-                   if args.cluster_on == REGION_CLUSTER_SOURCE else None)
-        centers, labels = cluster_teacher_embeddings(train, args.num_clusters, context.training_args,
-                                                     context.output / folder, args.cluster_on, regions)
+                   if cluster_on == REGION_CLUSTER_SOURCE else None)
+        centers, labels = cluster_teacher_embeddings(train, num_clusters, context.training_args,
+                                                     context.output / folder, cluster_on, regions)
         train = train.add_column(CLUSTER_LABELS, labels.tolist())
     if model_args.lora_rank:
         student = with_lora(student, model_args)

@@ -41,7 +41,7 @@ def test_paper_tables_from_run_folders(tmp_path, paper_tables):
     default, runs = tmp_path / "default", tmp_path / "runs"
     _write_run(default, {"base_clip": 0.3, "teacher": 0.5, "student": 0.45, "student_none": 0.3,
                          "student_clip_cid": 0.3, "student_instance": 0.3}, seed=0)
-    for seed, run in enumerate(["dclip", "dclip_clip_cid", "clip_cid_k16", "clip_cid_k256", "finetune_dclip",
+    for seed, run in enumerate(["dclip", "dclip_clip_cid", "clip_cid_image", "clip_cid_region_k64", "finetune_teacher",
                                 "finetune_none",
                                 "redundant_full", "redundant_balanced_0.5"], start=1):
         _write_run(runs / run, {"student": 0.35}, seed=seed)
@@ -64,5 +64,5 @@ def test_paper_tables_from_run_folders(tmp_path, paper_tables):
         assert heading in text
     assert "13,000 (-35.0%)" in text and "2 min 5 s" in text and "exact 0 / 9 / 0" in text
     start = results["metrics"]["default:student_none"]["zeroshot_mean_acc1"]
-    tuned = results["metrics"]["finetune_dclip:student"]["zeroshot_mean_acc1"]
+    tuned = results["metrics"]["finetune_teacher:student"]["zeroshot_mean_acc1"]
     assert f"{tuned / start:.1%}" in text  # zero-shot retention against the starting point
