@@ -13,6 +13,10 @@ CAPTION = "caption"
 BOXES = "boxes"  # optional: annotated regions, normalised (x1, y1, x2, y2)
 SPANS = "spans"  # optional: annotated phrases of the caption
 ROW_COLUMNS = (CAPTION, IMAGE, BOXES, SPANS)
+# optional: generated hard-negative captions of each row (a list of strings), and the kind of each (e.g.
+# `swap_attribute`), for hard-negative accuracy and the teacher's caption negatives
+HARD_NEGATIVES = "hard_negatives"
+HARD_NEGATIVE_TYPES = "hard_negative_types"
 
 # what the student (any CLIP) takes
 STUDENT_INPUTS = ("input_ids", "attention_mask", "pixel_values")

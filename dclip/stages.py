@@ -17,7 +17,13 @@ from datasets import DatasetDict
 from transformers import PretrainedConfig, Trainer, TrainingArguments
 
 from .arguments import CLUSTER_SOURCES, REGION_CLUSTER_SOURCE, DataArguments, DistillationArguments, ModelArguments
-from .columns import CLUSTER_LABELS, NEGATIVE_FEATURE_COLUMNS, TEACHER_FEATURE_COLUMNS, TEACHER_IMAGE_EMBEDS
+from .columns import (
+    CLUSTER_LABELS,
+    HARD_NEGATIVES,
+    NEGATIVE_FEATURE_COLUMNS,
+    TEACHER_FEATURE_COLUMNS,
+    TEACHER_IMAGE_EMBEDS,
+)
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
 from .data.regions import with_region_pairs
 from .data.scenes import COLORS, SIZES, zero_shot_tasks
@@ -241,7 +247,7 @@ def train_teacher(context: RunContext, base_clip: str) -> StageResult:
         # frozen towers: encode regions and spans once, then train the fusion block on the cached features
         columns, negatives = list(TEACHER_FEATURE_COLUMNS), model_args.teacher_caption_negatives
         if negatives is None:
-            negatives = 2 if "hard_negatives" in context.data["train"].column_names else 0
+            negatives = 2 if HARD_NEGATIVES in context.data["train"].column_names else 0
         with context.training_args.main_process_first(local=False, desc="teacher tower features"):
             features = compute_teacher_features(context.data["train"], teacher, processor, batch_size=256, **regions)
             if negatives:  # each caption's own hard negatives, scored against its image beside the batch's

@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from .columns import (
     CAPTION,
+    HARD_NEGATIVES,
     TEACHER_FEATURE_COLUMNS,
     TEACHER_FEATURE_MASKS,
     TEACHER_IMAGE_EMBEDS,
@@ -203,7 +204,7 @@ def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, proces
     `hard_negatives` column; spans from the processor's extractor) as `NEGATIVE_FEATURE_COLUMNS`: `(count, ...)` per
     row, padded with `negative_mask` false where a row has fewer. Cached by the data, the towers and `count`.
     """
-    if "hard_negatives" not in dataset.column_names:
+    if HARD_NEGATIVES not in dataset.column_names:
         raise ValueError("--teacher_caption_negatives needs a `hard_negatives` column (a list of captions per row) "
                          f"in the training data; it has {dataset.column_names}")
     teacher, device = _place_teacher(teacher, device)
@@ -212,7 +213,7 @@ def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, proces
 
     def encode(batch: dict) -> dict:
         texts, mask = [], []
-        for caption, negatives in zip(batch[CAPTION], batch["hard_negatives"]):
+        for caption, negatives in zip(batch[CAPTION], batch[HARD_NEGATIVES]):
             own = list(negatives or [])[:count]
             texts += own + [caption] * (count - len(own))  # padding, masked out
             mask.append([True] * len(own) + [False] * (count - len(own)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..columns import HARD_NEGATIVE_TYPES, HARD_NEGATIVES
 from .embedding import embed_images, embed_texts
 
 
@@ -82,9 +83,9 @@ def linear_probe_accuracy(train_features: np.ndarray, train_labels, test_feature
 
 def hard_negative_kinds(dataset) -> list[list[str]]:
     """Each row's hard-negative kinds (`hard_negative_types`), or `"all"` for each negative where the data has none."""
-    if "hard_negative_types" in dataset.column_names:
-        return dataset["hard_negative_types"]
-    return [["all"] * len(row) for row in dataset["hard_negatives"]]
+    if HARD_NEGATIVE_TYPES in dataset.column_names:
+        return dataset[HARD_NEGATIVE_TYPES]
+    return [["all"] * len(row) for row in dataset[HARD_NEGATIVES]]
 
 
 def hard_negative_outcomes(correct: np.ndarray, kinds: list[list[str]], outcomes: dict | None = None) -> dict:
@@ -109,7 +110,7 @@ def hard_negative_accuracy(model, processor, dataset, image_embeds: np.ndarray, 
     normalised, a row per dataset row (the row's image and caption). A dict given as `outcomes` receives each
     figure's per-pair outcomes (per kind: one per image that has a negative of that kind, in row order).
     """
-    negatives = dataset["hard_negatives"]
+    negatives = dataset[HARD_NEGATIVES]
     rows = np.repeat(np.arange(len(negatives)), [len(row) for row in negatives])
     if not len(rows):
         return {}

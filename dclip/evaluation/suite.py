@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..columns import HARD_NEGATIVES
 from .classification import (
     DEFAULT_TEMPLATES,
     hard_negative_accuracy,
@@ -76,7 +77,7 @@ def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, li
         if probe_embeds is not None:
             metrics[f"linear_probe_{column}_acc1"], outcomes[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
                 probe_embeds, probe_images[column], image_embeds, images[column], return_correct=True)
-    if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
+    if HARD_NEGATIVES in test.column_names and len(image_rows) == len(test):  # one caption per image
         metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds, outcomes=outcomes))
     result.add_means()
     return result
@@ -107,8 +108,8 @@ def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, .
                     metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
             result.per_class_recall[column] = zero_shot["per_class_recall"]
             outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
-    if "hard_negatives" in test.column_names and len(image_rows) == len(test):  # one caption per image
-        metrics.update(teacher_hard_negatives(teacher, processor, features, test["hard_negatives"],
+    if HARD_NEGATIVES in test.column_names and len(image_rows) == len(test):  # one caption per image
+        metrics.update(teacher_hard_negatives(teacher, processor, features, test[HARD_NEGATIVES],
                                               hard_negative_kinds(test), outcomes=outcomes))
     result.add_means()
     return result

@@ -13,6 +13,7 @@ from dataclasses import asdict
 import numpy as np
 from tqdm.auto import tqdm
 
+from ...columns import HARD_NEGATIVE_TYPES, HARD_NEGATIVES
 from .compose import Caption, SceneObject, _compose_caption, _hard_negatives, _place_objects, _relation, _sample_specs
 from .config import BACKGROUNDS, COLORS, POPULAR_CONCEPTS, SHAPES, SIZES, SPLITS, SceneConfig
 from .render import render_scene
@@ -44,8 +45,8 @@ def _record(rng, config: SceneConfig, objects: list[SceneObject], background: st
         "num_objects": len(objects),
         "background": background,
         "template": caption.template,
-        "hard_negatives": [negative for _, negative in negatives],
-        "hard_negative_types": [kind for kind, _ in negatives],
+        HARD_NEGATIVES: [negative for _, negative in negatives],
+        HARD_NEGATIVE_TYPES: [kind for kind, _ in negatives],
         "label_shape": SHAPES.index(objects[primary].shape),
         "label_color": list(COLORS).index(objects[primary].color),
         "label_color_shape": (list(COLORS).index(objects[primary].color) * len(SHAPES)
@@ -147,8 +148,8 @@ def scene_features():
         "num_objects": Value("int32"),
         "background": Value("string"),
         "template": Value("string"),
-        "hard_negatives": List(Value("string")),
-        "hard_negative_types": List(Value("string")),
+        HARD_NEGATIVES: List(Value("string")),
+        HARD_NEGATIVE_TYPES: List(Value("string")),
         "label_shape": ClassLabel(names=list(SHAPES)),
         "label_color": ClassLabel(names=list(COLORS)),
         "label_color_shape": ClassLabel(names=[f"{c} {s}" for c in COLORS for s in SHAPES]),
