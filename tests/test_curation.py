@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from dclip.arguments import DataArguments
+from dclip.clusters import cluster_teacher_embeddings
 from dclip.curation import (
     CAPPED,
     DUPLICATE,
@@ -21,7 +22,6 @@ from dclip.curation import (
     spherical_kmeans,
 )
 from dclip.data.loading import load_data, select_rows
-from dclip.stages import cluster_teacher_embeddings
 
 
 def unit_rows(rows, dim, seed):
