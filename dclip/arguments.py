@@ -173,6 +173,9 @@ class DistillationArguments:
                                           "region on the embedded data, else image")
     cluster_scale: float = option(16.0, "margin softmax scale s")
     cluster_margin: float = option(0.2, "additive angular margin m, radians")
+    cluster_sample_size: int | None = option(None, "centres the margin softmax scores per step (PartialFC): the "
+                                                   "batch's own plus random others, for very large "
+                                                   "--num_clusters; default: every centre")
     detector_epochs: int = option(4, "0: no detector stage (regions: the data's boxes "
                                      "with --use_annotated_regions, else the whole image)")
     detector_train_samples: int = option(5000, "scenes the detector trains on")
@@ -211,6 +214,8 @@ class DistillationArguments:
                                  f"--compare_methods), got {method!r}")
         if self.cluster_on is not None and self.cluster_on not in CLUSTER_SOURCES:
             raise ValueError(f"--cluster_on must be one of {list(CLUSTER_SOURCES)}, got {self.cluster_on!r}")
+        if self.cluster_sample_size is not None and self.cluster_sample_size < 1:
+            raise ValueError(f"--cluster_sample_size must be at least 1, got {self.cluster_sample_size}")
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ValueError(f"--num_clusters must be at least 1, got {self.num_clusters}")
         if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):

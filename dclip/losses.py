@@ -88,37 +88,63 @@ class ClusterMarginLoss(nn.Module):
 
     As in InsightFace, when `theta_y + m` would pass pi (cos(theta_y) <= cos(pi - m)) the target logit is
     `s * (cos(theta_y) - m * sin(m))` instead, which keeps it decreasing in theta_y.
+
+    `sample_size` (PartialFC, for CLIP-CID's ~1M clusters): each step scores only the batch's own centres plus random
+    others, `sample_size` in all (every centre when the batch holds more labels than that), so the logits are
+    `(batch, sample_size)` instead of `(batch, num_clusters)`. None, or at least `num_clusters`: the full softmax.
     """
 
-    def __init__(self, centers: torch.Tensor, scale: float = 16.0, margin: float = 0.2):
+    def __init__(self, centers: torch.Tensor, scale: float = 16.0, margin: float = 0.2,
+                 sample_size: int | None = None):
         super().__init__()
         if centers.dim() != 2:
             raise ValueError(f"`centers` must be (num_clusters, dim), got shape {tuple(centers.shape)}")
         if not 0 <= margin < math.pi / 2:
             raise ValueError(f"the angular margin must be in [0, pi/2), got {margin}")
+        if sample_size is not None and sample_size < 1:
+            raise ValueError(f"the sampled centres per step must be at least 1, got {sample_size}")
         self.register_buffer("centers", F.normalize(centers.detach().float(), dim=-1), persistent=False)
         self.scale = scale
         self.margin = margin
+        self.sample_size = sample_size
         self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
         self.threshold = math.cos(math.pi - margin)
         self.fallback = math.sin(math.pi - margin) * margin
 
-    def logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """`(batch, num_clusters)` margin logits of L2-normalised `features` for the true `labels`, in float32 even
-        under autocast (`sqrt(1 - cos^2)` is ill-conditioned near cos = 1)."""
+    def logits(self, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch, num_centres)` margin logits of L2-normalised `features` for the true `labels` (indices into
+        `centers`, default every centre), in float32 even under autocast (`sqrt(1 - cos^2)` is ill-conditioned near
+        cos = 1)."""
         with torch.autocast(features.device.type, enabled=False):
-            return self._logits(features, labels)
+            return self._logits(features, labels, self.centers if centers is None else centers)
 
-    def _logits(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine = F.normalize(features.float(), dim=-1) @ self.centers.t()
+    def _logits(self, features: torch.Tensor, labels: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        cosine = F.normalize(features.float(), dim=-1) @ centers.t()
         target = cosine.gather(1, labels[:, None])
         sine = torch.sqrt((1.0 - target * target).clamp_min(1e-6))
         with_margin = target * self.cos_m - sine * self.sin_m
         with_margin = torch.where(target > self.threshold, with_margin, target - self.fallback)
         return self.scale * cosine.scatter(1, labels[:, None], with_margin)
 
+    def sample(self, labels: torch.Tensor, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The centres one step scores (`(sample_size,)` indices: every label of the batch, then random others) and
+        the labels renumbered into them."""
+        count = len(self.centers)
+        priority = torch.rand(count, device=labels.device, generator=generator)
+        priority[labels] = 2.0  # the batch's own centres first, as PartialFC does
+        size = max(self.sample_size, int(labels.unique().numel()))
+        chosen = priority.topk(min(size, count)).indices
+        position = torch.full((count,), -1, dtype=torch.long, device=labels.device)
+        position[chosen] = torch.arange(len(chosen), device=labels.device)
+        return chosen, position[labels]
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.logits(features, labels.long()), labels.long())
+        labels = labels.long()
+        if self.sample_size is None or self.sample_size >= len(self.centers):
+            return F.cross_entropy(self.logits(features, labels), labels)
+        chosen, labels = self.sample(labels)
+        return F.cross_entropy(self.logits(features, labels, self.centers[chosen]), labels)
 
 
 class InstanceDistillLoss(nn.Module):

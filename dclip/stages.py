@@ -338,7 +338,7 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     trainer = DCLIPTrainer(
         model=student, args=stage_args, train_dataset=train, loss_weights=weights, data_collator=collator,
         teacher=teacher if online else None, cluster_centers=centers, cluster_scale=args.cluster_scale,
-        cluster_margin=args.cluster_margin,
+        cluster_margin=args.cluster_margin, cluster_sample_size=args.cluster_sample_size,
     )
     log = context.train(trainer, folder)
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload() if model_args.lora_rank else None

@@ -53,7 +53,7 @@ class DCLIPTrainer(Trainer):
 
     def __init__(self, *args, loss_weights: dict[str, float] | None = None, teacher: nn.Module | None = None,
                  local_loss: bool = False, cluster_centers: torch.Tensor | None = None, cluster_scale: float = 16.0,
-                 cluster_margin: float = 0.2, **kwargs):
+                 cluster_margin: float = 0.2, cluster_sample_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         weights = loss_weights if loss_weights is not None else {"contrastive": 1.0}
         unknown = set(weights) - set(LOSS_TERMS)
@@ -73,7 +73,8 @@ class DCLIPTrainer(Trainer):
         if any(term in self.loss_weights for term in CLUSTER_TERMS):
             if cluster_centers is None:
                 raise ValueError("the cluster terms need `cluster_centers` (k-means of the teacher's embeddings).")
-            self.cluster_loss = ClusterMarginLoss(torch.as_tensor(cluster_centers), cluster_scale, cluster_margin)
+            self.cluster_loss = ClusterMarginLoss(torch.as_tensor(cluster_centers), cluster_scale, cluster_margin,
+                                                  cluster_sample_size)
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_steps = 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import textwrap
@@ -137,3 +138,13 @@ def run_without_heavy_imports(imports: str, heavy: tuple[str, ...], then: str = 
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr[-2000:]
     return completed.stdout
+
+
+def naive_margin_loss(features, centers, labels, scale, margin):
+    """ArcFace loss of one batch written out with angles (no fall-back case: all angles + margin stay below pi)."""
+    total = 0.0
+    for feature, label in zip(features, labels):
+        cosines = [float(torch.nn.functional.cosine_similarity(feature, center, dim=0)) for center in centers]
+        logits = [scale * (math.cos(math.acos(c) + margin) if j == label else c) for j, c in enumerate(cosines)]
+        total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
+    return total / len(labels)

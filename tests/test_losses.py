@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import naive_margin_loss
 
 from dclip.losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 
@@ -84,6 +85,33 @@ def test_cluster_margin_logits_stay_float32_under_autocast():
         logits = loss_fn.logits(features.bfloat16(), torch.tensor([0, 1, 2, 0]))
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, reference, atol=0.05, rtol=0.01)  # bf16 inputs, float32 maths
+
+
+def test_sampled_cluster_margin_loss():
+    """PartialFC: every centre of the batch is scored, with random others up to `sample_size`; the loss is the
+    margin softmax over exactly those centres (against a naive loop), and the full one when the sample covers all."""
+    centers = normalized(50, 8, seed=3)
+    features = centers[[4, 4, 17, 30, 30, 30]] + 0.3 * normalized(6, 8, seed=5)  # near their true centres
+    labels = torch.tensor([4, 4, 17, 30, 30, 30])
+    full = ClusterMarginLoss(centers, scale=4.0, margin=0.3)(features, labels)
+    assert full.item() == pytest.approx(naive_margin_loss(features, centers, labels, 4.0, 0.3), rel=1e-5)
+    for covering in (50, 80):
+        torch.testing.assert_close(ClusterMarginLoss(centers, 4.0, 0.3, sample_size=covering)(features, labels), full)
+    sampled = ClusterMarginLoss(centers, scale=4.0, margin=0.3, sample_size=8)
+    torch.manual_seed(0)
+    loss = sampled(features, labels)
+    torch.manual_seed(0)
+    chosen, renumbered = sampled.sample(labels)
+    assert len(chosen) == 8 == len(set(chosen.tolist())) and {4, 17, 30} <= set(chosen.tolist())
+    assert torch.equal(chosen[renumbered], labels)
+    expected = naive_margin_loss(features, centers[chosen], renumbered, 4.0, 0.3)
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and loss.item() < full.item()  # fewer negatives
+    # more distinct labels in the batch than the sample size: every one of them is still scored
+    many = torch.arange(0, 50, 5)
+    chosen, renumbered = ClusterMarginLoss(centers, sample_size=4).sample(many)
+    assert set(chosen.tolist()) == set(many.tolist()) and torch.equal(chosen[renumbered], many)
+    with pytest.raises(ValueError, match="at least 1"):
+        ClusterMarginLoss(centers, sample_size=0)
 
 
 def test_cluster_margin_loss_rejects_bad_arguments():

@@ -186,6 +186,8 @@ def test_clip_cid_student_on_curated_rows(tiny_run, tmp_path):
         DistillationArguments(method="clip_cid", online_teacher=True)
     with pytest.raises(ValueError, match="--method must be one of"):
         DistillationArguments(method="cid")
+    with pytest.raises(ValueError, match="--cluster_sample_size must be at least 1"):
+        DistillationArguments(method="clip_cid", cluster_sample_size=0)
     assert DistillationArguments(method="clip_cid", cluster_text_weight=0.0).loss_weights() == {
         "contrastive": 0.0, "cosine_image": 0.0, "cosine_text": 0.0, "cluster_image": 1.0, "cluster_text": 0.0,
         "instance": 1.0}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fused_teacher, random_images
+from conftest import fused_teacher, naive_margin_loss, random_images
 from transformers import TrainingArguments
 
 from dclip.teachers import as_teacher
@@ -123,16 +123,6 @@ def test_online_teacher_gets_each_rows_regions_and_spans(student, tiny_clip, pro
         assert abs(loss.item() - expected.item()) > 1e-5
 
 
-def naive_margin_loss(features, centers, labels, scale, margin):
-    """ArcFace loss of one batch written out with angles (no fall-back case: all angles + margin stay below pi)."""
-    total = 0.0
-    for feature, label in zip(features, labels):
-        cosines = [float(F.cosine_similarity(feature, center, dim=0)) for center in centers]
-        logits = [scale * (math.cos(math.acos(c) + margin) if j == label else c) for j, c in enumerate(cosines)]
-        total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
-    return total / len(labels)
-
-
 def test_clip_cid_loss_is_cluster_plus_instance_terms(student, batch, tmp_path):
     generator = torch.Generator().manual_seed(1)
     teacher_images = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
@@ -163,6 +153,12 @@ def test_clip_cid_loss_is_cluster_plus_instance_terms(student, batch, tmp_path):
     assert trainer.compute_loss(student, dict(inputs)).item() == pytest.approx(with_nearest.item(), rel=1e-6)
     with pytest.raises(ValueError, match="cluster_centers"):
         make_trainer(student, tmp_path, loss_weights={"cluster_image": 1.0})
+    # --cluster_sample_size reaches the loss: with 3 of the 5 centres per step, the loss is a different one
+    sampled = make_trainer(student, tmp_path, loss_weights=weights, cluster_centers=centers, cluster_scale=4.0,
+                           cluster_margin=0.3, cluster_sample_size=3)
+    assert sampled.cluster_loss.sample_size == 3
+    torch.manual_seed(0)
+    assert sampled.compute_loss(student, {**inputs, "cluster_labels": labels}).item() != pytest.approx(loss.item())
 
 
 def test_bad_loss_configuration_is_named(student, tmp_path):
