@@ -75,7 +75,7 @@ class DCLIPTrainer(Trainer):
                 raise ValueError("the cluster terms need `cluster_centers` (k-means of the teacher's embeddings).")
             self.cluster_loss = ClusterMarginLoss(torch.as_tensor(cluster_centers), cluster_scale, cluster_margin,
                                                   cluster_sample_size)
-        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._term_steps = 0
 
     def _teacher_targets(self, inputs: dict) -> dict[str, torch.Tensor]:
@@ -133,16 +133,16 @@ class DCLIPTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, outputs = self.compute_terms(model, dict(inputs))
         loss = sum(self.loss_weights[name] * value for name, value in terms.items())
-        if model.training:
+        if model.training:  # summed on the device: one host sync per logging step, not one per term per step
             for name, value in terms.items():
-                self._term_sums[name] += value.detach().float().item()
+                self._term_sums[name] = self._term_sums[name] + value.detach().float()
             self._term_steps += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._term_steps and "loss" in logs:
             for name, total in self._term_sums.items():
-                logs[f"loss_{name}"] = round(total / self._term_steps, 6)
+                logs[f"loss_{name}"] = round(float(total) / self._term_steps, 6)
             self._term_sums.clear()
             self._term_steps = 0
         super().log(logs, *args, **kwargs)

@@ -54,6 +54,8 @@ def test_hybrid_loss_is_the_weighted_sum_of_naive_terms(student, batch, tmp_path
     expected = 0.7 * contrastive + 1.3 * cos_image + 0.4 * cos_text
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
+    # the running sums stay on the device between logging steps (no host sync per term per step)
+    assert all(isinstance(total, torch.Tensor) for total in trainer._term_sums.values())
     trainer.log({"loss": loss.item()})
     logged = trainer.state.log_history[-1]
     assert logged["loss_contrastive"] == pytest.approx(contrastive, rel=1e-4)
