@@ -87,6 +87,7 @@ def small_open_clip(device: torch.device, precision: str = "fp32"):
     name = "dclip-bench-small"
     open_clip.factory._MODEL_CONFIGS[name] = {
         "embed_dim": WIDTH,
+        "quick_gelu": True,  # transformers' CLIP default activation (`hidden_act="quick_gelu"`): the same model
         "vision_cfg": {"image_size": IMAGE_SIZE, "layers": LAYERS, "width": WIDTH, "head_width": WIDTH // HEADS,
                        "patch_size": PATCH, "mlp_ratio": 4},
         "text_cfg": {"context_length": CONTEXT, "vocab_size": VOCAB, "width": WIDTH, "heads": HEADS,
