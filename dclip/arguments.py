@@ -4,6 +4,7 @@ chosen where there is no accelerator). `python examples/train.py --help` prints 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,9 @@ from .columns import TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS
 from .presets import SMALL_CLIP_PRESETS
 from .teachers import DUAL_ENCODER, FUSION, TEACHER_KINDS
 from .trainer import CLUSTER_TERMS, LOSS_TERMS, METHOD_LOSS_WEIGHTS
+
+
+logger = logging.getLogger(__name__)
 
 
 STAGES = ("detector", "pretrain", "teacher", "distill", "evaluate", "all")
@@ -268,6 +272,10 @@ class DistillationArguments:
         return DUAL_ENCODER if method in ("clip_cid", "instance") else FUSION
 
 
+# the environment variables `accelerate launch` sets for a sharded config (examples/accelerate_configs/)
+SHARDING_LAUNCHES = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
 def accelerator_available() -> bool:
     """Whether this process can see a GPU (CUDA/ROCm), an Apple MPS device or an Intel XPU."""
     if torch.cuda.is_available():
@@ -298,6 +306,11 @@ class DCLIPTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if not self.use_cpu and not accelerator_available():
             self.use_cpu = True
+            sharded = [name for name, variable in SHARDING_LAUNCHES.items()
+                       if os.environ.get(variable, "false").lower() == "true"]
+            if sharded:  # accelerate runs MULTI_CPU on CPU: the config's sharding would be dropped without a word
+                logger.warning(f"the accelerate config asks for {sharded[0]}, but this process sees no GPU: on CPU "
+                               "accelerate runs plain multi-process data parallelism (gloo) instead, unsharded")
         super().__post_init__()
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.world_size != launched:  # never N independent copies of one job on the same files

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import HfArgumentParser
 
 
@@ -46,3 +47,21 @@ def test_stage_arguments_name_each_stage_run():
     assert (stage.run_name, stage.output_dir, stage.max_steps, stage.learning_rate) == \
         ("exp-student", str(Path("out") / "student"), 7, 1e-3)
     assert stage_arguments(DCLIPTrainingArguments(output_dir="out"), "teacher", 1, 1.0).run_name == "teacher"
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP")])  # DeepSpeed's needs deepspeed installed
+def test_a_sharded_config_on_a_machine_without_gpus_is_named(monkeypatch, caplog, variable, name):
+    """`accelerate launch --config_file examples/accelerate_configs/fsdp.yaml` on CPU runs accelerate's MULTI_CPU (plain
+    data parallelism, checked by hand with two processes): said once, not silently."""
+    import dclip.arguments
+    from dclip.arguments import DCLIPTrainingArguments
+
+    monkeypatch.setattr(dclip.arguments, "accelerator_available", lambda: False)
+    with caplog.at_level("WARNING", logger="dclip.arguments"):
+        DCLIPTrainingArguments(output_dir="unused", report_to=[])
+    assert not caplog.records
+    monkeypatch.setenv(variable, "true")
+    with caplog.at_level("WARNING", logger="dclip.arguments"):
+        args = DCLIPTrainingArguments(output_dir="unused", report_to=[])
+    assert args.use_cpu and len(caplog.records) == 1
+    assert f"asks for {name}, but this process sees no GPU" in caplog.records[0].getMessage()
