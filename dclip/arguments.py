@@ -168,13 +168,14 @@ class DistillationArguments:
     # +3.2 [+1.3, +5.1]; region K=24 LP +3.9 [+2.2, +5.6]; the paper's image embeddings, K=64: ZS -3.1 [-4.9, -1.4].
     # Each costs Recall@1 (region K=256: T2I -5.7 [-8.9, -2.5]): the cluster term pulls scenes of one object together
     num_clusters: int | None = option(None, "k-means clusters of the teacher's embeddings (CLIP-CID's cluster "
-                                            "discrimination; --cluster_on says which); default: 256 on the "
-                                            "embedded data, else 64")
+                                            "discrimination; --cluster_on says which); default: 256 with "
+                                            "--cluster_on region, else 64")
     cluster_on: str | None = option(None, "the teacher's embeddings k-means clusters: image (CLIP-CID), text, joint "
                                           "(each pair's normalised image + text embedding), or region (the DCLIP "
                                           "teacher's embedding of each image's largest region; the classifier "
                                           "centres are each cluster's mean teacher image embedding); default: "
-                                          "region on the embedded data, else image")
+                                          "region on the embedded data when the run has a DCLIP teacher, else "
+                                          "image")
     cluster_scale: float = option(16.0, "margin softmax scale s")
     cluster_margin: float = option(0.2, "additive angular margin m, radians")
     cluster_sample_size: int | None = option(None, "centres the margin softmax scores per step (PartialFC): the "
@@ -243,10 +244,10 @@ class DistillationArguments:
             weights[term] = float(explicit) if explicit is not None else default
         return weights
 
-    def clusters(self, embedded_data: bool = True) -> tuple[str, int]:
-        """CLIP-CID's `(--cluster_on, --num_clusters)`: as given, else the defaults for the data (embedded scenes:
-        the DCLIP teacher's largest regions, 256; other data: the paper's image embeddings, 64)."""
-        default_on, default_k = (REGION_CLUSTER_SOURCE, 256) if embedded_data else ("image", 64)
+    def clusters(self, regions: bool = True) -> tuple[str, int]:
+        """CLIP-CID's `(--cluster_on, --num_clusters)`: as given, else the defaults (`regions`: the embedded scenes
+        with a DCLIP teacher in the run: its largest regions, 256; otherwise the paper's image embeddings, 64)."""
+        default_on, default_k = (REGION_CLUSTER_SOURCE, 256) if regions else ("image", 64)
         return self.cluster_on or default_on, self.num_clusters or default_k
 
     def student_methods(self, embedded_data: bool = True) -> list[str]:

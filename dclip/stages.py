@@ -309,6 +309,7 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     from modeling_dclip import DCLIPModel
 
     from .students import build_student
+    from .teachers import FUSION
 
     model_args, args, method = context.model_args, context.args, method or context.args.method
     kind, folder = context.teacher_kind_for(method), context.student_folder(method)
@@ -322,7 +323,10 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     train = teacher_targets(context, teacher) if teacher is not None and not online else context.data["train"]
     weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
-        cluster_on, num_clusters = args.clusters(embedded_data=context.data_args.dataset_name is None)
+        # the region default needs a DCLIP teacher: the student's own, a given one, or the run's `teacher` stage's
+        fusion = (teacher is not None and teacher.kind == FUSION) or context.fusion_teacher_given() or \
+            (Path(teacher_dir) / "config.json").is_file()
+        cluster_on, num_clusters = args.clusters(regions=context.data_args.dataset_name is None and fusion)
         if args.num_clusters is None:  # the default K, on fewer training rows than that (a tiny run): one per row
             num_clusters = min(num_clusters, len(train))
         regions = (teacher_region_features(context, teacher, base_clip, teacher_dir)

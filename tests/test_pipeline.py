@@ -228,12 +228,19 @@ def test_clip_cid_clusters_on_the_teachers_largest_regions(tiny_run, tmp_path, m
     np.testing.assert_allclose(embeddings, largest / np.linalg.norm(largest, axis=1, keepdims=True), atol=1e-5)
     centers = np.load(tmp_path / "out" / "student" / "cluster_centers.npy")
     assert centers.shape == (6, embeddings.shape[1])  # the k-means centres, in the region embeddings' space
+    shutil.rmtree(tmp_path / "out" / "teacher")
     with pytest.raises(ValueError, match="--cluster_on region embeds each image's largest region"):
-        shutil.rmtree(tmp_path / "out" / "teacher")
         run(ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4), data_args,
             DistillationArguments(compare_methods="", stage="distill", method="clip_cid", cluster_on="region",
                                   num_clusters=6, distill_steps=1, detector_epochs=1, detector_train_samples=64),
             training_args)
+    # by default, a run without a DCLIP teacher clusters the CLIP-CID teacher's whole-image embeddings instead
+    clustered.clear()
+    run(ModelArguments(preset="clip-tiny", fusion_hidden_size=32, fusion_num_heads=4), data_args,
+        DistillationArguments(compare_methods="", stage="distill", method="clip_cid", num_clusters=6,
+                              distill_steps=1, detector_epochs=1, detector_train_samples=64), training_args)
+    whole = np.stack(features["image_global_features"])  # the teacher's towers are that base CLIP
+    np.testing.assert_allclose(clustered[0], whole / np.linalg.norm(whole, axis=1, keepdims=True), atol=1e-4)
 
 
 def test_unknown_stage_is_named():
