@@ -197,6 +197,13 @@ def largest_region_features(dataset: Dataset, batch_size: int = 4096) -> np.ndar
     return np.concatenate(rows)
 
 
+def encode_teacher_texts(teacher: torch.nn.Module, processor, texts: list[str], device) -> object:
+    """A DCLIP teacher's text side (`DCLIPTeacherTextFeatures`: global and span embeddings) of `texts`, spans from
+    the processor's extractor."""
+    inputs = processor(text=texts, return_spans=True)
+    return teacher.encode_text_side(**{name: inputs[name].to(device) for name in TEACHER_TEXT_SIDE_INPUTS})
+
+
 def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, processor, count: int,
                               batch_size: int = 256, device: str | torch.device | None = None) -> Dataset:
     """
@@ -217,9 +224,8 @@ def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, proces
             own = list(negatives or [])[:count]
             texts += own + [caption] * (count - len(own))  # padding, masked out
             mask.append([True] * len(own) + [False] * (count - len(own)))
-        inputs = processor(text=texts, return_spans=True)
         with torch.no_grad():
-            text = teacher.encode_text_side(**{name: inputs[name].to(device) for name in TEACHER_TEXT_SIDE_INPUTS})
+            text = encode_teacher_texts(teacher, processor, texts, device)
         rows, spans = len(mask), processor.max_spans
         columns = {"negative_text_global_features": text.global_embeds.reshape(rows, count, -1),
                    "negative_span_features": _pad(text.span_embeds, spans).reshape(rows, count, spans, -1),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..columns import TEACHER_TEXT_SIDE_INPUTS
 from .classification import classification_metrics, hard_negative_outcomes
 from .retrieval import recall_from_scores
 
@@ -88,10 +87,10 @@ def _encode_prompts(teacher, processor, texts: list[str], device, batch_size: in
     """The teacher's text side (global and span embeddings) of `texts`, spans from the processor's extractor."""
     from modeling_dclip import DCLIPTeacherTextFeatures
 
-    parts = []
-    for start in range(0, len(texts), batch_size):
-        inputs = processor(text=texts[start : start + batch_size], return_spans=True)
-        parts.append(teacher.encode_text_side(**{name: inputs[name].to(device) for name in TEACHER_TEXT_SIDE_INPUTS}))
+    from ..targets import encode_teacher_texts
+
+    parts = [encode_teacher_texts(teacher, processor, texts[start : start + batch_size], device)
+             for start in range(0, len(texts), batch_size)]
     if len(parts) == 1:
         return parts[0]
     widest = max(part.span_embeds.shape[1] for part in parts)  # batches may find different numbers of spans
