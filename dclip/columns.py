@@ -39,8 +39,9 @@ TEACHER_TEXT_EMBEDS = "teacher_text_embeds"
 TEACHER_TARGETS = (TEACHER_IMAGE_EMBEDS, TEACHER_TEXT_EMBEDS)
 
 # the teacher towers' outputs, cached while the towers are frozen so that only the fusion block runs
+REGION_FEATURE_COLUMNS = ("region_features", "region_boxes", "region_mask")
 TEACHER_FEATURE_COLUMNS = (
-    "image_global_features", "region_features", "region_boxes", "region_mask",
+    "image_global_features", *REGION_FEATURE_COLUMNS,
     "text_global_features", "span_features", "span_mask",
 )
 TEACHER_FEATURE_MASKS = ("region_mask", "span_mask")

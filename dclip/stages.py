@@ -18,6 +18,7 @@ from .columns import (
     CLUSTER_LABELS,
     HARD_NEGATIVES,
     NEGATIVE_FEATURE_COLUMNS,
+    REGION_FEATURE_COLUMNS,
     TEACHER_FEATURE_COLUMNS,
 )
 from .data.collator import DCLIPCollator, TeacherFeatureCollator
@@ -282,13 +283,16 @@ def teacher_targets(context: RunContext, teacher):
         return compute_teacher_targets(train, teacher, batch_size=256, **regions)
 
 
-def teacher_region_features(context: RunContext, teacher, base_clip: str, teacher_dir: str):
+def teacher_region_features(context: RunContext, teacher, base_clip: str, teacher_dir: str, train):
     """`--cluster_on region`: the training split with a DCLIP teacher's tower outputs (`compute_teacher_features`,
-    the same cached pass as its targets'): the student's teacher when it is one, else the run's DCLIP teacher (the
+    the same cached pass as its targets'): `train` itself where it carries them (the student's own DCLIP teacher's
+    targets), else from the student's teacher when it is a DCLIP one, else from the run's DCLIP teacher (the
     `teacher` stage's, or a DCLIP `--teacher_model`), whose towers, by default, are the CLIP-CID teacher's own (the
     base CLIP)."""
     from .teachers import FUSION
 
+    if set(REGION_FEATURE_COLUMNS) <= set(train.column_names):
+        return train
     if teacher is None or teacher.kind != FUSION:
         try:
             teacher = context.load_teacher(FUSION, base_clip, teacher_dir)
@@ -329,7 +333,7 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
         cluster_on, num_clusters = args.clusters(regions=context.data_args.dataset_name is None and fusion)
         if args.num_clusters is None:  # the default K, on fewer training rows than that (a tiny run): one per row
             num_clusters = min(num_clusters, len(train))
-        regions = (teacher_region_features(context, teacher, base_clip, teacher_dir)
+        regions = (teacher_region_features(context, teacher, base_clip, teacher_dir, train)
                    if cluster_on == REGION_CLUSTER_SOURCE else None)
         centers, labels = cluster_teacher_embeddings(train, num_clusters, context.training_args,
                                                      context.output / folder, cluster_on, regions)

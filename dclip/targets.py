@@ -17,6 +17,7 @@ from datasets import Dataset
 from .columns import (
     CAPTION,
     HARD_NEGATIVES,
+    REGION_FEATURE_COLUMNS,
     TEACHER_FEATURE_COLUMNS,
     TEACHER_FEATURE_MASKS,
     TEACHER_IMAGE_EMBEDS,
@@ -180,12 +181,12 @@ def largest_region_features(dataset: Dataset, batch_size: int = 4096) -> np.ndar
     """`(rows, dim)` float32: each row's teacher region embedding (`region_features`, from `compute_teacher_features`)
     of its largest region box, the most prominent detected object. Read in batches, so only one region per row is
     held; a row without any region is an error naming it."""
-    missing = [c for c in ("region_features", "region_boxes", "region_mask") if c not in dataset.column_names]
+    missing = [c for c in REGION_FEATURE_COLUMNS if c not in dataset.column_names]
     if missing:
         raise ValueError(f"the teacher's region embeddings are not in the data (missing {missing}): they come from "
                          "a DCLIP teacher with frozen towers and cached targets")
     rows, start = [], 0
-    columns = dataset.select_columns(["region_features", "region_boxes", "region_mask"]).with_format("numpy")
+    columns = dataset.select_columns(list(REGION_FEATURE_COLUMNS)).with_format("numpy")
     for batch in columns.iter(batch_size=batch_size):
         boxes, mask = np.asarray(batch["region_boxes"], np.float32), np.asarray(batch["region_mask"], bool)
         if not mask.any(1).all():
