@@ -171,3 +171,34 @@ class InstanceDistillLoss(nn.Module):
         labels = torch.arange(student_image.shape[0], device=student_image.device) + rank * student_image.shape[0]
         return (F.cross_entropy(scale * student_image @ image_targets.t(), labels)
                 + F.cross_entropy(scale * student_text @ text_targets.t(), labels)) / 2
+
+
+class AffinityDistillLoss(nn.Module):
+    """
+    TinyCLIP's affinity mimicking: the student's in-batch image->text and text->image distributions are pulled
+    towards the teacher's, `KL(teacher || student)` per row, averaged over rows and the two directions. Unlike the
+    cosine and instance terms it compares *relations* inside each model, so the two may have different widths and
+    the student is read in its own space.
+
+    Both models' similarities are scaled by the student's temperature (`logit_scale.exp()`), unless `teacher_scale`
+    fixes the teacher's. Each process scores its own rows against the global batch; no gradient reaches the teacher.
+    """
+
+    def __init__(self, teacher_scale: float | None = None):
+        super().__init__()
+        self.teacher_scale = teacher_scale
+
+    def forward(self, student_image: torch.Tensor, student_text: torch.Tensor, teacher_image: torch.Tensor,
+                teacher_text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        scale = logit_scale.exp() if logit_scale.dim() == 0 or logit_scale.numel() == 1 else logit_scale
+        teacher_scale = scale.detach() if self.teacher_scale is None else self.teacher_scale
+        teacher_image = teacher_image.detach().to(student_image.dtype)
+        teacher_text = teacher_text.detach().to(student_text.dtype)
+        all_student_images, all_student_texts = gather_features(student_image), gather_features(student_text)
+        all_teacher_images = gather_features(teacher_image, gather_with_grad=False)
+        all_teacher_texts = gather_features(teacher_text, gather_with_grad=False)
+        directions = ((student_image @ all_student_texts.t(), teacher_image @ all_teacher_texts.t()),
+                      (student_text @ all_student_images.t(), teacher_text @ all_teacher_images.t()))
+        return sum(F.kl_div(F.log_softmax(scale * student, dim=-1), F.log_softmax(teacher_scale * teacher, dim=-1),
+                            reduction="batchmean", log_target=True)
+                   for student, teacher in directions) / 2

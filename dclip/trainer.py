@@ -16,12 +16,13 @@ from .columns import (
     TEACHER_TARGETS,
     TEACHER_TEXT_EMBEDS,
 )
-from .losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
+from .losses import AffinityDistillLoss, ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 
 
 COSINE_TARGETS = {"cosine_image": TEACHER_IMAGE_EMBEDS, "cosine_text": TEACHER_TEXT_EMBEDS}
 CLUSTER_TERMS = ("cluster_image", "cluster_text")
-LOSS_TERMS = ("contrastive", *COSINE_TARGETS, *CLUSTER_TERMS, "instance")
+TEACHER_PAIR_TERMS = ("instance", "affinity")  # terms that read both of the teacher's embeddings
+LOSS_TERMS = ("contrastive", *COSINE_TARGETS, *CLUSTER_TERMS, *TEACHER_PAIR_TERMS)
 METHOD_LOSS_WEIGHTS = {  # each method's terms at weight 1
     "dclip": ("contrastive", "cosine_image", "cosine_text"),
     "clip_cid": ("cluster_image", "cluster_text", "instance"),
@@ -44,7 +45,9 @@ class DCLIPTrainer(Trainer):
       softmax towards the sample's `cluster_labels` (from the batch, else the teacher image embedding's nearest
       centre);
     - `instance`: CLIP-CID's instance discrimination, student embeddings against the teacher's of the global batch,
-      across modalities, at the student's temperature.
+      across modalities, at the student's temperature;
+    - `affinity`: TinyCLIP's affinity mimicking, the student's in-batch image->text and text->image distributions
+      towards the teacher's (KL), both at the student's temperature.
 
     Teacher embeddings come from the batch (`teacher_image_embeds`, `teacher_text_embeds`, precomputed once), or,
     if `teacher` is given and the batch lacks them, from a teacher forward per batch (online mode). Terms with
@@ -69,6 +72,7 @@ class DCLIPTrainer(Trainer):
         self.clip_loss = ClipLoss(local_loss=local_loss)
         self.cosine_loss = CosineDistillLoss()
         self.instance_loss = InstanceDistillLoss()
+        self.affinity_loss = AffinityDistillLoss()
         self.cluster_loss = None
         if any(term in self.loss_weights for term in CLUSTER_TERMS):
             if cluster_centers is None:
@@ -82,7 +86,7 @@ class DCLIPTrainer(Trainer):
         targets = {name: inputs.pop(name) for name in TEACHER_TARGETS if name in inputs}
         teacher_inputs = inputs.pop(TEACHER_INPUTS, None)
         needed = {target for term, target in COSINE_TARGETS.items() if term in self.loss_weights}
-        if "instance" in self.loss_weights:
+        if any(term in self.loss_weights for term in TEACHER_PAIR_TERMS):
             needed |= set(TEACHER_TARGETS)
         if CLUSTER_LABELS in inputs:
             targets[CLUSTER_LABELS] = inputs.pop(CLUSTER_LABELS)
@@ -128,6 +132,10 @@ class DCLIPTrainer(Trainer):
             terms["instance"] = self.instance_loss(
                 in_teacher_space["image"], in_teacher_space["text"], targets[TEACHER_IMAGE_EMBEDS],
                 targets[TEACHER_TEXT_EMBEDS], self.accelerator.unwrap_model(model).logit_scale)
+        if "affinity" in self.loss_weights:  # relations inside each model: the student in its own space
+            terms["affinity"] = self.affinity_loss(
+                outputs.image_embeds, outputs.text_embeds, targets[TEACHER_IMAGE_EMBEDS], targets[TEACHER_TEXT_EMBEDS],
+                self.accelerator.unwrap_model(model).logit_scale)
         return terms, outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

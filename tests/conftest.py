@@ -148,3 +148,22 @@ def naive_margin_loss(features, centers, labels, scale, margin):
         logits = [scale * (math.cos(math.acos(c) + margin) if j == label else c) for j, c in enumerate(cosines)]
         total += -logits[label] + math.log(sum(math.exp(v) for v in logits))
     return total / len(labels)
+
+
+def naive_affinity_loss(student_images, student_texts, teacher_images, teacher_texts, scale, teacher_scale):
+    """KL(teacher || student) of each row's in-batch distribution, image->text and text->image, written out."""
+    def softmax(row):
+        top = max(row)
+        weights = [math.exp(v - top) for v in row]
+        return [w / sum(weights) for w in weights]
+
+    n, total = student_images.shape[0], 0.0
+    for i in range(n):
+        for student_a, student_b, teacher_a, teacher_b in ((student_images, student_texts, teacher_images,
+                                                            teacher_texts),
+                                                           (student_texts, student_images, teacher_texts,
+                                                            teacher_images)):
+            p = softmax([teacher_scale * float(teacher_a[i] @ teacher_b[j]) for j in range(n)])
+            q = softmax([scale * float(student_a[i] @ student_b[j]) for j in range(n)])
+            total += sum(p_j * (math.log(p_j) - math.log(q_j)) for p_j, q_j in zip(p, q))
+    return total / (2 * n)

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import naive_margin_loss
+from conftest import naive_affinity_loss, naive_margin_loss
 
-from dclip.losses import ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
+from dclip.losses import AffinityDistillLoss, ClipLoss, ClusterMarginLoss, CosineDistillLoss, InstanceDistillLoss
 
 
 def normalized(*shape, seed=0):
@@ -148,6 +148,34 @@ def test_instance_distill_loss_matches_naive_loop_and_stops_teacher_gradient():
     assert teacher_images.grad is None and student_images.grad is not None
 
 
+def test_affinity_distill_loss_matches_naive_loop_across_widths_and_stops_teacher_gradient():
+    # the student (width 8) and the teacher (width 12) are compared through their in-batch relations only
+    student_images = normalized(5, 8, seed=3).requires_grad_(True)
+    student_texts = normalized(5, 8, seed=4)
+    teacher_images, teacher_texts = normalized(5, 12, seed=5).requires_grad_(True), normalized(5, 12, seed=6)
+    scale = torch.tensor(math.log(7.0), requires_grad=True)
+    loss = AffinityDistillLoss()(student_images, student_texts, teacher_images, teacher_texts, scale)
+    assert loss.item() == pytest.approx(
+        naive_affinity_loss(student_images, student_texts, teacher_images, teacher_texts, 7.0, 7.0), rel=1e-5)
+    fixed = AffinityDistillLoss(teacher_scale=20.0)(student_images, student_texts, teacher_images, teacher_texts,
+                                                   scale)
+    assert fixed.item() == pytest.approx(
+        naive_affinity_loss(student_images, student_texts, teacher_images, teacher_texts, 7.0, 20.0), rel=1e-5)
+    loss.backward()
+    assert teacher_images.grad is None and student_images.grad is not None
+    # the temperature learns through the student's side only: the teacher's copy of it is a constant
+    reference_scale = torch.tensor(math.log(7.0), requires_grad=True)
+    log_q = [F.log_softmax(reference_scale.exp() * a.detach() @ b.t(), dim=-1)
+             for a, b in ((student_images, student_texts), (student_texts, student_images))]
+    log_p = [F.log_softmax(7.0 * a.detach() @ b.t(), dim=-1)
+             for a, b in ((teacher_images, teacher_texts), (teacher_texts, teacher_images))]
+    (sum((p.exp() * (p - q)).sum() for p, q in zip(log_p, log_q)) / (2 * 5)).backward()
+    assert scale.grad.item() == pytest.approx(reference_scale.grad.item(), rel=1e-4)
+    # a student whose relations are the teacher's has nothing left to learn
+    same = AffinityDistillLoss()(teacher_images.detach(), teacher_texts, teacher_images, teacher_texts, scale)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+
+
 def _distributed_worker(rank, world_size, store, queue):
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     images, texts = normalized(8, 4, seed=1), normalized(8, 4, seed=2)
@@ -163,6 +191,9 @@ def _distributed_worker(rank, world_size, store, queue):
     instance = InstanceDistillLoss()(images[rows], texts[rows], normalized(8, 4, seed=3)[rows],
                                      normalized(8, 4, seed=4)[rows], torch.tensor(math.log(5.0)))
     results["instance"] = (instance.item(), None)
+    affinity = AffinityDistillLoss()(images[rows], texts[rows], normalized(8, 4, seed=3)[rows],
+                                     normalized(8, 4, seed=4)[rows], torch.tensor(math.log(5.0)))
+    results["affinity"] = (affinity.item(), None)
     queue.put((rank, results))
     # both ranks leave gloo together: a rank tearing down while its peer still has a collective in flight
     # aborts the process ("terminate called without an active exception", about 1 run in 8 without this)
@@ -206,3 +237,8 @@ def test_two_process_gather_with_gradients(tmp_path):
                                      torch.tensor(math.log(5.0)))
     assert sum(results[rank]["instance"][0] for rank in range(world_size)) / world_size == pytest.approx(
         instance.item(), rel=1e-5)
+    # so does the affinity term, against the gathered student and teacher batches
+    affinity = AffinityDistillLoss()(images.detach(), texts, normalized(8, 4, seed=3), normalized(8, 4, seed=4),
+                                     torch.tensor(math.log(5.0)))
+    assert sum(results[rank]["affinity"][0] for rank in range(world_size)) / world_size == pytest.approx(
+        affinity.item(), rel=1e-5)

@@ -190,7 +190,7 @@ def test_clip_cid_student_on_curated_rows(tiny_run, tmp_path):
         DistillationArguments(method="clip_cid", cluster_sample_size=0)
     assert DistillationArguments(method="clip_cid", cluster_text_weight=0.0).loss_weights() == {
         "contrastive": 0.0, "cosine_image": 0.0, "cosine_text": 0.0, "cluster_image": 1.0, "cluster_text": 0.0,
-        "instance": 1.0}
+        "instance": 1.0, "affinity": 0.0}
 
 
 def test_clip_cid_clusters_on_the_teachers_largest_regions(tiny_run, tmp_path, monkeypatch):
@@ -417,7 +417,7 @@ def test_distillation_trains_every_term_of_the_method(tiny_run):
     assert DistillationArguments().method == "dclip+instance"
     assert DistillationArguments().loss_weights() == {
         "contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 3.0, "cluster_image": 0.0, "cluster_text": 0.0,
-        "instance": 0.3}
+        "instance": 0.3, "affinity": 0.0}
     assert DistillationArguments(method="dclip").loss_weights()["instance"] == 0.0
     # the 0.3 is dclip+instance's own: CLIP-CID keeps its instance term at 1, also beside a 0.3 published student
     assert DistillationArguments(method="clip_cid").loss_weights()["instance"] == 1.0

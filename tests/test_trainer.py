@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fused_teacher, naive_margin_loss, random_images
+from conftest import fused_teacher, naive_affinity_loss, naive_margin_loss, random_images
 from transformers import TrainingArguments
 
 from dclip.teachers import as_teacher
@@ -60,6 +60,27 @@ def test_hybrid_loss_is_the_weighted_sum_of_naive_terms(student, batch, tmp_path
     logged = trainer.state.log_history[-1]
     assert logged["loss_contrastive"] == pytest.approx(contrastive, rel=1e-4)
     assert logged["loss_cosine_image"] == pytest.approx(cos_image, rel=1e-4)
+
+
+def test_affinity_term_reads_the_student_in_its_own_space(student, batch, tmp_path):
+    """TinyCLIP's affinity mimicking through the trainer: the student's own embeddings (width 16) against a teacher
+    of another width (24), no distillation head needed; the term is logged on its own."""
+    generator = torch.Generator().manual_seed(1)
+    teacher_images = F.normalize(torch.randn(4, 24, generator=generator), dim=-1)
+    teacher_texts = F.normalize(torch.randn(4, 24, generator=generator), dim=-1)
+    trainer = make_trainer(student, tmp_path, loss_weights={"affinity": 0.5})
+    student.train()
+    loss = trainer.compute_loss(
+        student, {**batch, "teacher_image_embeds": teacher_images, "teacher_text_embeds": teacher_texts})
+    with torch.no_grad():
+        out = student(**batch)
+    scale = student.logit_scale.exp().item()
+    affinity = naive_affinity_loss(out.image_embeds, out.text_embeds, teacher_images, teacher_texts, scale, scale)
+    assert loss.item() == pytest.approx(0.5 * affinity, rel=1e-5)
+    trainer.log({"loss": loss.item()})
+    assert trainer.state.log_history[-1]["loss_affinity"] == pytest.approx(affinity, rel=1e-4)
+    with pytest.raises(ValueError, match="teacher_image_embeds"):
+        trainer.compute_loss(student, dict(batch))
 
 
 def test_online_teacher_gives_the_same_loss_as_cached_targets(student, tiny_clip, batch, processor, tmp_path):
@@ -206,7 +227,7 @@ def test_dclip_plus_instance_method_trains_dclips_terms_and_the_instance_term(st
     args = DistillationArguments(method="dclip+instance", compare_methods="")
     weights = args.loss_weights()
     assert weights == {"contrastive": 1.0, "cosine_image": 10.0, "cosine_text": 3.0, "cluster_image": 0.0,
-                       "cluster_text": 0.0, "instance": 0.3}
+                       "cluster_text": 0.0, "instance": 0.3, "affinity": 0.0}
     assert args.teacher_kind("dclip+instance") == FUSION
     assert DCLIPConfig(distillation_method=STUDENT_CONFIG_METHODS["dclip+instance"]).distillation_method == \
         "dclip+clip_cid"
