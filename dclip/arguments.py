@@ -207,6 +207,10 @@ class DistillationArguments:
     distill_learning_rate: float = option(1e-3, "learning rate of the student (one trained from scratch; "
                                                 "2e-4 suits one fine-tuned from a checkpoint)")
     online_teacher: bool = option(False, "run the teacher per batch instead of caching")
+    teacher_targets: str | None = option(None, "a folder of sharded teacher targets "
+                                               "(`examples/compute_targets.py`) that the students read by sample "
+                                               "id instead of computing them: computed on the same training split "
+                                               "by the same teacher (both checked)")
     cpu_threads: int | None = option(None, "torch threads per process on CPU; default: "
                                            "the cores this process may use / processes per machine "
                                            "(`accelerate launch` alone would leave 1)")
@@ -228,6 +232,9 @@ class DistillationArguments:
             raise ValueError(f"--cluster_sample_size must be at least 1, got {self.cluster_sample_size}")
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ValueError(f"--num_clusters must be at least 1, got {self.num_clusters}")
+        if self.online_teacher and self.teacher_targets:
+            raise ValueError("--online_teacher and --teacher_targets both say where the teacher's targets come "
+                             "from: give one")
         if self.online_teacher and any(self.loss_weights()[term] for term in CLUSTER_TERMS):
             raise ValueError("the cluster terms (--method clip_cid) need the teacher's embeddings of the whole "
                              "training set for k-means: drop --online_teacher or set the cluster weights to 0")

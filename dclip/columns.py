@@ -12,6 +12,8 @@ IMAGE = "image"
 CAPTION = "caption"
 BOXES = "boxes"  # optional: annotated regions, normalised (x1, y1, x2, y2)
 SPANS = "spans"  # optional: annotated phrases of the caption
+IMAGE_ID = "image_id"  # optional: rows of the same image (a COCO image's five captions) share it
+SAMPLE_ID = "sample_id"  # a row's position in the data its teacher targets were computed on (`dclip.shards`)
 ROW_COLUMNS = (CAPTION, IMAGE, BOXES, SPANS)
 # optional: generated hard-negative captions of each row (a list of strings), and the kind of each (e.g.
 # `swap_attribute`), for hard-negative accuracy and the teacher's caption negatives

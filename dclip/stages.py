@@ -271,10 +271,19 @@ def with_lora(student, model_args: ModelArguments):
     return get_peft_model(student, config)
 
 
-def teacher_targets(context: RunContext, teacher):
-    """The training split with the teacher's embeddings as columns, computed once (cached by fingerprint) on the
-    teacher's own processor's inputs: for a DCLIP teacher with frozen towers, from its cached tower features."""
+def teacher_targets(context: RunContext, teacher, published: bool = True):
+    """The training split with the teacher's embeddings as columns: read from `--teacher_targets`' shards (by
+    sample id) for the published student, and for a compared one whose teacher made them; else computed once
+    (cached by fingerprint) on the teacher's own processor's inputs: for a DCLIP teacher with frozen towers, from
+    its cached tower features."""
     train, regions = context.data["train"], context.data_args.region_settings()
+    if context.args.teacher_targets:
+        from .shards import load_target_shards, made_by
+
+        if published or made_by(context.args.teacher_targets, teacher):
+            return load_target_shards(context.args.teacher_targets, train, teacher=teacher)
+        logger.info("%s: targets of another teacher; the %s student's are computed", context.args.teacher_targets,
+                    teacher.name)
     with context.training_args.main_process_first(local=False, desc="teacher targets"):
         config = teacher.model.config
         if teacher.kind == "dclip" and config.freeze_vision_tower and config.freeze_text_tower:
@@ -324,7 +333,8 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
         teacher.embed_dim if teacher is not None else None, context.training_args.seed,
         distillation_method=STUDENT_CONFIG_METHODS[method], teacher_name_or_path=teacher.name if teacher else None)
     online = args.online_teacher and teacher is not None
-    train = teacher_targets(context, teacher) if teacher is not None and not online else context.data["train"]
+    train = (teacher_targets(context, teacher, published=method == args.method) if teacher is not None and not online
+             else context.data["train"])
     weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
         # the region default needs a DCLIP teacher: the student's own, a given one, or the run's `teacher` stage's

@@ -31,11 +31,14 @@ TOWER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_pr
 
 
 def model_fingerprint(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
-    """A hash of a model's config and weights (only the weights under `prefixes`, if given, and then no config)."""
+    """A hash of a model's config and weights (only the weights under `prefixes`, if given, and then no config); not
+    of where it was loaded from (the config's `_name_or_path`), so a copied folder keeps its fingerprint."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None and prefixes is None:
-        digest.update(config.to_json_string(use_diff=False).encode())
+        settings = json.loads(config.to_json_string(use_diff=False))
+        settings.pop("_name_or_path", None)
+        digest.update(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if prefixes is not None and not name.startswith(prefixes):
             continue

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -55,6 +57,14 @@ def test_fingerprint_follows_the_weights(teacher):
         with torch.no_grad():
             teacher.fusion_logit_scale.sub_(1.0)
     assert model_fingerprint(teacher) == before
+
+
+def test_fingerprint_ignores_where_the_folder_lies(teacher, tmp_path):
+    teacher.save_pretrained(tmp_path / "here")
+    shutil.copytree(tmp_path / "here", tmp_path / "there")
+    here, there = (DCLIPTeacherModel.from_pretrained(tmp_path / name) for name in ("here", "there"))
+    assert here.config._name_or_path != there.config._name_or_path
+    assert model_fingerprint(here) == model_fingerprint(there)
 
 
 def test_collator_batches_student_inputs_and_targets(scenes_on_disk, teacher, processor):

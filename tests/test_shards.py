@@ -1,0 +1,157 @@
+"""Teacher targets as a sharded, resumable job (`dclip.shards`)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import fused_teacher
+from datasets import Dataset, load_from_disk
+
+from dclip.data.scenes import SceneConfig, generate_scenes
+from dclip.shards import compute_target_shards, load_target_shards, shard_name, write_manifest
+from dclip.targets import compute_teacher_targets
+from dclip.teachers import as_teacher
+
+
+CAPTIONS_PER_IMAGE = 5
+
+
+@pytest.fixture(scope="module")
+def coco_style(tmp_path_factory):
+    """4 scenes, each image with 5 captions in adjacent rows (COCO's layout), saved and reloaded as a run's data
+    is (a stable fingerprint)."""
+    scenes = generate_scenes(SceneConfig(num_train=8, num_validation=1, num_test=1, seed=3), num_proc=1)["train"]
+    rows = {"image": [], "caption": [], "boxes": [], "spans": []}
+    for image in range(4):
+        for caption in range(CAPTIONS_PER_IMAGE):
+            source = scenes[(image + caption) % len(scenes)]  # another scene's caption for all but the first
+            rows["image"].append(scenes[image]["image"])
+            rows["boxes"].append(scenes[image]["boxes"])
+            rows["caption"].append(source["caption"])
+            rows["spans"].append(source["spans"])
+    path = tmp_path_factory.mktemp("coco") / "train"
+    Dataset.from_dict(rows, features=scenes.select_columns(list(rows)).features).save_to_disk(path)
+    return load_from_disk(str(path))
+
+
+@pytest.fixture(params=["clip", "dclip"])
+def teacher(request, tiny_clip, processor):
+    model = fused_teacher(tiny_clip) if request.param == "dclip" else tiny_clip
+    return as_teacher(model, processor)
+
+
+def count_vision_rows(teacher):
+    """Images through the teacher's vision tower, counted by a hook (regions included for a DCLIP teacher)."""
+    counted = []
+
+    def hook(module, args, kwargs):
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        counted.append(pixels.shape[0])
+
+    handle = teacher.model.vision_model.register_forward_pre_hook(hook, with_kwargs=True)
+    return counted, handle
+
+
+def test_sharded_targets_equal_the_per_pair_pass_with_each_image_encoded_once(coco_style, teacher, tmp_path):
+    counted, handle = count_vision_rows(teacher)
+    try:
+        expected = compute_teacher_targets(coco_style, teacher, batch_size=7, device="cpu")
+        per_pair = sum(counted)
+        counted.clear()
+        stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=10, batch_size=10,
+                                      process_index=0, num_processes=1)
+        sharded = sum(counted)
+    finally:
+        handle.remove()
+    # once per image: 4 images (and their regions), against once per caption in the per-pair pass
+    assert stats["images_encoded"] == 4 and stats["computed"] == 2 and stats["rows"] == 20
+    assert sharded * CAPTIONS_PER_IMAGE == per_pair
+    write_manifest(coco_style, teacher, tmp_path, shard_size=10)
+    joined = load_target_shards(tmp_path, coco_style, teacher=teacher)
+    assert joined.column_names == [*coco_style.column_names, "teacher_image_embeds", "teacher_text_embeds"]
+    for column in ("teacher_image_embeds", "teacher_text_embeds"):
+        np.testing.assert_allclose(np.array(joined[column]), np.array(expected[column]), atol=1e-5)
+
+
+def test_two_processes_write_the_same_targets_as_one(coco_style, tiny_clip, processor, tmp_path):
+    teacher = as_teacher(fused_teacher(tiny_clip), processor)
+    compute_target_shards(coco_style, teacher, tmp_path / "one", shard_size=6, batch_size=4,
+                          process_index=0, num_processes=1)
+    shares = [compute_target_shards(coco_style, teacher, tmp_path / "two", shard_size=6, batch_size=4,
+                                    process_index=rank, num_processes=2) for rank in range(2)]
+    assert [share["computed"] for share in shares] == [2, 2]  # shards 0, 2 and 1, 3
+    for folder in ("one", "two"):
+        write_manifest(coco_style, teacher, tmp_path / folder, shard_size=6)
+    one, two = load_target_shards(tmp_path / "one"), load_target_shards(tmp_path / "two")
+    assert one["sample_id"] == two["sample_id"] == list(range(20))
+    for column in ("teacher_image_embeds", "teacher_text_embeds"):
+        np.testing.assert_allclose(np.array(two[column]), np.array(one[column]), atol=1e-6)
+
+
+def test_a_rerun_recomputes_only_unfinished_or_corrupt_shards(coco_style, tiny_clip, processor, tmp_path,
+                                                              monkeypatch):
+    import dclip.shards as shards
+
+    teacher = as_teacher(tiny_clip, processor)
+    written = []
+    real_write = shards._write_shard
+
+    def killed_after_two(output_dir, number, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        written.append(number)
+        real_write(output_dir, number, *args)
+
+    monkeypatch.setattr(shards, "_write_shard", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, process_index=0, num_processes=1)
+    with pytest.raises(RuntimeError, match="3 shard\\(s\\) missing"):
+        write_manifest(coco_style, teacher, tmp_path, shard_size=4)
+    monkeypatch.setattr(shards, "_write_shard", real_write)
+    stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, process_index=0, num_processes=1)
+    assert (stats["skipped"], stats["computed"]) == (2, 3)
+
+    # a corrupt shard (its bytes changed after its sidecar) is recomputed, and so is every shard after a change of
+    # settings (here the stored dtype)
+    path = tmp_path / shard_name(1)
+    path.write_bytes(path.read_bytes()[:-7] + b"corrupt")
+    stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, process_index=0, num_processes=1)
+    assert (stats["skipped"], stats["computed"]) == (4, 1)
+    write_manifest(coco_style, teacher, tmp_path, shard_size=4)
+    full = load_target_shards(tmp_path)
+    stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, dtype="float16", process_index=0,
+                                  num_processes=1)
+    assert (stats["skipped"], stats["computed"]) == (0, 5)
+    write_manifest(coco_style, teacher, tmp_path, shard_size=4, dtype="float16")
+    half = load_target_shards(tmp_path)
+    assert half.features["teacher_image_embeds"].feature.dtype == "float32"
+    np.testing.assert_allclose(np.array(half["teacher_image_embeds"]), np.array(full["teacher_image_embeds"]),
+                               atol=2e-3)
+
+
+def test_targets_refuse_other_data_teachers_and_corrupt_files_by_name(coco_style, tiny_clip, processor, tmp_path):
+    teacher = as_teacher(tiny_clip, processor)
+    compute_target_shards(coco_style, teacher, tmp_path, shard_size=8, process_index=0, num_processes=1)
+    write_manifest(coco_style, teacher, tmp_path, shard_size=8)
+    with pytest.raises(ValueError, match="computed on other data"):
+        load_target_shards(tmp_path, coco_style.select(range(10)))
+    other = as_teacher(fused_teacher(tiny_clip), processor)
+    with pytest.raises(ValueError, match="other teacher weights"):
+        load_target_shards(tmp_path, coco_style, teacher=other)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["settings"]["rows"] == 20 and len(manifest["shards"]) == 3
+    path = tmp_path / shard_name(2)
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=shard_name(2)):
+        load_target_shards(tmp_path, coco_style)
+    with pytest.raises(FileNotFoundError, match="compute_targets"):
+        load_target_shards(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="--shard_size"):
+        compute_target_shards(coco_style, teacher, tmp_path, shard_size=0, process_index=0, num_processes=1)
+
+
+def test_teacher_targets_and_an_online_teacher_are_refused_together():
+    from dclip.arguments import DistillationArguments
+
+    with pytest.raises(ValueError, match="--online_teacher and --teacher_targets"):
+        DistillationArguments(online_teacher=True, teacher_targets="outputs/targets")
