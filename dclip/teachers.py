@@ -5,7 +5,9 @@ L2-normalised image and text embeddings, so the teacher never sees the student's
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -115,6 +117,15 @@ class DualEncoderProcessor:
         return {**inputs, **(self.teacher.tokenize(text) if text is not None else {})}
 
 
+def _has_dclip_processor(name_or_path: str) -> bool:
+    """Whether a local folder's saved processor is a `DCLIPProcessor` (its `auto_map` names ours)."""
+    path = Path(name_or_path) / "processor_config.json"
+    if not path.is_file():
+        return False
+    auto_map = json.loads(path.read_text()).get("auto_map", {})
+    return str(auto_map.get("AutoProcessor", "")).endswith("processing_dclip.DCLIPProcessor")
+
+
 def load_teacher(name_or_path: str, kind: str | None = None, detector_path: str | None = None,
                  processor=None) -> Teacher:
     """
@@ -142,10 +153,12 @@ def load_teacher(name_or_path: str, kind: str | None = None, detector_path: str 
                          "block on its towers (the `teacher` stage) or use it with --teacher_kind clip")
     if found == "dclip":
         model = DCLIPModel.from_pretrained(name_or_path)
-        processor = processor or DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)
     else:
         model = AutoModel.from_pretrained(name_or_path)
-        processor = processor or AutoProcessor.from_pretrained(name_or_path)
+    if processor is None and (found == "dclip" or _has_dclip_processor(name_or_path)):
+        # this package's own processor (a base CLIP saved by the pipeline): no remote code to trust
+        processor = DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    processor = processor or AutoProcessor.from_pretrained(name_or_path)
     for method in ("get_image_features", "get_text_features"):
         if not hasattr(model, method):
             raise ValueError(f"{name_or_path} ({type(model).__name__}) has no `{method}`: a teacher must be a "

@@ -39,6 +39,20 @@ def tiny_run(tmp_path_factory):
     return root, summary
 
 
+def test_the_runs_base_clip_teaches_as_a_dual_encoder_without_remote_code(tiny_run, monkeypatch):
+    """The base CLIP folder is a transformers CLIP with this package's processor: `load_teacher` reads that processor
+    from the package (the path `examples/compute_targets.py --teacher_model` takes), never asking to trust the
+    folder's copy of its code."""
+    from dclip.teachers import DUAL_ENCODER, load_teacher
+    from processing_dclip import DCLIPProcessor
+
+    monkeypatch.setattr("builtins.input", lambda *args: pytest.fail("asked to trust remote code"))
+    root, summary = tiny_run
+    teacher = load_teacher(summary["artefacts"]["base_clip"], DUAL_ENCODER)
+    assert teacher.kind == DUAL_ENCODER and type(teacher.processor) is DCLIPProcessor
+    assert type(teacher.model).__name__ == "CLIPModel"
+
+
 def test_every_stage_writes_a_hub_ready_folder(tiny_run):
     root, summary = tiny_run
     students = {"student", "student_none", "student_clip_cid", "student_instance"}
