@@ -52,20 +52,48 @@ def image_keys(batch: dict) -> list[str]:
     return keys
 
 
+def stored_image_keys(dataset, start: int, stop: int) -> list[str] | None:
+    """The image keys of rows `start:stop` without decoding them: `image_id`, else a hash of each stored image file
+    (bytes, else path); None where the images are not stored as a `datasets.Image` column."""
+    from datasets import Image
+
+    if IMAGE_ID in dataset.column_names:
+        return [str(key) for key in dataset.select_columns([IMAGE_ID])[start:stop][IMAGE_ID]]
+    if not isinstance(dataset.features.get(IMAGE), Image):
+        return None
+    stored = dataset.select_columns([IMAGE]).cast_column(IMAGE, Image(decode=False))[start:stop][IMAGE]
+    return [hashlib.sha1(item["bytes"]).hexdigest() if item.get("bytes") else f"path:{item.get('path')}"
+            for item in stored]
+
+
+def image_batches(start: int, stop: int, batch_size: int, keys: list[str] | None) -> list[tuple[int, int]]:
+    """`(begin, end)` row ranges of about `batch_size` rows covering `start:stop`, each cut where the image changes
+    (`keys` of the rows), so that adjacent rows of one image fall in one batch and are encoded once."""
+    if keys is None:
+        return [(begin, min(begin + batch_size, stop)) for begin in range(start, stop, batch_size)]
+    batches, begin = [], start
+    for row in range(start + 1, stop + 1):
+        if row == stop or (row - begin >= batch_size and keys[row - start] != keys[row - start - 1]):
+            batches.append((begin, row))
+            begin = row
+    return batches
+
+
 @torch.no_grad()
-def embed_rows(teacher, batch: dict, use_given_boxes: bool = True, use_given_spans: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def embed_rows(teacher, batch: dict, use_given_boxes: bool = True, use_given_spans: bool = True,
+               keys: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The teacher's L2-normalised `(image_embeds, text_embeds)` of a batch of rows, with each distinct image
     through the vision side once (and a DCLIP teacher's fusion per pair), and the number of images encoded. Equal
-    to `teacher.embed(teacher.inputs(batch))` up to float error."""
+    to `teacher.embed(teacher.inputs(batch))` up to float error. `keys`: the rows' image keys, if known
+    (`image_keys`)."""
     from .teachers import FUSION, pooled_features
 
-    keys = image_keys(batch)
+    keys = keys or image_keys(batch)
     first: dict[str, int] = {}
     for row, key in enumerate(keys):
         first.setdefault(key, row)
-    unique = list(first.values())
-    index = torch.tensor([unique.index(first[key]) for key in keys])
+    unique, position = list(first.values()), {key: number for number, key in enumerate(first)}
+    index = torch.tensor([position[key] for key in keys])
     images = [batch[IMAGE][row] for row in unique]
     model, device = teacher.model, teacher.device
     if teacher.kind == FUSION:
@@ -196,10 +224,11 @@ def compute_target_shards(dataset, teacher, output_dir: str | os.PathLike, shard
             stats["skipped"] += 1
             continue
         images, texts = [], []
-        for begin in range(start, stop, batch_size):
-            batch = dataset[begin:min(begin + batch_size, stop)]
-            image, text, encoded = embed_rows(teacher, batch, settings["use_given_boxes"],
-                                              settings["use_given_spans"])
+        keys = stored_image_keys(dataset, start, stop)
+        for begin, end in image_batches(start, stop, batch_size, keys):
+            image, text, encoded = embed_rows(teacher, dataset[begin:end], settings["use_given_boxes"],
+                                              settings["use_given_spans"],
+                                              keys=keys[begin - start:end - start] if keys else None)
             images.append(image.float().cpu().numpy().astype(storage))
             texts.append(text.float().cpu().numpy().astype(storage))
             stats["images_encoded"] += encoded

@@ -8,7 +8,14 @@ from conftest import fused_teacher
 from datasets import Dataset, load_from_disk
 
 from dclip.data.scenes import SceneConfig, generate_scenes
-from dclip.shards import compute_target_shards, load_target_shards, shard_name, write_manifest
+from dclip.shards import (
+    compute_target_shards,
+    image_batches,
+    load_target_shards,
+    shard_name,
+    stored_image_keys,
+    write_manifest,
+)
 from dclip.targets import compute_teacher_targets
 from dclip.teachers import as_teacher
 
@@ -58,7 +65,8 @@ def test_sharded_targets_equal_the_per_pair_pass_with_each_image_encoded_once(co
         expected = compute_teacher_targets(coco_style, teacher, batch_size=7, device="cpu")
         per_pair = sum(counted)
         counted.clear()
-        stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=10, batch_size=10,
+        # batches of 7 rows would split an image's captions: they are cut where the image changes instead
+        stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=10, batch_size=7,
                                       process_index=0, num_processes=1)
         sharded = sum(counted)
     finally:
@@ -155,3 +163,14 @@ def test_teacher_targets_and_an_online_teacher_are_refused_together():
 
     with pytest.raises(ValueError, match="--online_teacher and --teacher_targets"):
         DistillationArguments(online_teacher=True, teacher_targets="outputs/targets")
+
+
+def test_batches_are_cut_where_the_image_changes(coco_style):
+    keys = stored_image_keys(coco_style, 0, 20)
+    assert len(set(keys)) == 4 and keys[:5] == [keys[0]] * 5 and keys[5] != keys[4]  # from the stored PNG bytes
+    assert image_batches(0, 20, 7, keys) == [(0, 10), (10, 20)]
+    assert image_batches(0, 20, 5, keys) == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert image_batches(3, 12, 4, keys[3:12]) == [(3, 10), (10, 12)]
+    assert image_batches(0, 5, 2, None) == [(0, 2), (2, 4), (4, 5)]
+    with_ids = coco_style.add_column("image_id", [f"coco-{row // 5}" for row in range(20)])
+    assert stored_image_keys(with_ids, 4, 6) == ["coco-0", "coco-1"]
