@@ -174,10 +174,17 @@ def find_duplicates(index, embeddings: np.ndarray, threshold: float, nprobe: int
         queries, neighbours = queries[other], neighbours[other]
         firsts.append(np.minimum(queries, neighbours))
         seconds.append(np.maximum(queries, neighbours))
-    dropped = np.zeros(len(embeddings), dtype=bool)
-    if not firsts or not sum(len(f) for f in firsts):
+    return drop_later_duplicates(np.concatenate(firsts) if firsts else np.zeros(0, np.int64),
+                                 np.concatenate(seconds) if seconds else np.zeros(0, np.int64), len(embeddings))
+
+
+def drop_later_duplicates(firsts: np.ndarray, seconds: np.ndarray, num_samples: int) -> np.ndarray:
+    """Boolean mask of the samples dropped as duplicates, from duplicate pairs `(firsts[p] < seconds[p])` found in any
+    order (and possibly more than once): visiting samples in order, one not yet dropped drops its later partners."""
+    dropped = np.zeros(num_samples, dtype=bool)
+    if not len(firsts):
         return dropped
-    pairs = np.unique(np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1), axis=0)  # sorted by first
+    pairs = np.unique(np.stack([firsts, seconds], axis=1).astype(np.int64), axis=0)  # sorted by first
     bounds = np.flatnonzero(np.diff(pairs[:, 0])) + 1
     for group in np.split(pairs, bounds):  # each earlier sample, in order, with its later duplicates
         if not dropped[group[0, 0]]:
@@ -207,6 +214,60 @@ def greedy_diverse_subset(embeddings: np.ndarray, threshold: float, block_size: 
     return keep
 
 
+def balance_cluster(vectors: np.ndarray, center: np.ndarray, config: SemanticBalanceConfig) -> np.ndarray:
+    """The reason code (`KEPT`, `SEMANTIC` or `CAPPED`) of each of one cluster's remaining members (`vectors`,
+    L2-normalised, in sample order): visited from the centre outwards (or the reverse), a member redundant with one
+    kept before it is dropped, then at most `max_per_cluster` stay."""
+    reason = np.full(len(vectors), KEPT, dtype=np.int8)
+    centrality = vectors @ center
+    visit = np.argsort(-centrality if config.keep_order == "central" else centrality, kind="stable")
+    if config.semantic_threshold < 1.0:
+        keep = greedy_diverse_subset(vectors[visit], config.semantic_threshold)
+        reason[visit[~keep]] = SEMANTIC
+        visit = visit[keep]
+    if config.max_per_cluster is not None and len(visit) > config.max_per_cluster:
+        reason[visit[config.max_per_cluster:]] = CAPPED
+    return reason
+
+
+def kmeans_sample(num_samples: int, num_clusters: int, max_points_per_centroid: int, seed: int) -> np.ndarray | None:
+    """The rows k-means trains on, in the order it reads them: FAISS's own subsample (`max_points_per_centroid` per
+    centre, its `rand_perm` with `seed`), drawn here so that an engine reading the embeddings from files fetches just
+    these rows and trains the very same centres; None for all of them."""
+    import faiss
+
+    size = num_clusters * max_points_per_centroid
+    if num_samples <= size:
+        return None
+    permutation = np.empty(num_samples, dtype=np.int32 if num_samples < 2**31 else np.int64)
+    faiss.rand_perm(faiss.swig_ptr(permutation), num_samples, seed)
+    return permutation[:size].astype(np.int64)
+
+
+def _read_rows(embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`embeddings[rows]`, read in file order (a memmap seeks forward only), returned in `rows`' order."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), embeddings.shape[1]), dtype=embeddings.dtype)
+    out[order] = embeddings[rows[order]]
+    return out
+
+
+def fit_centers(embeddings: np.ndarray, num_clusters: int, config: SemanticBalanceConfig, verbose: bool = False,
+                normalize: bool = False) -> np.ndarray:
+    """k-means centres of `embeddings` (an array or memmap; only `kmeans_sample`'s rows are read), L2-normalised
+    already or, with `normalize`, here (row by row: the same values either way)."""
+    sample = kmeans_sample(len(embeddings), num_clusters, config.max_points_per_centroid, config.kmeans_seed)
+    rows = embeddings if sample is None else _read_rows(embeddings, sample)
+    rows = normalize_embeddings(rows) if normalize else np.ascontiguousarray(rows)
+    return spherical_kmeans(rows, num_clusters, config.kmeans_iterations, config.kmeans_seed,
+                            config.max_points_per_centroid, verbose)
+
+
+def cluster_count(num_samples: int, config: SemanticBalanceConfig) -> int:
+    """`num_clusters`, else samples / `samples_per_cluster`, at most one per sample."""
+    return min(config.num_clusters or max(1, round(num_samples / config.samples_per_cluster)), num_samples)
+
+
 def semantic_balance(embeddings: np.ndarray, config: SemanticBalanceConfig | None = None,
                      verbose: bool = False) -> BalanceResult:
     """Image semantic balance of `(samples, dim)` image embeddings (any scale; normalised here). See the module."""
@@ -214,10 +275,7 @@ def semantic_balance(embeddings: np.ndarray, config: SemanticBalanceConfig | Non
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     embeddings = normalize_embeddings(embeddings)
-    num_clusters = config.num_clusters or max(1, round(len(embeddings) / config.samples_per_cluster))
-    num_clusters = min(num_clusters, len(embeddings))
-    centers = spherical_kmeans(embeddings, num_clusters, config.kmeans_iterations, config.kmeans_seed,
-                               config.max_points_per_centroid, verbose)
+    centers = fit_centers(embeddings, cluster_count(len(embeddings), config), config, verbose)
     seconds["kmeans"] = round(time.perf_counter() - started, 2)
 
     mark = time.perf_counter()
@@ -232,18 +290,8 @@ def semantic_balance(embeddings: np.ndarray, config: SemanticBalanceConfig | Non
     bounds = np.flatnonzero(np.diff(cluster[order])) + 1
     for members in tqdm(np.split(order, bounds), desc="semantic balance", unit="cluster", disable=not verbose):
         members = members[reason[members] == KEPT]
-        if not len(members):
-            continue
-        vectors = embeddings[members]
-        centrality = vectors @ centers[cluster[members[0]]]
-        visit = np.argsort(-centrality if config.keep_order == "central" else centrality, kind="stable")
-        members, vectors = members[visit], vectors[visit]
-        if config.semantic_threshold < 1.0:
-            keep = greedy_diverse_subset(vectors, config.semantic_threshold)
-            reason[members[~keep]] = SEMANTIC
-            members = members[keep]
-        if config.max_per_cluster is not None and len(members) > config.max_per_cluster:
-            reason[members[config.max_per_cluster :]] = CAPPED
+        if len(members):
+            reason[members] = balance_cluster(embeddings[members], centers[cluster[members[0]]], config)
     seconds["semantic"] = round(time.perf_counter() - mark, 2)
     seconds["total"] = round(time.perf_counter() - started, 2)
     return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds)
@@ -285,14 +333,22 @@ def write_balance_outputs(result: BalanceResult, output_dir: str | Path, config:
     return report
 
 
+ENGINES = ("local", "ray")
+
+
 def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfig | None = None,
                    model_name_or_path: str | None = None, embeddings_file: str | None = None,
-                   batch_size: int = 256, save_dataset: bool = False) -> dict:
+                   batch_size: int = 256, save_dataset: bool = False, engine: str = "local",
+                   ray_address: str | None = None, ray_num_cpus: int | None = None) -> dict:
     """
     Image semantic balance of a captioned-image `dataset`: embed its images with `model_name_or_path` (a teacher,
     student or any CLIP; saved as `image_embeddings.npy`) or read `embeddings_file` (a `.npy`, memory-mapped), then
     write [`write_balance_outputs`]'s files and, with `save_dataset`, the kept rows as a data set (`dataset/`).
+    `engine="ray"` balances on a Ray cluster (`dclip.ray_curation`: at `ray_address`, else a local one with
+    `ray_num_cpus` CPUs), with the same result, and also writes the kept ids as Parquet shards (`kept/`).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"--engine must be one of {ENGINES}, got {engine!r}")
     config = config or SemanticBalanceConfig()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -308,13 +364,19 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
         processor = DCLIPProcessor.from_pretrained(model_name_or_path, trust_remote_code=False)
         embeddings = embed_images(model, processor, dataset, batch_size=batch_size)
         np.save(output_dir / "image_embeddings.npy", embeddings)
-        source = model_name_or_path
+        embeddings_file, source = str(output_dir / "image_embeddings.npy"), model_name_or_path
     else:
         raise ValueError("semantic balance needs image embeddings: give --model_name_or_path or --embeddings")
     if dataset is not None and len(embeddings) != len(dataset):
         raise ValueError(f"{source}: {len(embeddings)} embeddings for a data set of {len(dataset)} rows")
-    result = semantic_balance(embeddings, config, verbose=True)
-    extra = {"embeddings_from": source, "rows": len(embeddings)}
+    if engine == "ray":
+        from .ray_curation import semantic_balance_ray
+
+        result = semantic_balance_ray(embeddings_file, config, address=ray_address, num_cpus=ray_num_cpus,
+                                      output_dir=output_dir)
+    else:
+        result = semantic_balance(embeddings, config, verbose=True)
+    extra = {"embeddings_from": source, "rows": len(embeddings), "engine": engine}
     if dataset is not None and "redundancy" in dataset.column_names:  # the embedded data: what was injected
         kinds = np.asarray(dataset["redundancy"])
         extra["removed_by_injected_kind"] = {

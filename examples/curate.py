@@ -7,6 +7,8 @@
     accelerate launch examples/train.py --train_indices outputs/curated/kept_indices.npy ...
     # web scale: embeddings computed elsewhere, one (rows, dim) .npy (read memory-mapped)
     python examples/curate.py --embeddings laion_image_embeds.npy --samples_per_cluster 400
+    # the same on a Ray cluster (pip install -e ".[scale]"; the .npy on storage every node sees)
+    python examples/curate.py --embeddings laion_image_embeds.npy --engine ray --ray_address auto
 
 Writes `kept_indices.npy`, `cluster_centers.npy`, `report.json` (counts removed per reason, cluster sizes before and
 after) and `cluster_sizes.png` to `--output_dir`; `--save_dataset` also writes the kept rows as a data set.
@@ -34,6 +36,11 @@ class CurationArguments:
     batch_size: int = 256
     save_dataset: bool = field(default=False, metadata={"help": "also save the kept rows with save_to_disk"})
     data_seed: int = field(default=42, metadata={"help": "seed of the embedded scenes: train.py's --seed"})
+    engine: str = field(default="local", metadata={"help": "local (one machine's FAISS) or ray (the same result on "
+                                                   "a Ray cluster; pip install -e '.[scale]')"})
+    ray_address: str | None = field(default=None, metadata={"help": "the Ray cluster to join (ray.init's address, "
+                                                            "e.g. auto); default: a local one"})
+    ray_num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray cluster"})
 
 
 def main() -> None:
@@ -46,7 +53,8 @@ def main() -> None:
         dataset = data["train"]
     report = curate_dataset(dataset, args.output_dir, config, model_name_or_path=args.model_name_or_path,
                             embeddings_file=args.embeddings, batch_size=args.batch_size,
-                            save_dataset=args.save_dataset)
+                            save_dataset=args.save_dataset, engine=args.engine, ray_address=args.ray_address,
+                            ray_num_cpus=args.ray_num_cpus)
     print(f"kept {report['kept']:,} of {report['samples']:,} pairs ({report['removed_fraction']:.1%} removed): "
           + ", ".join(f"{name} {count:,}" for name, count in report["removed"].items()))
     print(f"report: {args.output_dir}/report.json, plot: {report['plot']}")

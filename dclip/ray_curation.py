@@ -1,0 +1,156 @@
+"""
+CLIP-CID's image semantic balance on a Ray cluster (`examples/curate.py --engine ray`): the steps of
+`dclip.curation.semantic_balance`, with the same result, the per-sample and per-cluster work spread over Ray Data.
+
+1. k-means (FAISS) on the driver, over `kmeans_sample`'s rows only (read from the embeddings file);
+2. assignment: each block of rows finds its `duplicate_nprobe` nearest centres (the first is its cluster);
+3. duplicates, group-wise: every row goes to each cluster it probes; in each cluster's group, the rows that probe it
+   are range-searched against the cluster's own members (the pairs the inverted-file search of the local engine
+   finds), and the driver drops the later sample of each pair in order;
+4. semantic redundancy and the cap, group-wise: each cluster's remaining members, by `balance_cluster`.
+
+Workers read the rows they need from the `(samples, dim)` `.npy` file (memory-mapped; on several machines it must be
+on storage they all see), so no step holds every embedding in one process besides a small-data k-means. Needs
+`pip install -e ".[scale]"` (Ray).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .curation import (
+    DUPLICATE,
+    KEPT,
+    BalanceResult,
+    SemanticBalanceConfig,
+    balance_cluster,
+    cluster_count,
+    drop_later_duplicates,
+    fit_centers,
+    normalize_embeddings,
+)
+
+
+logger = logging.getLogger(__name__)
+
+
+def _rows(path: str, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of the embeddings file, L2-normalised (row by row, as the local engine normalises them)."""
+    return normalize_embeddings(np.load(path, mmap_mode="r")[np.asarray(ids)])
+
+
+def _value(value):
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _assign(batch: dict, path: str, centers, nprobe: int) -> dict:
+    import faiss
+
+    centers = _value(centers)
+    index = faiss.IndexFlatIP(centers.shape[1])
+    index.add(centers)
+    _, probes = index.search(_rows(path, batch["id"]), min(nprobe, len(centers)))
+    return {"id": batch["id"], "cluster": probes[:, 0].astype(np.int64), "probes": probes.astype(np.int64)}
+
+
+def _explode(batch: dict) -> dict:
+    """One row per (row, probed cluster)."""
+    probes = batch["probes"]
+    return {"probe": probes.T.reshape(-1), "id": np.tile(batch["id"], probes.shape[1]),
+            "cluster": np.tile(batch["cluster"], probes.shape[1])}
+
+
+def _pairs(group: dict, path: str, radius: float) -> dict:
+    """Duplicate pairs `(first < second)` of one probed cluster: its rows that probe it against its own members."""
+    import faiss
+
+    ids, probe = group["id"], group["probe"][0]
+    members = ids[group["cluster"] == probe]
+    if not len(members):
+        return {"first": np.zeros(0, np.int64), "second": np.zeros(0, np.int64)}
+    index = faiss.IndexFlatIP(np.load(path, mmap_mode="r").shape[1])
+    index.add(_rows(path, members))
+    limits, _, neighbours = index.range_search(_rows(path, ids), radius)
+    queries = ids[np.repeat(np.arange(len(ids)), np.diff(limits.astype(np.int64)))]
+    neighbours = members[neighbours]
+    other = neighbours != queries
+    return {"first": np.minimum(queries, neighbours)[other], "second": np.maximum(queries, neighbours)[other]}
+
+
+def _balance(group: dict, path: str, centers, config: SemanticBalanceConfig) -> dict:
+    ids = np.sort(group["id"])  # sample order, as the local engine visits a cluster
+    center = _value(centers)[group["cluster"][0]]
+    return {"id": ids, "reason": balance_cluster(_rows(path, ids), center, config)}
+
+
+def _collect(dataset, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    parts: dict[str, list] = {name: [] for name in columns}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for name in columns:
+            parts[name].append(batch[name])
+    return {name: np.concatenate(values) if values else np.zeros(0, np.int64) for name, values in parts.items()}
+
+
+def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceConfig | None = None,
+                         address: str | None = None, num_cpus: int | None = None, block_rows: int = 65_536,
+                         output_dir: str | Path | None = None) -> BalanceResult:
+    """
+    `dclip.curation.semantic_balance` of the `(samples, dim)` embeddings in `embeddings_file` (`.npy`), on Ray: the
+    cluster at `address` (`ray.init`'s; default: the one this process is connected to, else a local one with
+    `num_cpus` CPUs). With `output_dir`, the kept sample ids are also written there as Parquet shards (`kept/`).
+    """
+    import ray
+
+    config = config or SemanticBalanceConfig()
+    path = str(Path(embeddings_file).resolve())
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    raw = np.load(path, mmap_mode="r")
+    if raw.ndim != 2 or not len(raw):
+        raise ValueError(f"{path}: expected a non-empty (samples, dim) array, got shape {raw.shape}")
+    num_samples = len(raw)
+    centers = fit_centers(raw, cluster_count(num_samples, config), config, normalize=True)
+    centers_ref = ray.put(centers)
+    seconds["kmeans"] = round(time.perf_counter() - started, 2)
+
+    mark = time.perf_counter()
+    blocks = max(1, math.ceil(num_samples / block_rows))
+    assigned = ray.data.range(num_samples, override_num_blocks=blocks).map_batches(
+        _assign, fn_kwargs={"path": path, "centers": centers_ref, "nprobe": config.duplicate_nprobe},
+        batch_format="numpy", batch_size=block_rows).materialize()
+    radius = float(np.nextafter(np.float32(config.duplicate_threshold), np.float32(-np.inf)))  # as the local one
+    pairs = _collect(assigned.map_batches(_explode, batch_format="numpy").groupby("probe").map_groups(
+        _pairs, fn_kwargs={"path": path, "radius": radius}, batch_format="numpy"), ("first", "second"))
+    dropped = drop_later_duplicates(pairs["first"], pairs["second"], num_samples)
+    seconds["duplicates"] = round(time.perf_counter() - mark, 2)
+
+    mark = time.perf_counter()
+    dropped_ref = ray.put(dropped)
+    remaining = assigned.map_batches(
+        lambda batch, dropped: {name: batch[name][~_value(dropped)[batch["id"]]] for name in ("id", "cluster")},
+        fn_kwargs={"dropped": dropped_ref}, batch_format="numpy")
+    balanced = remaining.groupby("cluster").map_groups(
+        _balance, fn_kwargs={"path": path, "centers": centers_ref, "config": config},
+        batch_format="numpy").materialize()
+    reason = np.where(dropped, DUPLICATE, KEPT).astype(np.int8)
+    decided = _collect(balanced, ("id", "reason"))
+    reason[decided["id"]] = decided["reason"]
+    cluster = np.empty(num_samples, dtype=np.int64)
+    owners = _collect(assigned, ("id", "cluster"))
+    cluster[owners["id"]] = owners["cluster"]
+    if output_dir is not None:
+        balanced.filter(expr=f"reason == {KEPT}").select_columns(["id"]).write_parquet(
+            str(Path(output_dir).resolve() / "kept"))
+    seconds["semantic"] = round(time.perf_counter() - mark, 2)
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds)

@@ -1,0 +1,62 @@
+"""Curation on Ray (`examples/curate.py --engine ray`): the same rows kept as the local engine."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+from dclip.arguments import DataArguments
+from dclip.curation import CAPPED, DUPLICATE, KEPT, SEMANTIC, SemanticBalanceConfig, kmeans_sample, semantic_balance
+from dclip.data.loading import load_data
+
+
+pytest.importorskip("ray")
+
+
+def test_ray_engine_with_two_workers_keeps_exactly_the_local_engines_rows(tmp_path):
+    """The embedded scenes with injected exact copies, re-rendered near copies and repeated concepts, embedded by
+    their centred pixels; settings under which every step has work: k-means on a subsample, duplicates searched
+    over 2 clusters each, semantic redundancy and a cluster cap."""
+    import pyarrow.parquet as pq
+
+    data_args = dict(num_train_scenes=600, image_size=32, cache_dir=str(tmp_path / "cache"),
+                     exact_duplicate_fraction=0.1, near_duplicate_fraction=0.1, concept_fraction=0.2)
+    train = load_data(DataArguments(**data_args), seed=42)[0]["train"]  # curate.py's --data_seed
+    pixels = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32).ravel() for image in train["image"]])
+    np.save(tmp_path / "embeddings.npy", pixels - pixels.mean(0))
+    settings = dict(num_clusters=8, max_points_per_centroid=40, duplicate_threshold=0.9, duplicate_nprobe=2,
+                    semantic_threshold=0.85, max_per_cluster=60)
+    assert kmeans_sample(len(pixels), 8, 40, 0) is not None  # k-means trains on FAISS's subsample
+    embeddings = np.load(tmp_path / "embeddings.npy")
+    local = semantic_balance(embeddings, SemanticBalanceConfig(**settings))
+    counts = np.bincount(local.reason, minlength=4)
+    assert counts[DUPLICATE] > 30 and counts[SEMANTIC] > 10 and counts[CAPPED] > 10 and counts[KEPT] > 200, counts
+    # some duplicate pairs straddle two clusters: the second probed cluster matters here
+    one_probe = semantic_balance(embeddings, SemanticBalanceConfig(**{**settings, "duplicate_nprobe": 1}))
+    assert (one_probe.reason != local.reason).any()
+
+    output = tmp_path / "curated"
+    flags = [f"--{name}={value}" for name, value in {**data_args, **settings}.items()]
+    command = [sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--embeddings",
+               str(tmp_path / "embeddings.npy"), *flags, "--output_dir", str(output), "--engine", "ray",
+               "--ray_num_cpus", "2"]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=400)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    kept = np.load(output / "kept_indices.npy")
+    np.testing.assert_array_equal(kept, local.kept_indices)
+    report = json.loads((output / "report.json").read_text())
+    assert report["engine"] == "ray" and report["removed"] == local.report()["removed"]
+    np.testing.assert_array_equal(np.load(output / "cluster_centers.npy"), local.centers)
+    shards = sorted((output / "kept").glob("*.parquet"))
+    assert shards and np.array_equal(np.sort(np.concatenate([pq.read_table(shard)["id"].to_numpy()
+                                                             for shard in shards])), local.kept_indices)
+
+
+def test_an_unknown_engine_is_named(tmp_path):
+    from dclip.curation import curate_dataset
+
+    with pytest.raises(ValueError, match="--engine must be one of"):
+        curate_dataset(None, tmp_path, embeddings_file="x.npy", engine="spark")
