@@ -6,6 +6,10 @@ counts as JSON and, with `--markdown`, appends a row to BENCHMARKS.md.
 
     python benchmarks/semantic_balance.py                      # 1,000,000 x 512, the issue's size
     python benchmarks/semantic_balance.py --samples 100000     # a quick one
+    python benchmarks/semantic_balance.py --engine both        # and on a local Ray cluster, the kept rows checked
+                                                               # equal (pip install -e ".[scale]")
+
+With `--engine ray` the embeddings are written to a temporary `.npy` first (the Ray engine's input; not timed).
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--semantic_threshold", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="append a result row to this file (e.g. BENCHMARKS.md)")
+    parser.add_argument("--engine", choices=("local", "ray", "both"), default="local")
+    parser.add_argument("--ray_num_cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -70,8 +76,22 @@ def main() -> None:
                                                 args.seed)
     generate_seconds = time.perf_counter() - started
     config = SemanticBalanceConfig(semantic_threshold=args.semantic_threshold, kmeans_seed=args.seed)
-    result = semantic_balance(embeddings, config, verbose=True)
+    engines = {}
+    if args.engine in ("ray", "both"):
+        import tempfile
+
+        from dclip.ray_curation import semantic_balance_ray
+
+        with tempfile.TemporaryDirectory() as scratch:
+            np.save(f"{scratch}/embeddings.npy", embeddings)
+            engines["ray"] = semantic_balance_ray(f"{scratch}/embeddings.npy", config, num_cpus=args.ray_num_cpus)
+    if args.engine in ("local", "both"):
+        engines["local"] = semantic_balance(embeddings, config, verbose=True)
+    if len(engines) == 2:
+        assert np.array_equal(engines["local"].reason, engines["ray"].reason), "the engines kept different rows"
+    result = engines.get("local", engines.get("ray"))
     report = result.report()
+    report["seconds_by_engine"] = {name: engine.seconds for name, engine in engines.items()}
     import faiss
 
     report.update(samples=args.samples, injected_duplicates=injected, dim=args.dim,
