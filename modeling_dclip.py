@@ -241,6 +241,14 @@ class _CLIPTowersMixin:
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embedding. accelerate's FSDP2 preparation asks for it (to shard it as its own unit),
+        and transformers' default raises for a two-tower model."""
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
     def get_text_features(
         self,
         input_ids: torch.Tensor,

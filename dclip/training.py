@@ -86,9 +86,32 @@ def explicit_checkpoint(resume_from: str | bool | None) -> Path | None:
     return path
 
 
+def uses_fsdp2(trainer: Trainer) -> bool:
+    """Whether `trainer` shards its model with FSDP2 (`fully_shard`, e.g. `examples/accelerate_configs/fsdp.yaml`)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+
+
+def vectorize_scalar_parameters(model: torch.nn.Module) -> list[str]:
+    """Give every 0-d parameter (CLIP's `logit_scale`) shape `(1,)`, which FSDP2's `fully_shard` needs; the values and
+    the losses stay the same (they read a scale of one element either way), and `save_final` writes them back as
+    0-d, so saved folders keep the `CLIPModel` layout. Returns the names changed."""
+    changed = []
+    for module_name, module in model.named_modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if parameter.dim() == 0:
+                setattr(module, name, torch.nn.Parameter(parameter.detach().reshape(1),
+                                                         requires_grad=parameter.requires_grad))
+                changed.append(f"{module_name}.{name}".lstrip("."))
+    return changed
+
+
 def train_stage(trainer: Trainer, resume_from: str | bool | None, explicit: Path | None = None) -> TrainingLog:
     """`trainer.train()`; when resuming (`resume_from`), from `explicit` if given, else from the last complete
-    checkpoint in the stage's folder."""
+    checkpoint in the stage's folder. Under FSDP2 the model's 0-d parameters first become 1-d
+    (`vectorize_scalar_parameters`)."""
+    if uses_fsdp2(trainer):
+        vectorize_scalar_parameters(trainer.model)
     checkpoint = None
     if resume_from:
         checkpoint = str(explicit) if explicit is not None else last_complete_checkpoint(trainer.args.output_dir)
@@ -117,6 +140,10 @@ def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.
         # a compiled model (`--torch_compile`) names its weights `_orig_mod.<name>`
         state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
         whole = type(model)(model.config)
+        shapes = {name: tensor.shape for name, tensor in whole.state_dict().items()}
+        # parameters made 1-d for FSDP2 (`vectorize_scalar_parameters`) go back to the model's own 0-d shape
+        state_dict = {name: tensor.reshape(shapes[name]) if name in shapes and tensor.dim() == 1
+                      and shapes[name] == torch.Size([]) else tensor for name, tensor in state_dict.items()}
         whole.load_state_dict(state_dict, strict=True)
         whole = (export(whole) if export is not None else whole).to(dtype=model.dtype)
         partial = folder.with_name(folder.name + ".partial")
