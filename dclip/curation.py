@@ -333,22 +333,16 @@ def write_balance_outputs(result: BalanceResult, output_dir: str | Path, config:
     return report
 
 
-ENGINES = ("local", "ray")
-
-
 def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfig | None = None,
                    model_name_or_path: str | None = None, embeddings_file: str | None = None,
-                   batch_size: int = 256, save_dataset: bool = False, engine: str = "local",
-                   ray_address: str | None = None, ray_num_cpus: int | None = None) -> dict:
+                   batch_size: int = 256, save_dataset: bool = False, engine=None) -> dict:
     """
     Image semantic balance of a captioned-image `dataset`: embed its images with `model_name_or_path` (a teacher,
     student or any CLIP; saved as `image_embeddings.npy`) or read `embeddings_file` (a `.npy`, memory-mapped), then
     write [`write_balance_outputs`]'s files and, with `save_dataset`, the kept rows as a data set (`dataset/`).
-    `engine="ray"` balances on a Ray cluster (`dclip.ray_curation`: at `ray_address`, else a local one with
-    `ray_num_cpus` CPUs), with the same result, and also writes the kept ids as Parquet shards (`kept/`).
+    `engine`: None for this process's [`semantic_balance`], or another engine with the same result, called as
+    `engine(embeddings_file, config, output_dir)` (`dclip.ray_curation.RayEngine`: on a Ray cluster).
     """
-    if engine not in ENGINES:
-        raise ValueError(f"--engine must be one of {ENGINES}, got {engine!r}")
     config = config or SemanticBalanceConfig()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -369,14 +363,11 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
         raise ValueError("semantic balance needs image embeddings: give --model_name_or_path or --embeddings")
     if dataset is not None and len(embeddings) != len(dataset):
         raise ValueError(f"{source}: {len(embeddings)} embeddings for a data set of {len(dataset)} rows")
-    if engine == "ray":
-        from .ray_curation import semantic_balance_ray
-
-        result = semantic_balance_ray(embeddings_file, config, address=ray_address, num_cpus=ray_num_cpus,
-                                      output_dir=output_dir)
+    if engine is not None:
+        result = engine(embeddings_file, config, output_dir)
     else:
         result = semantic_balance(embeddings, config, verbose=True)
-    extra = {"embeddings_from": source, "rows": len(embeddings), "engine": engine}
+    extra = {"embeddings_from": source, "rows": len(embeddings), "engine": getattr(engine, "name", "local")}
     if dataset is not None and "redundancy" in dataset.column_names:  # the embedded data: what was injected
         kinds = np.asarray(dataset["redundancy"])
         extra["removed_by_injected_kind"] = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,17 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
     seconds["semantic"] = round(time.perf_counter() - mark, 2)
     seconds["total"] = round(time.perf_counter() - started, 2)
     return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds)
+
+
+@dataclass
+class RayEngine:
+    """`dclip.curation.curate_dataset`'s `engine` for a Ray cluster: at `address`, else a local one of `num_cpus`."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    name: str = "ray"
+
+    def __call__(self, embeddings_file: str | Path, config: SemanticBalanceConfig,
+                 output_dir: str | Path | None = None) -> BalanceResult:
+        return semantic_balance_ray(embeddings_file, config, address=self.address, num_cpus=self.num_cpus,
+                                    output_dir=output_dir)

@@ -42,6 +42,10 @@ class CurationArguments:
                                                             "e.g. auto); default: a local one"})
     ray_num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray cluster"})
 
+    def __post_init__(self):
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
+
 
 def main() -> None:
     parser = HfArgumentParser((CurationArguments, DataArguments, SemanticBalanceConfig))
@@ -51,10 +55,14 @@ def main() -> None:
     if args.embeddings is None or data_args.dataset_name is not None or args.save_dataset:
         data, _ = load_data(data_args, args.data_seed)
         dataset = data["train"]
+    engine = None
+    if args.engine == "ray":
+        from dclip.ray_curation import RayEngine
+
+        engine = RayEngine(args.ray_address, args.ray_num_cpus)
     report = curate_dataset(dataset, args.output_dir, config, model_name_or_path=args.model_name_or_path,
                             embeddings_file=args.embeddings, batch_size=args.batch_size,
-                            save_dataset=args.save_dataset, engine=args.engine, ray_address=args.ray_address,
-                            ray_num_cpus=args.ray_num_cpus)
+                            save_dataset=args.save_dataset, engine=engine)
     print(f"kept {report['kept']:,} of {report['samples']:,} pairs ({report['removed_fraction']:.1%} removed): "
           + ", ".join(f"{name} {count:,}" for name, count in report["removed"].items()))
     print(f"report: {args.output_dir}/report.json, plot: {report['plot']}")

@@ -55,8 +55,7 @@ def test_ray_engine_with_two_workers_keeps_exactly_the_local_engines_rows(tmp_pa
                                                              for shard in shards])), local.kept_indices)
 
 
-def test_an_unknown_engine_is_named(tmp_path):
-    from dclip.curation import curate_dataset
-
-    with pytest.raises(ValueError, match="--engine must be one of"):
-        curate_dataset(None, tmp_path, embeddings_file="x.npy", engine="spark")
+def test_an_unknown_engine_is_named():
+    command = [sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--embeddings", "x.npy", "--engine", "spark"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0 and "--engine must be local or ray, got 'spark'" in completed.stderr
