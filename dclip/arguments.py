@@ -108,6 +108,10 @@ class DataArguments:
                                                  "with a small jitter")
     concept_fraction: float = option(0.0, "embedded data: ...repeats of a few "
                                           "over-represented concepts")
+    streaming: bool = option(False, "read the training split as a stream (a datasets.IterableDataset of "
+                                    "--dataset_name: webdataset shards, a Hub data set, ...), split by node; for "
+                                    "--stage distill with a --student_model, the teacher's targets from "
+                                    "--teacher_targets (or --online_teacher); --distill_steps sets the length")
     max_eval_samples: int = option(1000, "evaluate on at most this many pairs of the eval split")
     use_annotated_regions: bool = option(False, "train the teacher on the data's own "
                                                 "boxes and spans, not the detector's and the span "

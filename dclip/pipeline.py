@@ -26,6 +26,7 @@ from .stages import (
     train_default_detector,
     train_teacher,
 )
+from .trainer import CLUSTER_TERMS
 from .training import cpu_threads_per_process, explicit_checkpoint, wait_for_everyone
 
 
@@ -40,10 +41,33 @@ def check_run_arguments(model_args: ModelArguments, data_args: DataArguments, ar
             model_args.student_preset is None or model_args.teacher_model is None):
         raise ValueError("--dataset_name needs --student_model (a CLIP checkpoint), or --student_preset and "
                          "--teacher_model: a base CLIP is pretrained here only on the embedded default data.")
+    if data_args.streaming:
+        check_streaming_arguments(model_args, data_args, args)
     if training_args.push_to_hub and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (the repository the student goes to, e.g. "
                          "your-name/dclip-student)")
     return explicit_checkpoint(training_args.resume_from_checkpoint)
+
+
+def check_streaming_arguments(model_args: ModelArguments, data_args: DataArguments,
+                              args: DistillationArguments) -> None:
+    """`--streaming` trains students only, from a real data set, on targets that need no pass over the whole split."""
+    needs = []
+    if data_args.dataset_name is None:
+        needs.append("--dataset_name (the embedded scenes are map-style)")
+    if args.stage != "distill":
+        needs.append("--stage distill (the base CLIP and the teacher train on map-style data)")
+    if model_args.student_model is None:
+        needs.append("--student_model (its processor; no tokenizer is trained on a stream)")
+    if data_args.train_indices is not None:
+        needs.append("no --train_indices (rows of a stream are not selected by position)")
+    for method in args.student_methods(embedded_data=False):
+        if any(args.loss_weights(method)[term] for term in CLUSTER_TERMS):
+            needs.append(f"no cluster terms ({method}: k-means needs the whole split)")
+        elif method != "none" and not (args.teacher_targets or args.online_teacher):
+            needs.append(f"--teacher_targets or --online_teacher for the {method} student")
+    if needs:
+        raise ValueError("--streaming needs " + "; ".join(needs))
 
 
 def clear_stale_folders(context: RunContext) -> None:

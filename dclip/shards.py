@@ -28,7 +28,8 @@ from .columns import CAPTION, IMAGE, IMAGE_ID, SAMPLE_ID, TEACHER_IMAGE_EMBEDS, 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TARGET_DTYPES = ("float32", "float16")
-SHARD_FORMAT = 1  # bumped when the files' layout changes
+SHARD_FORMAT = 2  # bumped when the files' layout changes (2: a `row_key` column where the data has `image_id`)
+ROW_KEY = "row_key"
 
 
 def launch_state():
@@ -178,16 +179,29 @@ def shard_is_complete(output_dir: Path, number: int, key: str, start: int, stop:
             and record.get("sha256") == file_sha256(path))
 
 
+def row_keys(batch: dict) -> np.ndarray | None:
+    """A 64-bit key per row from its `image_id` and caption (rows that share both share their targets too), by which
+    a streamed row finds its targets; None where the data has no `image_id`."""
+    if IMAGE_ID not in batch:
+        return None
+    digests = (hashlib.sha1(f"{image_id}\n{caption}".encode()).digest()[:8]
+               for image_id, caption in zip(batch[IMAGE_ID], batch[CAPTION]))
+    return np.frombuffer(b"".join(digests), dtype=np.uint64).copy()
+
+
 def _write_shard(output_dir: Path, number: int, key: str, start: int, stop: int, ids: np.ndarray,
-                 image: np.ndarray, text: np.ndarray) -> None:
+                 image: np.ndarray, text: np.ndarray, keys: np.ndarray | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def vectors(array: np.ndarray) -> pa.Array:
         return pa.FixedSizeListArray.from_arrays(pa.array(array.reshape(-1)), array.shape[1])
 
-    table = pa.table({SAMPLE_ID: pa.array(ids, pa.int64()), TEACHER_IMAGE_EMBEDS: vectors(image),
-                      TEACHER_TEXT_EMBEDS: vectors(text)})
+    columns = {SAMPLE_ID: pa.array(ids, pa.int64()), TEACHER_IMAGE_EMBEDS: vectors(image),
+               TEACHER_TEXT_EMBEDS: vectors(text)}
+    if keys is not None:
+        columns[ROW_KEY] = pa.array(keys, pa.uint64())
+    table = pa.table(columns)
     path = output_dir / shard_name(number)
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     pq.write_table(table, partial)
@@ -232,8 +246,10 @@ def compute_target_shards(dataset, teacher, output_dir: str | os.PathLike, shard
             images.append(image.float().cpu().numpy().astype(storage))
             texts.append(text.float().cpu().numpy().astype(storage))
             stats["images_encoded"] += encoded
+        identities = (row_keys(dataset.select_columns([IMAGE_ID, CAPTION])[start:stop])
+                      if IMAGE_ID in dataset.column_names else None)
         _write_shard(output_dir, number, key, start, stop, np.arange(start, stop), np.concatenate(images),
-                     np.concatenate(texts))
+                     np.concatenate(texts), identities)
         stats["computed"] += 1
         stats["rows"] += stop - start
         logger.info("teacher targets: shard %d (rows %d-%d) written by process %d", number, start, stop,
@@ -305,7 +321,8 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
                          f"({len(dataset)} rows, fingerprint {dataset._fingerprint})")
     if teacher is not None and not made_by(targets_dir, teacher):
         raise ValueError(f"{targets_dir}: these targets come from other teacher weights than {teacher.name}'s")
-    table = pa.concat_tables([pq.read_table(path) for path in files]) if files else None
+    table = pa.concat_tables([pq.read_table(path, columns=[SAMPLE_ID, *TEACHER_TARGETS]) for path in files]) \
+        if files else None
     ids = table[SAMPLE_ID].to_numpy() if table is not None else np.zeros(0, np.int64)
     if not np.array_equal(ids, np.arange(settings["rows"])):
         raise ValueError(f"{targets_dir}: the shards' sample ids do not cover rows 0..{settings['rows'] - 1} in order")
@@ -316,3 +333,4 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
     if dataset is None:
         return targets
     return concatenate_datasets([dataset, targets.remove_columns(SAMPLE_ID)], axis=1)
+

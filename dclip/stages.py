@@ -4,6 +4,7 @@ the embedded data), `pretrain` (a base CLIP from scratch), `teacher` (the cross-
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,8 +334,13 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
         teacher.embed_dim if teacher is not None else None, context.training_args.seed,
         distillation_method=STUDENT_CONFIG_METHODS[method], teacher_name_or_path=teacher.name if teacher else None)
     online = args.online_teacher and teacher is not None
-    train = (teacher_targets(context, teacher, published=method == args.method) if teacher is not None and not online
-             else context.data["train"])
+    if context.data_args.streaming:
+        from .streaming import streamed_train
+
+        train = streamed_train(context, None if online else teacher, method)
+    else:
+        train = (teacher_targets(context, teacher, published=method == args.method)
+                 if teacher is not None and not online else context.data["train"])
     weights, centers = args.loss_weights(method), None
     if any(weights[term] for term in CLUSTER_TERMS):
         # the region default needs a DCLIP teacher: the student's own, a given one, or the run's `teacher` stage's
@@ -351,6 +357,9 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     if model_args.lora_rank:
         student = with_lora(student, model_args)
     stage_args = context.stage_arguments("distill", args.distill_steps, args.distill_learning_rate, folder)
+    if context.data_args.streaming:  # each process reads its own part of the stream: accelerate must not dispatch
+        stage_args = dataclasses.replace(stage_args, accelerator_config={"dispatch_batches": False,
+                                                                         "split_batches": False})
     collator = DCLIPCollator(context.processor, teacher=teacher if online else None,
                              **context.data_args.region_settings())
     trainer = DCLIPTrainer(

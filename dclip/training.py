@@ -25,7 +25,7 @@ class TrainingLog:
 
     resumed_from: str | None
     global_step: int
-    train_rows: int
+    train_rows: int | None  # None: a streamed training split
     seconds: float
 
 
@@ -119,8 +119,9 @@ def train_stage(trainer: Trainer, resume_from: str | bool | None, explicit: Path
         logger.info("resuming %s from %s", trainer.args.output_dir, checkpoint)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
-    return TrainingLog(resumed_from=checkpoint, global_step=trainer.state.global_step,
-                       train_rows=len(trainer.train_dataset), seconds=round(time.perf_counter() - started, 1))
+    rows = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None  # None: a stream
+    return TrainingLog(resumed_from=checkpoint, global_step=trainer.state.global_step, train_rows=rows,
+                       seconds=round(time.perf_counter() - started, 1))
 
 
 def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.Module | None = None,

@@ -32,12 +32,16 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[st
         data = DatasetDict()
         extra = {"image_root": data_args.image_root} if data_args.image_root else {}
         for name, split in (("train", data_args.train_split), ("eval", data_args.eval_split)):
+            streaming = data_args.streaming and name == "train"
             dataset, report = load_caption_dataset(data_args.dataset_name, format=data_args.dataset_format,
-                                                   split=split, **extra)
+                                                   split=split, streaming=streaming, **extra)
             data[name] = dataset
             reports[name] = {"source": report.source, "rows": report.num_rows, "images": report.num_images,
                              "skipped": dict(report.skipped)}
-    if data_args.max_train_samples is not None:  # first, as in examples/curate.py, so curated indices line up
+    if data_args.streaming:  # checked and counted as it is read (the report's counts grow as the stream is)
+        if data_args.max_train_samples is not None:
+            data["train"] = data["train"].take(data_args.max_train_samples)
+    elif data_args.max_train_samples is not None:  # first, as in examples/curate.py, so curated indices line up
         data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.train_indices is not None:
         data["train"] = select_rows(data["train"], data_args.train_indices)
