@@ -471,3 +471,34 @@ def test_dispatcher(coco, flickr_csv, imagefolder, shards, hub_folder, tmp_path)
         load_caption_dataset(tsv, split="test")
     assert set(FORMATS) == {"coco_karpathy", "flickr30k", "cc_tsv", "imagefolder", "webdataset", "hub"}
     assert str(LoadReport("x", 3, 2, {"missing_file": 1})) == "x: 3 rows from 2 images; skipped 1 missing_file."
+
+
+def test_brace_expansion_of_shard_names():
+    from dclip.data.loaders.webdataset import expand_braces
+
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}-{8..10}.tar") == ["a-8.tar", "a-9.tar", "a-10.tar", "b-8.tar", "b-9.tar", "b-10.tar"]
+    assert expand_braces("plain-{x}.tar") == ["plain-{x}.tar"]  # not a range or a list: kept as written
+
+
+def test_webdataset_from_brace_ranges_and_remote_urls(shards):
+    """`shard-{000..001}.tar` locally, and the same shards over HTTP (a local server; read through fsspec) stream
+    the rows of the glob; a URL that cannot be read is one counted skip."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        local, _ = load_webdataset(str(shards / "shard-{000..001}.tar"), cache_dir=str(shards / "cache"))
+        assert rows(local) == EXPECTED_WDS_ROWS
+        url = f"http://127.0.0.1:{server.server_address[1]}/shard-{{000..002}}.tar"
+        assert infer_format(url) == "webdataset"
+        stream, report = load_webdataset(url, streaming=True)
+        assert rows(stream) == EXPECTED_WDS_ROWS
+        assert report.skipped["corrupt_shard"] == 1  # shard-002.tar is not there: 404
+    finally:
+        server.shutdown()

@@ -32,8 +32,8 @@ FILE_FORMATS = {".csv": "flickr30k", ".tsv": "cc_tsv", ".tar": "webdataset"}
 def infer_format(name_or_path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     """
     The loader format for a path or name: a JSON with an "images" key -> coco_karpathy, .csv -> flickr30k, .tsv ->
-    cc_tsv, a folder with metadata.jsonl (or <split>/metadata.jsonl) -> imagefolder, .tar or a glob or list of them
-    -> webdataset, any other folder or a Hub-style name ("owner/name") -> hub.
+    cc_tsv, a folder with metadata.jsonl (or <split>/metadata.jsonl) -> imagefolder, .tar or a glob, brace range, URL
+    or list of them -> webdataset, any other folder or a Hub-style name ("owner/name") -> hub.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         return "webdataset"
@@ -54,7 +54,7 @@ def infer_format(name_or_path: str | os.PathLike | Sequence[str | os.PathLike]) 
         if suffix in FILE_FORMATS:
             return FILE_FORMATS[suffix]
         raise ValueError(f"Cannot tell the format of {path!r} from its suffix {suffix!r}; {expected}.")
-    if glob.has_magic(path) and suffix == ".tar":
+    if suffix == ".tar" and (glob.has_magic(path) or "{" in path or "://" in path):  # a glob, brace range or URL
         return "webdataset"
     if suffix in (".json", ".jsonl", *FILE_FORMATS):
         raise FileNotFoundError(f"{path!r} does not exist.")

@@ -4,11 +4,13 @@ shards' paths, sizes and modification times."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -23,22 +25,58 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset members holding the image, in order of preference
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """Shard names as webdataset (and the shell) expand them: `shard-{000..099}.tar` (a range, zero padding kept) and
+    `{train,extra}-000.tar` (a list), nested or several in one name, in order."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    first, last, listed = match.groups()
+    if listed is not None:
+        options = listed.split(",")
+    else:
+        width = len(first) if first.startswith("0") and len(first) > 1 else 0
+        options = [str(number).zfill(width) for number in range(int(first), int(last) + 1)]
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for option in options for name in expand_braces(head + option + tail)]
+
+
+def is_url(path: str) -> bool:
+    """A remote shard (`https://...`, `s3://...`, ...: read through fsspec), not a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
 def _expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     patterns = [os.fspath(shards)] if isinstance(shards, (str, os.PathLike)) else [os.fspath(s) for s in shards]
     paths = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
+    for pattern in (name for given in patterns for name in expand_braces(given)):
+        if is_url(pattern):
+            paths.append(pattern)  # checked when read: an unreadable shard is one counted skip
+        elif glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
                 raise ValueError(f"No webdataset shard matches {pattern!r}.")
             paths.extend(matches)
-        elif os.path.isfile(pattern):
-            paths.append(pattern)
+        elif os.path.isfile(pattern.removeprefix("file://")):
+            paths.append(pattern.removeprefix("file://"))
         else:
             raise FileNotFoundError(f"Webdataset shard {pattern!r} does not exist.")
     if not paths:
         raise ValueError("`shards` is empty: expected .tar paths or a glob of them.")
     return paths
+
+
+@contextlib.contextmanager
+def _open_shard(shard: str):
+    """A streaming `tarfile` over a local or remote (fsspec) shard."""
+    if not is_url(shard):
+        with tarfile.open(shard, mode="r|*") as tar:
+            yield tar
+        return
+    import fsspec
+
+    with fsspec.open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
+        yield tar
 
 
 def _webdataset_entry(shard: str, key: str, members: dict[str, bytes]) -> dict:
@@ -67,7 +105,7 @@ def _webdataset_entries(shards: list[str]):
     for shard in shards:
         count = 0
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
+            with _open_shard(shard) as tar:
                 key, members = None, {}
                 for member in tar:
                     directory, name = posixpath.split(member.name)
@@ -93,7 +131,8 @@ def load_webdataset(
     cache_dir: str | None = None,
 ) -> tuple[Dataset | IterableDataset, LoadReport]:
     """
-    Webdataset `.tar` shards (paths, or a glob), read with the standard library: members sharing a key (the path
+    Webdataset `.tar` shards (paths, globs, brace ranges such as `shard-{000..099}.tar`, or remote URLs read through
+    fsspec), read with the standard library: members sharing a key (the path
     up to the first dot of the file name) form a sample; the image is the `.jpg`/`.jpeg`/`.png`/`.webp` member, the
     caption(s) the `.txt` member or the `caption`/`text` field of the `.json` member. `image_id` is the key.
 
@@ -109,7 +148,8 @@ def load_webdataset(
     if streaming:
         entries = IterableDataset.from_generator(**kwargs)
     else:
-        stats = [(path, os.path.getsize(path), os.path.getmtime(path)) for path in paths]
+        stats = [(path, None, None) if is_url(path) else (path, os.path.getsize(path), os.path.getmtime(path))
+                 for path in paths]
         fingerprint = hashlib.sha256(json.dumps(["webdataset-v1", stats]).encode()).hexdigest()[:16]
         try:
             entries = Dataset.from_generator(**kwargs, cache_dir=cache_dir, fingerprint=fingerprint,
