@@ -150,3 +150,29 @@ def test_a_streamed_row_without_targets_is_named(webdataset_shards, targets):
     assert found["teacher_image_embeds"].shape == (3, 16) and np.isfinite(found["teacher_text_embeds"]).all()
     with pytest.raises(KeyError, match="image_id '00001' and caption 'a new caption'"):
         lookup({"image_id": ["00001"], "caption": ["a new caption"]})
+
+
+def test_each_process_streams_its_own_rows_with_their_targets(webdataset_shards, targets):
+    """`streamed_train` for 2 processes: disjoint parts of the stream (one shard each here) that together are the
+    whole of it, each row with the targets of its own key."""
+    from types import SimpleNamespace
+
+    from dclip.shards import load_target_shards
+    from dclip.streaming import streamed_train
+
+    data_args = _data_args(webdataset_shards, webdataset_shards / "cache", True)
+    stream = load_data(data_args, seed=0)[0]["train"]
+    mapped = load_target_shards(targets, load_data(_data_args(webdataset_shards, webdataset_shards / "cache", False),
+                                                   seed=0)[0]["train"])
+    expected = {(row["image_id"], row["caption"]): row["teacher_image_embeds"] for row in mapped}
+    teacher = load_teacher(str(webdataset_shards / "teacher"), "clip")
+    seen = []
+    for rank in range(2):
+        context = SimpleNamespace(training_args=SimpleNamespace(process_index=rank, world_size=2),
+                                  args=SimpleNamespace(teacher_targets=str(targets)), data={"train": stream})
+        rows = list(streamed_train(context, teacher, "dclip"))
+        seen.append({(row["image_id"], row["caption"]) for row in rows})
+        for row in rows:
+            np.testing.assert_allclose(row["teacher_image_embeds"], expected[(row["image_id"], row["caption"])],
+                                       atol=1e-6)
+    assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == set(expected)
