@@ -333,6 +333,18 @@ def write_balance_outputs(result: BalanceResult, output_dir: str | Path, config:
     return report
 
 
+def embed_images_with(model_name_or_path: str, dataset, batch_size: int = 256) -> np.ndarray:
+    """L2-normalised image embeddings of `dataset`'s images by a CLIP, student or teacher folder (its own
+    processor), on the GPU if there is one."""
+    from processing_dclip import DCLIPProcessor
+
+    from .evaluation import embed_images, load_clip_towers
+
+    model = load_clip_towers(model_name_or_path)
+    processor = DCLIPProcessor.from_pretrained(model_name_or_path, trust_remote_code=False)
+    return embed_images(model, processor, dataset, batch_size=batch_size)
+
+
 def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfig | None = None,
                    model_name_or_path: str | None = None, embeddings_file: str | None = None,
                    batch_size: int = 256, save_dataset: bool = False, engine=None) -> dict:
@@ -341,7 +353,8 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
     student or any CLIP; saved as `image_embeddings.npy`) or read `embeddings_file` (a `.npy`, memory-mapped), then
     write [`write_balance_outputs`]'s files and, with `save_dataset`, the kept rows as a data set (`dataset/`).
     `engine`: None for this process's [`semantic_balance`], or another engine with the same result, called as
-    `engine(embeddings_file, config, output_dir)` (`dclip.ray_curation.RayEngine`: on a Ray cluster).
+    `engine(embeddings_file, config, output_dir)` (`dclip.ray_curation.RayEngine`: on a Ray cluster), which embeds
+    the images too where it has an `embed(model_name_or_path, dataset, batch_size)`.
     """
     config = config or SemanticBalanceConfig()
     output_dir = Path(output_dir)
@@ -350,13 +363,10 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
         embeddings = np.load(embeddings_file, mmap_mode="r")
         source = embeddings_file
     elif model_name_or_path is not None:
-        from processing_dclip import DCLIPProcessor
-
-        from .evaluation import embed_images, load_clip_towers
-
-        model = load_clip_towers(model_name_or_path)
-        processor = DCLIPProcessor.from_pretrained(model_name_or_path, trust_remote_code=False)
-        embeddings = embed_images(model, processor, dataset, batch_size=batch_size)
+        if hasattr(engine, "embed"):  # the engine's workers embed their parts of the data set
+            embeddings = engine.embed(model_name_or_path, dataset, batch_size)
+        else:
+            embeddings = embed_images_with(model_name_or_path, dataset, batch_size)
         np.save(output_dir / "image_embeddings.npy", embeddings)
         embeddings_file, source = str(output_dir / "image_embeddings.npy"), model_name_or_path
     else:

@@ -45,6 +45,15 @@ def _rows(path: str, ids: np.ndarray) -> np.ndarray:
     return normalize_embeddings(np.load(path, mmap_mode="r")[np.asarray(ids)])
 
 
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address` (`ray.init`'s), else start a local one of `num_cpus` CPUs; once."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+
+
 def _value(value):
     import ray
 
@@ -111,9 +120,7 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
 
     config = config or SemanticBalanceConfig()
     path = str(Path(embeddings_file).resolve())
-    if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    connect(address, num_cpus)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     raw = np.load(path, mmap_mode="r")
@@ -157,6 +164,45 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
     return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds)
 
 
+class _ImageEmbedder:
+    """A Ray actor holding the embedding model: it embeds the rows of the data set that each batch of ids names."""
+
+    def __init__(self, model_name_or_path: str, dataset, batch_size: int):
+        from processing_dclip import DCLIPProcessor
+
+        from .evaluation import load_clip_towers
+
+        self.model = load_clip_towers(model_name_or_path)
+        self.processor = DCLIPProcessor.from_pretrained(model_name_or_path, trust_remote_code=False)
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        from .evaluation import embed_images
+
+        rows = self.dataset.select(batch["id"].tolist())
+        return {"id": batch["id"], "embedding": embed_images(self.model, self.processor, rows, self.batch_size)}
+
+
+def embed_images_ray(model_name_or_path: str, dataset, batch_size: int = 256, workers: int | None = None,
+                     block_rows: int = 4096) -> np.ndarray:
+    """`dclip.curation.embed_images_with` (the same embeddings) over a Ray cluster: `workers` actors (default: one
+    per GPU, else 2), each with the model (on its GPU where the cluster has GPUs), embed blocks of `block_rows` rows;
+    rows in order."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = workers or gpus or 2
+    embedded = ray.data.range(len(dataset), override_num_blocks=max(1, math.ceil(len(dataset) / block_rows))) \
+        .map_batches(_ImageEmbedder, fn_constructor_kwargs={"model_name_or_path": model_name_or_path,
+                                                            "dataset": dataset, "batch_size": batch_size},
+                     batch_size=block_rows, batch_format="numpy", concurrency=workers, num_gpus=1 if gpus else 0,
+                     num_cpus=1 if gpus else 0.5)  # half a CPU each: the reading tasks need CPUs beside the actors
+    parts = _collect(embedded, ("id", "embedding"))
+    out = np.empty_like(parts["embedding"])
+    out[parts["id"]] = parts["embedding"]
+    return out
+
+
 @dataclass
 class RayEngine:
     """`dclip.curation.curate_dataset`'s `engine` for a Ray cluster: at `address`, else a local one of `num_cpus`."""
@@ -164,6 +210,10 @@ class RayEngine:
     address: str | None = None
     num_cpus: int | None = None
     name: str = "ray"
+
+    def embed(self, model_name_or_path: str, dataset, batch_size: int = 256) -> np.ndarray:
+        connect(self.address, self.num_cpus)
+        return embed_images_ray(model_name_or_path, dataset, batch_size, workers=self.num_cpus)
 
     def __call__(self, embeddings_file: str | Path, config: SemanticBalanceConfig,
                  output_dir: str | Path | None = None) -> BalanceResult:

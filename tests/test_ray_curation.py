@@ -59,3 +59,23 @@ def test_an_unknown_engine_is_named():
     command = [sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--embeddings", "x.npy", "--engine", "spark"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0 and "--engine must be local or ray, got 'spark'" in completed.stderr
+
+
+def test_ray_workers_embed_the_images_as_one_process_does(tmp_path, tiny_clip_dir):
+    """`curate_dataset` with the Ray engine and a checkpoint: 2 actors embed blocks of rows (here 7 rows a block, out
+    of order across workers), and the saved embeddings are the local embedding pass's, row for row."""
+    from conftest import random_images
+    from datasets import Dataset
+
+    from dclip.curation import curate_dataset, embed_images_with
+    from dclip.ray_curation import RayEngine, connect, embed_images_ray
+
+    dataset = Dataset.from_dict({"image": random_images(30, seed=4), "caption": ["a shape"] * 30})
+    expected = embed_images_with(str(tiny_clip_dir), dataset, batch_size=5)
+    connect(num_cpus=2)
+    np.testing.assert_allclose(embed_images_ray(str(tiny_clip_dir), dataset, batch_size=5, workers=2, block_rows=7),
+                               expected, atol=1e-5)
+    report = curate_dataset(dataset, tmp_path / "curated", SemanticBalanceConfig(num_clusters=3),
+                            model_name_or_path=str(tiny_clip_dir), batch_size=5, engine=RayEngine(num_cpus=2))
+    np.testing.assert_allclose(np.load(tmp_path / "curated" / "image_embeddings.npy"), expected, atol=1e-5)
+    assert report["engine"] == "ray" and report["samples"] == 30
