@@ -334,3 +334,19 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
         return targets
     return concatenate_datasets([dataset, targets.remove_columns(SAMPLE_ID)], axis=1)
 
+
+def targets_in_processes(dataset, teacher, root: str | os.PathLike, process_index: int, num_processes: int,
+                         barrier, use_given_boxes: bool = True, use_given_spans: bool = True,
+                         shard_size: int = 4096):
+    """`dataset` with `teacher`'s targets joined, computed by every process of a run on its share of the shards
+    (under `root/<settings key>`, so a rerun or resumed run reuses them) rather than by the main process while the
+    others wait; `barrier` waits for every process."""
+    options = dict(shard_size=shard_size, use_given_boxes=use_given_boxes, use_given_spans=use_given_spans)
+    folder = Path(root) / settings_key(target_settings(dataset, teacher, dtype="float32", **options))
+    compute_target_shards(dataset, teacher, folder, process_index=process_index, num_processes=num_processes,
+                          **options)
+    barrier()
+    if process_index == 0:
+        write_manifest(dataset, teacher, folder, **options)
+    barrier()
+    return load_target_shards(folder, dataset, teacher=teacher)

@@ -34,7 +34,7 @@ from .targets import (
     fuse_teacher_targets,
 )
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
-from .training import TrainingLog, save_final, stage_arguments, train_stage
+from .training import TrainingLog, save_final, stage_arguments, train_stage, wait_for_everyone
 
 
 logger = logging.getLogger(__name__)
@@ -274,9 +274,10 @@ def with_lora(student, model_args: ModelArguments):
 
 def teacher_targets(context: RunContext, teacher, published: bool = True):
     """The training split with the teacher's embeddings as columns: read from `--teacher_targets`' shards (by
-    sample id) for the published student, and for a compared one whose teacher made them; else computed once
-    (cached by fingerprint) on the teacher's own processor's inputs: for a DCLIP teacher with frozen towers, from
-    its cached tower features."""
+    sample id) for the published student, and for a compared one whose teacher made them; else, in a run of several
+    processes, computed by all of them as a sharded job (`dclip.shards`); else computed once (cached by fingerprint)
+    on the teacher's own processor's inputs: for a DCLIP teacher with frozen towers, from its cached tower
+    features."""
     train, regions = context.data["train"], context.data_args.region_settings()
     if context.args.teacher_targets:
         from .shards import load_target_shards, made_by
@@ -285,6 +286,13 @@ def teacher_targets(context: RunContext, teacher, published: bool = True):
             return load_target_shards(context.args.teacher_targets, train, teacher=teacher)
         logger.info("%s: targets of another teacher; the %s student's are computed", context.args.teacher_targets,
                     teacher.name)
+    if context.training_args.world_size > 1:  # every process its share, none waiting at a barrier for the main one
+        from .shards import targets_in_processes
+
+        teacher.to(context.training_args.device)
+        return targets_in_processes(train, teacher, context.output / "teacher_targets",
+                                    context.training_args.process_index, context.training_args.world_size,
+                                    wait_for_everyone, **regions)
     with context.training_args.main_process_first(local=False, desc="teacher targets"):
         config = teacher.model.config
         if teacher.kind == "dclip" and config.freeze_vision_tower and config.freeze_text_tower:

@@ -60,6 +60,9 @@ def test_pipeline_in_two_processes_then_distill_alone_matches_one_process(tmp_pa
                "--output_dir", str(folder), "--cache_dir", str(cache), "--distill_steps", "3",
                "--distill_learning_rate", "1e-2", "--per_device_train_batch_size", str(batch), *extra)
         students[processes if not extra else name] = load_file(folder / "student" / "final" / "model.safetensors")
+    # the 2-process run computed its students' targets in both processes, as shards (the 1-process one did not)
+    assert list((tmp_path / "distill2" / "teacher_targets").glob("*/manifest.json"))
+    assert not (tmp_path / "distill1" / "teacher_targets").exists()
     base = load_file(run / "base_clip" / "final" / "model.safetensors")
     assert set(students[1]) == set(students[2]) == set(base)
     moved = max(float((students[1][name] - tensor).abs().max()) for name, tensor in base.items())
