@@ -59,8 +59,9 @@ def check_streaming_arguments(model_args: ModelArguments, data_args: DataArgumen
         needs.append("--stage distill (the base CLIP and the teacher train on map-style data)")
     if model_args.student_model is None:
         needs.append("--student_model (its processor; no tokenizer is trained on a stream)")
-    if data_args.train_indices is not None:
-        needs.append("no --train_indices (rows of a stream are not selected by position)")
+    if data_args.train_indices is not None or data_args.max_train_samples is not None:
+        needs.append("no --train_indices or --max_train_samples (rows of a stream are not selected by position, "
+                     "and each process reads its own part of it; --distill_steps sets the length)")
     for method in args.student_methods(embedded_data=False):
         if any(args.loss_weights(method)[term] for term in CLUSTER_TERMS):
             needs.append(f"no cluster terms ({method}: k-means needs the whole split)")

@@ -365,7 +365,8 @@ def distill(context: RunContext, base_clip: str, teacher_dir: str, method: str |
     if model_args.lora_rank:
         student = with_lora(student, model_args)
     stage_args = context.stage_arguments("distill", args.distill_steps, args.distill_learning_rate, folder)
-    if context.data_args.streaming:  # each process reads its own part of the stream: accelerate must not dispatch
+    if context.data_args.streaming:  # each process reads its own part of the stream (accelerate shards it), rather
+        # than the main process reading every batch and sending the others their slices
         stage_args = dataclasses.replace(stage_args, accelerator_config={"dispatch_batches": False,
                                                                          "split_batches": False})
     collator = DCLIPCollator(context.processor, teacher=teacher if online else None,

@@ -90,16 +90,14 @@ def with_streamed_targets(stream, targets_dir: str | os.PathLike):
 
 
 def streamed_train(context, teacher, method: str):
-    """`--streaming`: this process's part of the run's (`context`, a `dclip.stages.RunContext`) streamed training
-    split (`split_dataset_by_node`: whole shards where they divide evenly, else every world-size-th row), with
-    `teacher`'s targets from `--teacher_targets` joined by row key, when it has a teacher that is not run online."""
-    from datasets.distributed import split_dataset_by_node
-
+    """`--streaming`: the run's (`context`, a `dclip.stages.RunContext`) streamed training split, with `teacher`'s
+    targets from `--teacher_targets` joined by row key, when it has a teacher that is not run online. accelerate
+    splits it by process when the Trainer prepares its data loader (`IterableDataset.shard`: whole shards where there
+    are at least as many as processes, else every process takes its slice of each batch); it must not be split
+    here as well (each process would then read a quarter of it with 2 processes)."""
     from .shards import made_by
 
-    training_args = context.training_args
-    train = split_dataset_by_node(context.data["train"], rank=training_args.process_index,
-                                  world_size=training_args.world_size)
+    train = context.data["train"]
     if teacher is None:
         return train
     if not made_by(context.args.teacher_targets, teacher):

@@ -2,6 +2,7 @@
 key among the sharded targets (`examples/compute_targets.py`), the same losses as the map-style run in the same order,
 and a resumed run continuing at the right sample."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -133,6 +134,9 @@ def test_streaming_refuses_what_needs_the_whole_split(webdataset_shards, tiny_cl
     with pytest.raises(ValueError, match="--stage distill") as error:
         check_streaming_arguments(model_args, data_args, DistillationArguments(method="clip_cid", compare_methods=""))
     assert "no cluster terms (clip_cid" in str(error.value)
+    with pytest.raises(ValueError, match="no --train_indices or --max_train_samples"):
+        check_streaming_arguments(model_args, dataclasses.replace(data_args, max_train_samples=10),
+                                  DistillationArguments(stage="distill", method="none", compare_methods=""))
     with pytest.raises(ValueError, match="--teacher_targets or --online_teacher for the dclip student"):
         check_streaming_arguments(model_args, data_args, DistillationArguments(stage="distill", method="dclip",
                                                                                compare_methods=""))
@@ -153,9 +157,12 @@ def test_a_streamed_row_without_targets_is_named(webdataset_shards, targets):
 
 
 def test_each_process_streams_its_own_rows_with_their_targets(webdataset_shards, targets):
-    """`streamed_train` for 2 processes: disjoint parts of the stream (one shard each here) that together are the
-    whole of it, each row with the targets of its own key."""
+    """The streamed split as the Trainer's data loader reaches 2 processes (accelerate's `prepare_data_loader`, not
+    dispatching): disjoint parts that together are the whole stream, each row with the targets of its own key."""
     from types import SimpleNamespace
+
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
 
     from dclip.shards import load_target_shards
     from dclip.streaming import streamed_train
@@ -166,13 +173,17 @@ def test_each_process_streams_its_own_rows_with_their_targets(webdataset_shards,
                                                    seed=0)[0]["train"])
     expected = {(row["image_id"], row["caption"]): row["teacher_image_embeds"] for row in mapped}
     teacher = load_teacher(str(webdataset_shards / "teacher"), "clip")
+    context = SimpleNamespace(args=SimpleNamespace(teacher_targets=str(targets)), data={"train": stream})
+    train = streamed_train(context, teacher, "dclip")
     seen = []
     for rank in range(2):
-        context = SimpleNamespace(training_args=SimpleNamespace(process_index=rank, world_size=2),
-                                  args=SimpleNamespace(teacher_targets=str(targets)), data={"train": stream})
-        rows = list(streamed_train(context, teacher, "dclip"))
-        seen.append({(row["image_id"], row["caption"]) for row in rows})
+        loader = prepare_data_loader(DataLoader(train, batch_size=4, collate_fn=list), num_processes=2,
+                                     process_index=rank, dispatch_batches=False, split_batches=False,
+                                     put_on_device=False)
+        rows = [row for batch in loader for row in batch]
+        seen.append([(row["image_id"], row["caption"]) for row in rows])
         for row in rows:
             np.testing.assert_allclose(row["teacher_image_embeds"], expected[(row["image_id"], row["caption"])],
                                        atol=1e-6)
-    assert seen[0] and seen[1] and not seen[0] & seen[1] and seen[0] | seen[1] == set(expected)
+    assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) + len(seen[1]) == len(expected) and set(seen[0]) | set(seen[1]) == set(expected)

@@ -39,8 +39,7 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[st
             reports[name] = {"source": report.source, "rows": report.num_rows, "images": report.num_images,
                              "skipped": dict(report.skipped)}
     if data_args.streaming:  # checked and counted as it is read (the report's counts grow as the stream is)
-        if data_args.max_train_samples is not None:
-            data["train"] = data["train"].take(data_args.max_train_samples)
+        pass
     elif data_args.max_train_samples is not None:  # first, as in examples/curate.py, so curated indices line up
         data["train"] = data["train"].select(range(min(data_args.max_train_samples, len(data["train"]))))
     if data_args.train_indices is not None:
