@@ -61,13 +61,17 @@ def _value(value):
 
 
 def _assign(batch: dict, path: str, centers, nprobe: int) -> dict:
+    """Each row's cluster (a 1-nearest search, as the local engine's inverted file assigns it) and the `nprobe`
+    clusters its duplicates are searched in (a k-nearest search, as the local range search probes them)."""
     import faiss
 
     centers = _value(centers)
     index = faiss.IndexFlatIP(centers.shape[1])
     index.add(centers)
-    _, probes = index.search(_rows(path, batch["id"]), min(nprobe, len(centers)))
-    return {"id": batch["id"], "cluster": probes[:, 0].astype(np.int64), "probes": probes.astype(np.int64)}
+    vectors = _rows(path, batch["id"])
+    _, nearest = index.search(vectors, 1)
+    _, probes = index.search(vectors, min(nprobe, len(centers)))
+    return {"id": batch["id"], "cluster": nearest[:, 0].astype(np.int64), "probes": probes.astype(np.int64)}
 
 
 def _explode(batch: dict) -> dict:
@@ -85,8 +89,15 @@ def _pairs(group: dict, path: str, radius: float) -> dict:
     members = ids[group["cluster"] == probe]
     if not len(members):
         return {"first": np.zeros(0, np.int64), "second": np.zeros(0, np.int64)}
-    index = faiss.IndexFlatIP(np.load(path, mmap_mode="r").shape[1])
+    # an inverted file of this one cluster, scanned as the local engine's is: the same scores, rounded the same way
+    # (a flat index switches to BLAS for many queries, which rounds differently at the threshold)
+    dim = np.load(path, mmap_mode="r").shape[1]
+    quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(np.zeros((1, dim), dtype=np.float32))
+    index = faiss.IndexIVFFlat(quantizer, dim, 1, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
     index.add(_rows(path, members))
+    index.nprobe = 1
     limits, _, neighbours = index.range_search(_rows(path, ids), radius)
     queries = ids[np.repeat(np.arange(len(ids)), np.diff(limits.astype(np.int64)))]
     neighbours = members[neighbours]
@@ -158,7 +169,7 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
     cluster[owners["id"]] = owners["cluster"]
     if output_dir is not None:
         balanced.filter(expr=f"reason == {KEPT}").select_columns(["id"]).write_parquet(
-            str(Path(output_dir).resolve() / "kept"))
+            str(Path(output_dir).resolve() / "kept"), mode="overwrite")  # not appended to an earlier run's
     seconds["semantic"] = round(time.perf_counter() - mark, 2)
     seconds["total"] = round(time.perf_counter() - started, 2)
     return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds)
@@ -209,11 +220,12 @@ class RayEngine:
 
     address: str | None = None
     num_cpus: int | None = None
+    embed_workers: int | None = None  # model copies that embed images; default: one per GPU, else 2
     name: str = "ray"
 
     def embed(self, model_name_or_path: str, dataset, batch_size: int = 256) -> np.ndarray:
         connect(self.address, self.num_cpus)
-        return embed_images_ray(model_name_or_path, dataset, batch_size, workers=self.num_cpus)
+        return embed_images_ray(model_name_or_path, dataset, batch_size, workers=self.embed_workers)
 
     def __call__(self, embeddings_file: str | Path, config: SemanticBalanceConfig,
                  output_dir: str | Path | None = None) -> BalanceResult:

@@ -90,11 +90,11 @@ def embed_rows(teacher, batch: dict, use_given_boxes: bool = True, use_given_spa
     from .teachers import FUSION, pooled_features
 
     keys = keys or image_keys(batch)
-    first: dict[str, int] = {}
-    for row, key in enumerate(keys):
-        first.setdefault(key, row)
-    unique, position = list(first.values()), {key: number for number, key in enumerate(first)}
-    index = torch.tensor([position[key] for key in keys])
+    # runs of adjacent rows with one key share an encoding; equal keys further apart are encoded again (a key that
+    # is not unique across the data, such as a webdataset member name reused by another shard, merges nothing)
+    starts = np.array([row == 0 or key != keys[row - 1] for row, key in enumerate(keys)])
+    unique = np.flatnonzero(starts).tolist()
+    index = torch.from_numpy(np.cumsum(starts) - 1)
     images = [batch[IMAGE][row] for row in unique]
     model, device = teacher.model, teacher.device
     if teacher.kind == FUSION:
@@ -335,18 +335,35 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
     return concatenate_datasets([dataset, targets.remove_columns(SAMPLE_ID)], axis=1)
 
 
+def together(step, *args, **kwargs):
+    """Run `step` in every process of a distributed run and agree on the outcome: if it raised in any process, it
+    raises in all (the others with a pointer to the one that failed) instead of leaving them at a barrier until the
+    collective timeout. Doubles as the barrier after `step`."""
+    import torch.distributed as dist
+
+    result, error = None, None
+    try:
+        result = step(*args, **kwargs)
+    except Exception as caught:  # noqa: BLE001 (re-raised below, in every process)
+        error = caught
+    if dist.is_available() and dist.is_initialized():
+        failed = [None] * dist.get_world_size()
+        dist.all_gather_object(failed, error is not None)
+        if any(failed) and error is None:
+            raise RuntimeError(f"process {failed.index(True)} failed (see its log); this one stops with it")
+    if error is not None:
+        raise error
+    return result
+
+
 def targets_in_processes(dataset, teacher, root: str | os.PathLike, process_index: int, num_processes: int,
-                         barrier, use_given_boxes: bool = True, use_given_spans: bool = True,
-                         shard_size: int = 4096):
+                         use_given_boxes: bool = True, use_given_spans: bool = True, shard_size: int = 4096):
     """`dataset` with `teacher`'s targets joined, computed by every process of a run on its share of the shards
     (under `root/<settings key>`, so a rerun or resumed run reuses them) rather than by the main process while the
-    others wait; `barrier` waits for every process."""
+    others wait; a failure in any process stops all of them (`together`)."""
     options = dict(shard_size=shard_size, use_given_boxes=use_given_boxes, use_given_spans=use_given_spans)
     folder = Path(root) / settings_key(target_settings(dataset, teacher, dtype="float32", **options))
-    compute_target_shards(dataset, teacher, folder, process_index=process_index, num_processes=num_processes,
-                          **options)
-    barrier()
-    if process_index == 0:
-        write_manifest(dataset, teacher, folder, **options)
-    barrier()
+    together(compute_target_shards, dataset, teacher, folder, process_index=process_index,
+             num_processes=num_processes, **options)
+    together(lambda: write_manifest(dataset, teacher, folder, **options) if process_index == 0 else None)
     return load_target_shards(folder, dataset, teacher=teacher)

@@ -34,7 +34,7 @@ from .targets import (
     fuse_teacher_targets,
 )
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
-from .training import TrainingLog, save_final, stage_arguments, train_stage, wait_for_everyone
+from .training import TrainingLog, save_final, stage_arguments, train_stage
 
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def teacher_targets(context: RunContext, teacher, published: bool = True):
         teacher.to(context.training_args.device)
         return targets_in_processes(train, teacher, context.output / "teacher_targets",
                                     context.training_args.process_index, context.training_args.world_size,
-                                    wait_for_everyone, **regions)
+                                    **regions)
     with context.training_args.main_process_first(local=False, desc="teacher targets"):
         config = teacher.model.config
         if teacher.kind == "dclip" and config.freeze_vision_tower and config.freeze_text_tower:

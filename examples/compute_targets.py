@@ -41,7 +41,7 @@ class TargetArguments:
 
 def main() -> None:
     from dclip.detector import import_ultralytics_as_one_process
-    from dclip.shards import compute_target_shards, launch_state, write_manifest
+    from dclip.shards import compute_target_shards, launch_state, together, write_manifest
     from dclip.teachers import load_teacher
 
     args, data_args = HfArgumentParser((TargetArguments, DataArguments)).parse_args_into_dataclasses()
@@ -54,13 +54,15 @@ def main() -> None:
     teacher = load_teacher(args.teacher_model, None if args.teacher_kind == "auto" else args.teacher_kind,
                            detector_path=args.detector_path).to(state.device)
     options = dict(shard_size=args.shard_size, dtype=args.targets_dtype, **data_args.region_settings())
-    stats = compute_target_shards(train, teacher, args.targets_dir, batch_size=args.batch_size,
-                                  process_index=state.process_index, num_processes=state.num_processes, **options)
+    # `together`: a failure in one process stops every process, none waits at a barrier for it
+    stats = together(compute_target_shards, train, teacher, args.targets_dir, batch_size=args.batch_size,
+                     process_index=state.process_index, num_processes=state.num_processes, **options)
     print(f"process {state.process_index}: {stats['computed']} shard(s) computed ({stats['rows']:,} rows, "
           f"{stats['images_encoded']:,} images encoded), {stats['skipped']} already complete")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        print(f"manifest: {write_manifest(train, teacher, args.targets_dir, **options)}")
+    manifest = together(lambda: write_manifest(train, teacher, args.targets_dir, **options)
+                        if state.is_main_process else None)
+    if manifest is not None:
+        print(f"manifest: {manifest}")
 
 
 if __name__ == "__main__":

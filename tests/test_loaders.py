@@ -333,8 +333,8 @@ def shards(tmp_path):
     return tmp_path
 
 
-EXPECTED_WDS_ROWS = [("000", "a caption from txt"), ("001", "json one"), ("001", "json two"),
-                     ("dir/005", "in a folder")]
+EXPECTED_WDS_ROWS = [("shard-000.tar/000", "a caption from txt"), ("shard-000.tar/001", "json one"),
+                     ("shard-000.tar/001", "json two"), ("shard-001.tar/dir/005", "in a folder")]
 
 
 def test_webdataset(shards, caplog):
@@ -356,7 +356,8 @@ def test_webdataset_streaming(shards, caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         stream, report = load_webdataset(str(shards / "shard-*.tar"), streaming=True)
         first = next(iter(stream))
-        assert (first["image_id"], first["caption"], first["image"].size) == ("000", "a caption from txt", (8, 6))
+        assert (first["image_id"], first["caption"], first["image"].size) == ("shard-000.tar/000", "a caption from txt",
+                                                                              (8, 6))
         assert report.num_rows == 1 and report.skipped == {}  # counted as met, not up front
         found = rows(stream)
     assert found == EXPECTED_WDS_ROWS

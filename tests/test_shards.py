@@ -174,3 +174,57 @@ def test_batches_are_cut_where_the_image_changes(coco_style):
     assert image_batches(0, 5, 2, None) == [(0, 2), (2, 4), (4, 5)]
     with_ids = coco_style.add_column("image_id", [f"coco-{row // 5}" for row in range(20)])
     assert stored_image_keys(with_ids, 4, 6) == ["coco-0", "coco-1"]
+
+
+def _together_worker(rank, store, queue):
+    import torch.distributed as dist
+
+    from dclip.shards import together
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+    def step():
+        if rank == 1:
+            raise MemoryError("out of memory on rank 1")
+        return "done"
+
+    try:
+        together(step)
+        queue.put((rank, "returned"))
+    except Exception as error:  # noqa: BLE001
+        queue.put((rank, f"{type(error).__name__}: {error}"))
+    dist.destroy_process_group()
+
+
+def test_a_failure_in_one_process_stops_every_process_without_waiting(tmp_path):
+    """The targets job's steps run `together`: rank 1 fails, rank 0 raises too (naming rank 1) instead of waiting at
+    a barrier until the collective timeout."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    processes = [context.Process(target=_together_worker, args=(rank, str(tmp_path / "store"), queue))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    outcomes = dict(queue.get(timeout=60) for _ in range(2))
+    for process in processes:
+        process.join(timeout=30)
+    assert outcomes[1] == "MemoryError: out of memory on rank 1"
+    assert outcomes[0] == "RuntimeError: process 1 failed (see its log); this one stops with it"
+
+
+def test_equal_image_ids_apart_are_not_merged(tiny_clip, processor):
+    """Only adjacent rows with one key share an encoding: an id reused further on (another shard's member name)
+    names another image."""
+    from conftest import random_images
+
+    from dclip.shards import embed_rows
+
+    teacher = as_teacher(tiny_clip, processor)
+    images = random_images(3, seed=9)
+    batch = {"image": images, "caption": ["a", "b", "c"], "image_id": ["x", "y", "x"]}
+    image, _, encoded = embed_rows(teacher, batch)
+    alone, _, _ = embed_rows(teacher, {"image": images, "caption": ["a", "b", "c"]})
+    assert encoded == 3
+    np.testing.assert_allclose(image.numpy(), alone.numpy(), atol=1e-5)

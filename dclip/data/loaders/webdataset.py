@@ -97,7 +97,10 @@ def _webdataset_entry(shard: str, key: str, members: dict[str, bytes]) -> dict:
     if extension is None:
         problem = f"missing_file\t{where}: no .{'/.'.join(IMAGE_EXTENSIONS)} member (has {sorted(members)})"
     image = {"bytes": members[extension], "path": f"{key}.{extension}"} if extension else None
-    return {"image": image, "caption": caption_list(captions), "image_id": key, "_where": where, "_problem": problem}
+    # the key names a sample within its shard only (shards written alike reuse keys): the id is the shard's and the key
+    image_id = f"{posixpath.basename(shard)}/{key}"
+    return {"image": image, "caption": caption_list(captions), "image_id": image_id, "_where": where,
+            "_problem": problem}
 
 
 def _webdataset_entries(shards: list[str]):
@@ -134,7 +137,8 @@ def load_webdataset(
     Webdataset `.tar` shards (paths, globs, brace ranges such as `shard-{000..099}.tar`, or remote URLs read through
     fsspec), read with the standard library: members sharing a key (the path
     up to the first dot of the file name) form a sample; the image is the `.jpg`/`.jpeg`/`.png`/`.webp` member, the
-    caption(s) the `.txt` member or the `caption`/`text` field of the `.json` member. `image_id` is the key.
+    caption(s) the `.txt` member or the `caption`/`text` field of the `.json` member. `image_id` is
+    `<shard file name>/<key>` (keys repeat across shards written alike).
 
     Images are kept as bytes. Non-streaming, the samples are written to the `datasets` cache (`cache_dir`), keyed by
     the shards' paths, sizes and modification times; with `streaming=True`, rows are read lazily, shard by shard.
@@ -150,7 +154,7 @@ def load_webdataset(
     else:
         stats = [(path, None, None) if is_url(path) else (path, os.path.getsize(path), os.path.getmtime(path))
                  for path in paths]
-        fingerprint = hashlib.sha256(json.dumps(["webdataset-v1", stats]).encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256(json.dumps(["webdataset-v2", stats]).encode()).hexdigest()[:16]
         try:
             entries = Dataset.from_generator(**kwargs, cache_dir=cache_dir, fingerprint=fingerprint,
                                              num_proc=min(num_proc, len(paths)) if num_proc else None)
