@@ -41,6 +41,8 @@ class CurationArguments:
     ray_address: str | None = field(default=None, metadata={"help": "the Ray cluster to join (ray.init's address, "
                                                             "e.g. auto); default: a local one"})
     ray_num_cpus: int | None = field(default=None, metadata={"help": "CPUs of the local Ray cluster"})
+    ray_embed_workers: int | None = field(default=None, metadata={"help": "model copies embedding the images on "
+                                                                  "Ray; default: one per GPU, else 2"})
 
     def __post_init__(self):
         if self.engine not in ("local", "ray"):
@@ -59,7 +61,7 @@ def main() -> None:
     if args.engine == "ray":
         from dclip.ray_curation import RayEngine
 
-        engine = RayEngine(args.ray_address, args.ray_num_cpus)
+        engine = RayEngine(args.ray_address, args.ray_num_cpus, args.ray_embed_workers)
     report = curate_dataset(dataset, args.output_dir, config, model_name_or_path=args.model_name_or_path,
                             embeddings_file=args.embeddings, batch_size=args.batch_size,
                             save_dataset=args.save_dataset, engine=engine)
