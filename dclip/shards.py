@@ -294,12 +294,14 @@ def made_by(targets_dir: str | os.PathLike, teacher) -> bool:
     return read_manifest(targets_dir)["settings"]["teacher_fingerprint"] == model_fingerprint(teacher.model)
 
 
-def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=None, verify: bool = True):
+def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=None, verify: bool = True,
+                       use_given_boxes: bool | None = None, use_given_spans: bool | None = None):
     """
     The targets under `targets_dir` as a `datasets.Dataset` (`sample_id`, `teacher_image_embeds`,
     `teacher_text_embeds`, as float32), each shard's checksum verified against the manifest. With `dataset`, that
     data with the targets joined by sample id (its row positions); it must be the data the targets were computed on
-    (same rows and fingerprint), and with `teacher`, the same teacher weights.
+    (same rows and fingerprint), with `teacher` the same teacher weights and processor, and with `use_given_*` the
+    same region settings (where the teacher is a DCLIP one).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -321,9 +323,21 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
                          f"({len(dataset)} rows, fingerprint {dataset._fingerprint})")
     if teacher is not None and not made_by(targets_dir, teacher):
         raise ValueError(f"{targets_dir}: these targets come from other teacher weights than {teacher.name}'s")
-    table = pa.concat_tables([pq.read_table(path, columns=[SAMPLE_ID, *TEACHER_TARGETS]) for path in files]) \
-        if files else None
-    ids = table[SAMPLE_ID].to_numpy() if table is not None else np.zeros(0, np.int64)
+    if teacher is not None:
+        from .targets import _processor_key
+
+        if _processor_key(teacher.processor) != settings["processor"]:
+            raise ValueError(f"{targets_dir}: these targets were computed with another processor than "
+                             f"{teacher.name}'s (image size, normalisation or tokenizer)")
+    for name, value in (("use_given_boxes", use_given_boxes), ("use_given_spans", use_given_spans)):
+        fusion = settings["teacher_kind"] == "dclip"
+        if value is not None and fusion and bool(value) != settings[name]:
+            raise ValueError(f"{targets_dir}: computed with {name}={settings[name]}, this run asks for {bool(value)} "
+                             "(--use_annotated_regions): recompute them with the run's setting")
+    if not files:
+        raise ValueError(f"{targets_dir}: the manifest lists no shards (targets of an empty data set)")
+    table = pa.concat_tables([pq.read_table(path, columns=[SAMPLE_ID, *TEACHER_TARGETS]) for path in files])
+    ids = table[SAMPLE_ID].to_numpy()
     if not np.array_equal(ids, np.arange(settings["rows"])):
         raise ValueError(f"{targets_dir}: the shards' sample ids do not cover rows 0..{settings['rows'] - 1} in order")
     width = {name: table.schema.field(name).type.list_size for name in TEACHER_TARGETS}
@@ -366,4 +380,5 @@ def targets_in_processes(dataset, teacher, root: str | os.PathLike, process_inde
     together(compute_target_shards, dataset, teacher, folder, process_index=process_index,
              num_processes=num_processes, **options)
     together(lambda: write_manifest(dataset, teacher, folder, **options) if process_index == 0 else None)
-    return load_target_shards(folder, dataset, teacher=teacher)
+    return load_target_shards(folder, dataset, teacher=teacher, use_given_boxes=use_given_boxes,
+                              use_given_spans=use_given_spans)

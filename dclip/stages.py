@@ -283,7 +283,7 @@ def teacher_targets(context: RunContext, teacher, published: bool = True):
         from .shards import load_target_shards, made_by
 
         if published or made_by(context.args.teacher_targets, teacher):
-            return load_target_shards(context.args.teacher_targets, train, teacher=teacher)
+            return load_target_shards(context.args.teacher_targets, train, teacher=teacher, **regions)
         logger.info("%s: targets of another teacher; the %s student's are computed", context.args.teacher_targets,
                     teacher.name)
     if context.training_args.world_size > 1:  # every process its share, none waiting at a barrier for the main one

@@ -228,3 +228,18 @@ def test_equal_image_ids_apart_are_not_merged(tiny_clip, processor):
     alone, _, _ = embed_rows(teacher, {"image": images, "caption": ["a", "b", "c"]})
     assert encoded == 3
     np.testing.assert_allclose(image.numpy(), alone.numpy(), atol=1e-5)
+
+
+def test_targets_refuse_another_processor_or_region_setting(coco_style, tiny_clip, processor, tmp_path):
+    from processing_dclip import DCLIPProcessor
+
+    teacher = as_teacher(fused_teacher(tiny_clip), processor)
+    compute_target_shards(coco_style, teacher, tmp_path, shard_size=10, process_index=0, num_processes=1,
+                          use_given_boxes=True, use_given_spans=True)
+    write_manifest(coco_style, teacher, tmp_path, shard_size=10, use_given_boxes=True, use_given_spans=True)
+    assert len(load_target_shards(tmp_path, coco_style, teacher=teacher, use_given_boxes=True)) == 20
+    with pytest.raises(ValueError, match="use_given_boxes=True, this run asks for False"):
+        load_target_shards(tmp_path, coco_style, teacher=teacher, use_given_boxes=False)
+    other = DCLIPProcessor(processor.image_processor, processor.tokenizer, max_regions=2, max_spans=4)
+    with pytest.raises(ValueError, match="another processor"):
+        load_target_shards(tmp_path, coco_style, teacher=as_teacher(teacher.model, other))
