@@ -3,12 +3,14 @@ Teacher targets as a sharded, resumable job (`examples/compute_targets.py`).
 
 The training rows are cut into contiguous shards of `shard_size` rows. Each process of an `accelerate launch` takes
 every `num_processes`-th shard, encodes each *image* of it once and each caption once (a COCO image's five captions
-share one vision-tower pass; rows of one image are found by their `image_id` column, else by their pixels), fuses
+share one vision-tower pass; adjacent rows of one image are found by their `image_id` column, else by their
+stored image bytes), fuses
 the pairs where the teacher is a DCLIP one, and writes one Parquet file per shard with a JSON sidecar (its settings
 key, rows and SHA-256). A rerun skips every shard whose file matches its sidecar and the run's settings, so a killed
 job recomputes only what it had not finished. The main process then writes `manifest.json`: the teacher, its
-processor, the data, and each shard's rows and checksum. A student run reads the targets by sample id
-(`load_target_shards`).
+processor, the data, and each shard's rows and checksum. A failure in one process stops every process
+(`together`). A student run reads the targets by sample id (`load_target_shards`), or by row key when it streams
+(`dclip.streaming`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ manifest; a rerun recomputes only the shards that are missing or corrupt.
     accelerate launch examples/train.py --stage distill --teacher_model outputs/default/teacher/final \
         --teacher_targets outputs/targets
 
-Rows of one image are found by the data's `image_id` column (COCO), else by their pixels; keep them adjacent (as
+Rows of one image are found by the data's `image_id` column (COCO), else by their stored bytes; keep them adjacent (as
 COCO's loaders do) so that they fall in one shard.
 """
 
