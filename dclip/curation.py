@@ -164,18 +164,25 @@ def find_duplicates(index, embeddings: np.ndarray, threshold: float, nprobe: int
     found from either side counts.
     """
     index.nprobe = nprobe
+    found = [duplicate_pairs(index, embeddings[start : start + chunk_size], threshold,
+                             np.arange(start, min(start + chunk_size, len(embeddings))))
+             for start in tqdm(range(0, len(embeddings), chunk_size), desc="duplicates", unit="chunk",
+                               disable=len(embeddings) <= chunk_size)]
+    firsts, seconds = (np.concatenate(part) for part in zip(*found)) if found else (np.zeros(0, np.int64),) * 2
+    return drop_later_duplicates(firsts, seconds, len(embeddings))
+
+
+def duplicate_pairs(index, vectors: np.ndarray, threshold: float, query_ids: np.ndarray,
+                    index_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs `(first < second)` of sample ids whose similarity reaches `threshold`, by a FAISS range search of
+    `vectors` (samples `query_ids`) in `index` (whose entries are samples `index_ids`, default their own numbers),
+    a sample's pair with itself left out. Both curation engines find their duplicates through this."""
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # FAISS keeps scores > radius
-    firsts, seconds = [], []
-    for start in tqdm(range(0, len(embeddings), chunk_size), desc="duplicates", unit="chunk",
-                      disable=len(embeddings) <= chunk_size):
-        limits, _, neighbours = index.range_search(embeddings[start : start + chunk_size], radius)
-        queries = start + np.repeat(np.arange(len(limits) - 1), np.diff(limits.astype(np.int64)))
-        other = neighbours != queries
-        queries, neighbours = queries[other], neighbours[other]
-        firsts.append(np.minimum(queries, neighbours))
-        seconds.append(np.maximum(queries, neighbours))
-    return drop_later_duplicates(np.concatenate(firsts) if firsts else np.zeros(0, np.int64),
-                                 np.concatenate(seconds) if seconds else np.zeros(0, np.int64), len(embeddings))
+    limits, _, neighbours = index.range_search(vectors, radius)
+    queries = query_ids[np.repeat(np.arange(len(vectors)), np.diff(limits.astype(np.int64)))]
+    neighbours = neighbours if index_ids is None else index_ids[neighbours]
+    other = neighbours != queries
+    return np.minimum(queries, neighbours)[other], np.maximum(queries, neighbours)[other]
 
 
 def drop_later_duplicates(firsts: np.ndarray, seconds: np.ndarray, num_samples: int) -> np.ndarray:

@@ -32,6 +32,7 @@ from .curation import (
     balance_cluster,
     cluster_count,
     drop_later_duplicates,
+    duplicate_pairs,
     fit_centers,
     normalize_embeddings,
 )
@@ -81,28 +82,26 @@ def _explode(batch: dict) -> dict:
             "cluster": np.tile(batch["cluster"], probes.shape[1])}
 
 
-def _pairs(group: dict, path: str, radius: float) -> dict:
+def _pairs(group: dict, path: str, threshold: float) -> dict:
     """Duplicate pairs `(first < second)` of one probed cluster: its rows that probe it against its own members."""
     import faiss
 
     ids, probe = group["id"], group["probe"][0]
-    members = ids[group["cluster"] == probe]
-    if not len(members):
+    own = group["cluster"] == probe
+    if not own.any():
         return {"first": np.zeros(0, np.int64), "second": np.zeros(0, np.int64)}
+    vectors = _rows(path, ids)  # the members are among the rows: read once
     # an inverted file of this one cluster, scanned as the local engine's is: the same scores, rounded the same way
     # (a flat index switches to BLAS for many queries, which rounds differently at the threshold)
-    dim = np.load(path, mmap_mode="r").shape[1]
+    dim = vectors.shape[1]
     quantizer = faiss.IndexFlatIP(dim)
     quantizer.add(np.zeros((1, dim), dtype=np.float32))
     index = faiss.IndexIVFFlat(quantizer, dim, 1, faiss.METRIC_INNER_PRODUCT)
     index.is_trained = True
-    index.add(_rows(path, members))
+    index.add(np.ascontiguousarray(vectors[own]))
     index.nprobe = 1
-    limits, _, neighbours = index.range_search(_rows(path, ids), radius)
-    queries = ids[np.repeat(np.arange(len(ids)), np.diff(limits.astype(np.int64)))]
-    neighbours = members[neighbours]
-    other = neighbours != queries
-    return {"first": np.minimum(queries, neighbours)[other], "second": np.maximum(queries, neighbours)[other]}
+    first, second = duplicate_pairs(index, vectors, threshold, ids, index_ids=ids[own])
+    return {"first": first, "second": second}
 
 
 def _balance(group: dict, path: str, centers, config: SemanticBalanceConfig) -> dict:
@@ -147,9 +146,9 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
     assigned = ray.data.range(num_samples, override_num_blocks=blocks).map_batches(
         _assign, fn_kwargs={"path": path, "centers": centers_ref, "nprobe": config.duplicate_nprobe},
         batch_format="numpy", batch_size=block_rows).materialize()
-    radius = float(np.nextafter(np.float32(config.duplicate_threshold), np.float32(-np.inf)))  # as the local one
     pairs = _collect(assigned.map_batches(_explode, batch_format="numpy").groupby("probe").map_groups(
-        _pairs, fn_kwargs={"path": path, "radius": radius}, batch_format="numpy"), ("first", "second"))
+        _pairs, fn_kwargs={"path": path, "threshold": config.duplicate_threshold}, batch_format="numpy"),
+        ("first", "second"))
     dropped = drop_later_duplicates(pairs["first"], pairs["second"], num_samples)
     seconds["duplicates"] = round(time.perf_counter() - mark, 2)
 

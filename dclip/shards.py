@@ -217,19 +217,20 @@ def _write_shard(output_dir: Path, number: int, key: str, start: int, stop: int,
 def compute_target_shards(dataset, teacher, output_dir: str | os.PathLike, shard_size: int = 4096,
                           batch_size: int = 256, dtype: str = "float32", process_index: int | None = None,
                           num_processes: int | None = None, use_given_boxes: bool = True,
-                          use_given_spans: bool = True) -> dict:
+                          use_given_spans: bool = True, settings: dict | None = None) -> dict:
     """
     This process's shards of `dataset`'s teacher targets (`teacher`: a `dclip.teachers.Teacher`), written under
     `output_dir`; shards already complete under the same settings are skipped. `process_index` / `num_processes`
     default to accelerate's `PartialState`. Returns counts: `computed`, `skipped` (shards), `rows`, `images_encoded`.
-    Call `write_manifest` once every process is done.
+    Call `write_manifest` once every process is done. `settings`: `target_settings` of these arguments, where the
+    caller has them (they hash the teacher's weights).
     """
     if process_index is None or num_processes is None:
         state = launch_state()
         process_index, num_processes = state.process_index, state.num_processes
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    settings = target_settings(dataset, teacher, shard_size, dtype, use_given_boxes, use_given_spans)
+    settings = settings or target_settings(dataset, teacher, shard_size, dtype, use_given_boxes, use_given_spans)
     key = settings_key(settings)
     storage = np.float16 if dtype == "float16" else np.float32
     stats = {"computed": 0, "skipped": 0, "rows": 0, "images_encoded": 0}
@@ -260,11 +261,12 @@ def compute_target_shards(dataset, teacher, output_dir: str | os.PathLike, shard
 
 
 def write_manifest(dataset, teacher, output_dir: str | os.PathLike, shard_size: int = 4096, dtype: str = "float32",
-                   use_given_boxes: bool = True, use_given_spans: bool = True) -> Path:
+                   use_given_boxes: bool = True, use_given_spans: bool = True, settings: dict | None = None) -> Path:
     """`manifest.json` for complete shards (main process, after every process's `compute_target_shards`): the
-    settings and each shard's file, rows and checksum. Raises naming the shards that are missing or corrupt."""
+    settings (`settings`, else `target_settings` of these arguments) and each shard's file, rows and checksum.
+    Raises naming the shards that are missing or corrupt."""
     output_dir = Path(output_dir)
-    settings = target_settings(dataset, teacher, shard_size, dtype, use_given_boxes, use_given_spans)
+    settings = settings or target_settings(dataset, teacher, shard_size, dtype, use_given_boxes, use_given_spans)
     key = settings_key(settings)
     shards, missing = [], []
     for number, (start, stop) in enumerate(plan_shards(len(dataset), shard_size)):
@@ -309,6 +311,8 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
     import pyarrow.parquet as pq
     from datasets import Dataset, concatenate_datasets
 
+    from .teachers import FUSION
+
     targets_dir = Path(targets_dir)
     manifest = read_manifest(targets_dir)
     settings = manifest["settings"]
@@ -331,8 +335,8 @@ def load_target_shards(targets_dir: str | os.PathLike, dataset=None, teacher=Non
         if _processor_key(teacher.processor) != settings["processor"]:
             raise ValueError(f"{targets_dir}: these targets were computed with another processor than "
                              f"{teacher.name}'s (image size, normalisation or tokenizer)")
+    fusion = settings["teacher_kind"] == FUSION
     for name, value in (("use_given_boxes", use_given_boxes), ("use_given_spans", use_given_spans)):
-        fusion = settings["teacher_kind"] == "dclip"
         if value is not None and fusion and bool(value) != settings[name]:
             raise ValueError(f"{targets_dir}: computed with {name}={settings[name]}, this run asks for {bool(value)} "
                              "(--use_annotated_regions): recompute them with the run's setting")
@@ -378,9 +382,11 @@ def targets_in_processes(dataset, teacher, root: str | os.PathLike, process_inde
     (under `root/<settings key>`, so a rerun or resumed run reuses them) rather than by the main process while the
     others wait; a failure in any process stops all of them (`together`)."""
     options = dict(shard_size=shard_size, use_given_boxes=use_given_boxes, use_given_spans=use_given_spans)
-    folder = Path(root) / settings_key(target_settings(dataset, teacher, dtype="float32", **options))
+    settings = target_settings(dataset, teacher, dtype="float32", **options)  # the teacher's weights hashed once
+    folder = Path(root) / settings_key(settings)
     together(compute_target_shards, dataset, teacher, folder, process_index=process_index,
-             num_processes=num_processes, **options)
-    together(lambda: write_manifest(dataset, teacher, folder, **options) if process_index == 0 else None)
-    return load_target_shards(folder, dataset, teacher=teacher, use_given_boxes=use_given_boxes,
-                              use_given_spans=use_given_spans)
+             num_processes=num_processes, settings=settings, **options)
+    together(lambda: write_manifest(dataset, teacher, folder, settings=settings, **options)
+             if process_index == 0 else None)
+    # the folder is named by these very settings (teacher, processor, regions): only the data is checked on reading
+    return load_target_shards(folder, dataset)
