@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .evaluation.report import reported_keys
+
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +58,6 @@ def _zero_shot_parts(key: str) -> tuple[str, str]:
         if body.endswith("_" + measure):
             return body[: -len(measure) - 1], measure
     return body, "acc1"
-
-
-def reported_keys(metrics: dict[str, float]) -> list[str]:
-    """The metrics a card reports, in display order: not the standard errors (`<key>_stderr`) and query counts
-    (`*_queries`) that a sampled retrieval evaluation adds beside its estimates (the table shows them as `±`)."""
-    from .evaluation import is_estimate_detail
-
-    return sorted((key for key in metrics if not is_estimate_detail(key)), key=_metric_order)
-
-
-def _metric_order(key: str) -> tuple:
-    groups = ("image_retrieval_", "text_retrieval_", "zeroshot_", "linear_probe_", "hard_negative_")
-    return next((i for i, prefix in enumerate(groups) if key.startswith(prefix)), len(groups)), "mAP" in key, key
 
 
 def eval_results(metrics: dict[str, float], dataset_type: str, dataset_name: str, split: str = "test"):

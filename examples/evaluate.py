@@ -1,5 +1,19 @@
-"""Evaluate a DCLIP student or teacher folder, or any CLIP checkpoint (local or Hub): retrieval Recall@K and mAP,
-zero-shot (prompt templates, top-1/top-5, per class), linear probe and hard negatives; JSON plus a printed table.
+"""Evaluate a DCLIP student or teacher folder, or any CLIP checkpoint (local or Hub).
+
+Without --task: everything the embedded scenes (or a captioned data set) allow: retrieval Recall@K and mAP, zero-shot
+(prompt templates, top-1/top-5, per class), linear probe and hard negatives; JSON plus a printed table.
+
+With --task (CLIP_benchmark's tasks, names and JSON layout) on any labelled image data (an imagefolder with a folder
+per class or a label column, a CSV/JSONL with image paths and labels, a Hub data set with a ClassLabel) or, for
+retrieval, any captioned data; with --suite, data sets x tasks for any number of models (comma-separated
+--model_name_or_path), compared with paired 95% intervals:
+
+    python examples/evaluate.py --model_name_or_path M --dataset_name pets/ --task zeroshot_classification \
+        --templates openai_imagenet --output_file pets.json
+    python examples/evaluate.py --model_name_or_path M --dataset_name pets/ --task linear_probe
+    python examples/evaluate.py --model_name_or_path M --dataset_name dataset_coco.json --image_root coco/ \
+        --task zeroshot_retrieval
+    python examples/evaluate.py --model_name_or_path student,student_none --suite suite.yaml --output_dir results/
 
     python examples/evaluate.py --model_name_or_path outputs/default/student/final        # embedded test split
     python examples/evaluate.py --model_name_or_path outputs/default/student/final \
@@ -24,6 +38,8 @@ from dclip.cli import setup_logging
 from dclip.data.loading import load_data
 from dclip.data.scenes import zero_shot_tasks
 from dclip.evaluation import evaluate_checkpoint, format_metrics_table
+from dclip.evaluation.benchmark import load_templates
+from dclip.evaluation.suite import DatasetSpec, evaluate_suite, read_suite, run_suite
 
 
 @dataclass
@@ -31,7 +47,25 @@ class EvaluateArguments:
     model_name_or_path: str = field(metadata={"help": "DCLIP student/teacher folder, or a CLIP checkpoint"})
     baseline_model: str | None = field(default=None, metadata={"help": "evaluated too; the card's baseline column"})
     seed: int = field(default=42, metadata={"help": "embedded data: the scenes' seed (train.py's --seed)"})
-    templates: str = field(default="a photo of a {}.", metadata={"help": "zero-shot prompt templates, '|'-separated"})
+    templates: str = field(default="a photo of a {}.", metadata={
+        "help": "zero-shot prompts: a named set (openai_imagenet, openai_cifar, simple), a .txt/.json file, or "
+                "'|'-separated templates"})
+    task: str | None = field(default=None, metadata={"help": "zeroshot_classification | linear_probe | "
+                                                         "zeroshot_retrieval: one CLIP_benchmark task"})
+    suite: str | None = field(default=None, metadata={"help": "a suite YAML (data sets x tasks; see "
+                                                          "dclip.evaluation.suite)"})
+    output_dir: str = field(default="outputs/eval/suite", metadata={"help": "--suite: where results go"})
+    label_column: str | None = field(default=None, metadata={"help": "--task: the label column (default: label, "
+                                                                     "or the ClassLabel)"})
+    image_column: str | None = field(default=None, metadata={"help": "--task: the image column"})
+    class_names_file: str | None = field(default=None, metadata={"help": "--task: class names (.txt, .json)"})
+    max_samples: int | None = field(default=None, metadata={"help": "--task: a seeded random subset of each split"})
+    probe_test_fraction: float | None = field(default=None, metadata={
+        "help": "linear probe without a training split: hold this fraction of --eval_split out as its test part"})
+    probe_validation_split: str | None = field(default=None, metadata={
+        "help": "linear probe: the split its regularisation is chosen on (default: a held-out part of training)"})
+    batch_size: int = 256
+    num_workers: int = field(default=0, metadata={"help": "DataLoader processes decoding images"})
     ks: str = field(default="1,5,10", metadata={"help": "the K of Recall@K, comma-separated"})
     retrieval_backend: str = field(default="auto", metadata={"help": "auto (exact up to 1e10 pairs, else sampled) | "
                                                                    "exact | sampled | faiss"})
@@ -54,9 +88,11 @@ def main() -> None:
         parser.error("--push_to_hub needs --hub_model_id")
     if (args.write_card or args.push_to_hub) and not Path(args.model_name_or_path).is_dir():
         parser.error(f"--write_card / --push_to_hub need a local model folder, got {args.model_name_or_path!r}")
+    if args.task or args.suite:
+        return benchmark(args, data_args)
     data, reports = load_data(data_args, args.seed)
     options = dict(probe_train=data.get("validation"), tasks=zero_shot_tasks(),
-                   templates=tuple(args.templates.split("|")), ks=tuple(int(k) for k in args.ks.split(",")),
+                   templates=load_templates(args.templates), ks=tuple(int(k) for k in args.ks.split(",")),
                    retrieval_backend=args.retrieval_backend, teacher_top_k=args.teacher_top_k)
     models = {"model": args.model_name_or_path}
     if args.baseline_model:
@@ -98,6 +134,38 @@ def main() -> None:
         if args.push_to_hub:
             print("pushed:", push_to_hub(args.model_name_or_path, args.hub_model_id, token=args.hub_token,
                                          private=args.hub_private_repo))
+
+
+def benchmark(args, data_args) -> None:
+    """--task (one model, one data set, one CLIP_benchmark record) or --suite (models x data sets x tasks)."""
+    models = [m for m in args.model_name_or_path.split(",") if m]
+    if args.suite:
+        suite_models, specs = read_suite(args.suite)
+        paths = run_suite(suite_models + models, specs, args.output_dir, batch_size=args.batch_size,
+                          num_workers=args.num_workers)
+        print(paths["table"].read_text())
+        print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+        return
+    if not data_args.dataset_name:
+        raise SystemExit("--task needs --dataset_name (a labelled image folder or file, a Hub data set, or captioned "
+                         "data for zeroshot_retrieval)")
+    spec = DatasetSpec(
+        name=Path(data_args.dataset_name).name or data_args.dataset_name, dataset_name=data_args.dataset_name,
+        tasks=[args.task], split=data_args.eval_split,
+        train_split=None if args.probe_test_fraction is not None else data_args.train_split,
+        validation_split=args.probe_validation_split, label_column=args.label_column, image_column=args.image_column,
+        class_names_file=args.class_names_file, image_root=data_args.image_root,
+        dataset_format=data_args.dataset_format, templates=args.templates, max_samples=args.max_samples,
+        probe_test_fraction=args.probe_test_fraction or 0.5, ks=[int(k) for k in args.ks.split(",")], seed=args.seed)
+    records, _ = evaluate_suite(models[:1], [spec], batch_size=args.batch_size, num_workers=args.num_workers)
+    record = records[0]
+    output = Path(args.output_file or f"outputs/eval/{Path(models[0]).name or 'model'}_{spec.name}_{args.task}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(record, indent=2))
+    numbers = {key: value for key, value in record["metrics"].items() if isinstance(value, (int, float))
+               and not isinstance(value, bool) and key not in ("seed",)}
+    print(format_metrics_table({record["model"]: numbers}))
+    print(f"results: {output}")
 
 
 if __name__ == "__main__":

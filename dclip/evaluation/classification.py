@@ -29,21 +29,34 @@ def zero_shot_classifier(model, processor, class_names: list[str], templates=DEF
 
 
 def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
-                           ks: tuple[int, ...] = (1, 5)) -> dict:
-    """From `scores (samples, classes)` and integer `labels`: top-K accuracy `acc<K>` (K below the class count),
-    `mean_per_class_recall` over the classes present, and `per_class_recall` by class name (CLIP_benchmark names),
-    and `correct`, whether each sample's top-1 class is its label (for paired bootstraps)."""
-    labels = np.asarray(labels, dtype=np.int64)
+                           ks: tuple[int, ...] = (1, 5), outcomes: dict | None = None) -> dict:
+    """From `scores (samples, classes)` and integer `labels`: top-K accuracy `acc<K>` (K below the class count, and
+    K = 1), `mean_per_class_recall` over the classes present and `per_class_recall` by class name (CLIP_benchmark's
+    names; scikit-learn's `top_k_accuracy_score`, `balanced_accuracy_score`, `recall_score`), and `correct`, whether
+    each sample's top-1 class is its label. A dict given as `outcomes` receives each `acc<K>`'s per-sample hits (for
+    paired bootstraps)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, recall_score, top_k_accuracy_score
+
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     order = np.argsort(-scores, axis=1, kind="stable")
+    top1 = order[:, 0]
     results: dict = {}
     for k in ks:
         if k == 1 or k < scores.shape[1]:
-            results[f"acc{k}"] = float(np.mean((order[:, :k] == labels[:, None]).any(1)))
-    top1 = order[:, 0]
-    per_class = {name: float(np.mean(top1[labels == c] == c)) for c, name in enumerate(class_names)
-                 if np.any(labels == c)}
-    results["mean_per_class_recall"] = float(np.mean(list(per_class.values()))) if per_class else float("nan")
-    results["per_class_recall"] = per_class
+            hits = (order[:, :k] == labels[:, None]).any(1).astype(np.float64)
+            results[f"acc{k}"] = float(hits.mean()) if scores.shape[1] <= 2 else float(top_k_accuracy_score(
+                labels, scores, k=k, labels=np.arange(scores.shape[1])))
+            if outcomes is not None:
+                outcomes[f"acc{k}"] = hits
+    present = np.unique(labels)
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": those are left out, as intended
+        warnings.simplefilter("ignore")
+        results["mean_per_class_recall"] = float(balanced_accuracy_score(labels, top1)) if len(labels) else \
+            float("nan")
+        recalls = recall_score(labels, top1, labels=present, average=None, zero_division=0) if len(labels) else []
+    results["per_class_recall"] = {class_names[c]: float(r) for c, r in zip(present, recalls)}
     results["correct"] = (top1 == labels).astype(np.float64)
     return results
 

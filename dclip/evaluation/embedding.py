@@ -27,31 +27,64 @@ def load_clip_towers(name_or_path: str):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision embedding runs under on `device`: bfloat16 on a GPU that has it, else float16 on a GPU;
+    None (full precision) on CPU, where bfloat16 matmuls are slower than float32 on most processors."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 @torch.no_grad()
-def _embed(model, encode, batches, device: str | torch.device | None, **progress) -> np.ndarray:
-    """L2-normalised float32 features `(rows, dim)` of `encode(model, batch, device)` over `batches`."""
+def _embed(model, encode, batches, device: str | torch.device | None, amp: bool | None = None,
+           **progress) -> np.ndarray:
+    """L2-normalised float32 features `(rows, dim)` of `encode(batch, device)` over `batches`, under autocast where
+    `amp` (default: where the device has a reduced precision, `autocast_dtype`)."""
     device = torch.device(device or next(model.parameters()).device)
+    dtype = autocast_dtype(device) if amp is not False else None
     model.eval()
-    chunks = [torch.nn.functional.normalize(pooled_features(encode(batch, device)).float(), dim=-1).cpu()
-              for batch in tqdm(batches, **progress)]
+    chunks = []
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for batch in tqdm(batches, **progress):
+            features = pooled_features(encode(batch, device))
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
     return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
 
 
-def embed_images(model, processor, dataset, batch_size: int = 256, image_column: str = "image",
-                 device: str | torch.device | None = None) -> np.ndarray:
-    """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`."""
-    def encode(start, device):
-        images = dataset[start : start + batch_size][image_column]
-        return model.get_image_features(processor(images=images)["pixel_values"].to(device))
+class _ImageBatches(torch.utils.data.Dataset):
+    """Batches of a data set's images as pixel tensors, for a `DataLoader` whose workers decode and pre-process."""
 
-    return _embed(model, encode, range(0, len(dataset), batch_size), device, desc="image embeddings", unit="batch")
+    def __init__(self, dataset, processor, batch_size: int, image_column: str):
+        self.dataset, self.processor, self.batch_size, self.image_column = dataset, processor, batch_size, image_column
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        start = index * self.batch_size
+        images = self.dataset[start : start + self.batch_size][self.image_column]
+        return self.processor(images=images)["pixel_values"]
+
+
+def embed_images(model, processor, dataset, batch_size: int = 256, image_column: str = "image",
+                 device: str | torch.device | None = None, num_workers: int = 0,
+                 amp: bool | None = None) -> np.ndarray:
+    """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`;
+    `num_workers` `DataLoader` processes decode and pre-process the images (0: this process), in order."""
+    batches = torch.utils.data.DataLoader(_ImageBatches(dataset, processor, batch_size, image_column), batch_size=None,
+                                          num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+
+    def encode(pixel_values, device):
+        return model.get_image_features(pixel_values.to(device))
+
+    return _embed(model, encode, batches, device, amp, desc="image embeddings", unit="batch")
 
 
 def embed_texts(model, processor, texts: list[str], batch_size: int = 256,
-                device: str | torch.device | None = None) -> np.ndarray:
+                device: str | torch.device | None = None, amp: bool | None = None) -> np.ndarray:
     """L2-normalised text embeddings `(len(texts), dim)` float32 with `get_text_features`."""
     def encode(start, device):
         inputs = processor(text=list(texts[start : start + batch_size]))
         return model.get_text_features(**{k: v.to(device) for k, v in inputs.items()})
 
-    return _embed(model, encode, range(0, len(texts), batch_size), device, disable=True)
+    return _embed(model, encode, range(0, len(texts), batch_size), device, amp, disable=True)

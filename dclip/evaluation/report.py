@@ -3,14 +3,33 @@ and the helpers that tell an estimate's details (standard errors, query counts) 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 
+METRIC_GROUPS = ("image_retrieval_", "text_retrieval_", "zeroshot_", "linear_probe_", "hard_negative_")
+
+
+def metric_order(key: str) -> tuple:
+    """Sort key of a flat metric name in reading order: text-to-image retrieval, image-to-text retrieval (each R@1,
+    R@5, R@10, then mAP), zero-shot, linear probe, hard negatives, anything else."""
+    group = next((i for i, prefix in enumerate(METRIC_GROUPS) if key.startswith(prefix)), len(METRIC_GROUPS))
+    k = re.search(r"@(\d+)", key)
+    return group, "mAP" in key, int(k.group(1)) if k else 0, key
+
+
+def reported_keys(metrics: dict[str, float]) -> list[str]:
+    """The metrics a table or card reports, in reading order (`metric_order`): not the standard errors
+    (`<key>_stderr`) and query counts (`*_queries`) that a sampled retrieval evaluation adds beside its estimates."""
+    return sorted((key for key in metrics if not is_estimate_detail(key)), key=metric_order)
+
+
 def format_metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A plain-text table of `metrics` (model -> metric -> value): a row per metric, retrieval first, a column per
+    """A plain-text table of `metrics` (model -> metric -> value): a row per metric in reading order, a column per
     model ("-" where a model lacks the metric)."""
     names = sorted({key for values in metrics.values() for key in values if not is_estimate_detail(key)},
-                   key=lambda key: (not key.startswith(("image_", "text_")), key))
+                   key=metric_order)
     width = max([len(name) for name in names] + [6])
     lines = [f"{'metric':<{width}}" + "".join(f"{model:>16}" for model in metrics)]
     for name in names:

@@ -1,144 +1,260 @@
-"""Whole evaluations of a model: `evaluate_model` (retrieval, zero-shot classification, linear probe and hard
-negatives of a dual encoder), `evaluate_teacher` (the cross-modal teacher's re-ranked retrieval), `evaluate_checkpoint`
-(either, for a saved folder or Hub checkpoint), and the `EvaluationResult` they return."""
+"""Benchmark suites: data sets x tasks (`DatasetSpec`, read from a YAML file by `read_suite`), evaluated for any
+number of models in one call (`run_suite`). Each (model, data set, task) gives a CLIP_benchmark record (JSON lines);
+the models are compared in one table (markdown and CSV), each model against the first, every difference with its
+paired-bootstrap 95% interval over the test samples.
+
+A suite file:
+
+```yaml
+models: [outputs/default/student/final, outputs/default/student_none/final]   # optional; the CLI adds its own
+datasets:
+  - name: pets                      # the name in results and tables
+    dataset_name: data/pets         # imagefolder, CSV/JSONL, Hub name or save_to_disk folder
+    tasks: [zeroshot_classification, linear_probe]
+    split: test                     # evaluated split; linear probe trains on train_split
+    train_split: train              # null: probe_test_fraction of `split` is held out as the probe's test part
+    templates: openai_imagenet      # a named set, a file, or '|'-separated templates
+  - name: coco
+    dataset_name: dataset_coco.json
+    image_root: coco/
+    tasks: [zeroshot_retrieval]
+```
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import csv
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..columns import HARD_NEGATIVES
-from .classification import (
-    DEFAULT_TEMPLATES,
-    hard_negative_accuracy,
-    hard_negative_kinds,
-    linear_probe_accuracy,
-    zero_shot_classification,
-)
-from .embedding import embed_images, embed_texts, load_clip_towers
-from .retrieval import image_groups, retrieval_metrics
-from .teacher import teacher_hard_negatives, teacher_retrieval, teacher_zero_shot
+from .benchmark import TASKS, TaskResult, clip_benchmark_record
+
+
+logger = logging.getLogger(__name__)
+HEADLINE = {"zeroshot_classification": ("acc1", "acc5", "mean_per_class_recall"),
+            "linear_probe": ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")}
 
 
 @dataclass
-class EvaluationResult:
-    """Flat `metrics` (name -> value; the keys of summary tables and model cards), `per_class_recall` (zero-shot
-    task -> class -> recall), the sizes evaluated, and `outcomes`: for each metric that is a mean over queries, the
-    per-query values (aligned across models evaluated on the same data), for paired bootstraps."""
+class DatasetSpec:
+    """One data set of a suite, and the tasks run on it (see the module's docstring for the file)."""
 
-    metrics: dict[str, float]
-    per_class_recall: dict[str, dict[str, float]] = field(default_factory=dict)
-    num_images: int = 0
-    num_texts: int = 0
-    outcomes: dict[str, np.ndarray] = field(default_factory=dict)
+    name: str
+    dataset_name: str
+    tasks: list[str] = field(default_factory=lambda: ["zeroshot_classification"])
+    split: str = "test"
+    train_split: str | None = "train"
+    validation_split: str | None = None
+    label_column: str | None = None
+    image_column: str | None = None
+    class_names_file: str | None = None
+    image_root: str | None = None
+    dataset_format: str | None = None
+    templates: str = "simple"
+    max_samples: int | None = None
+    probe_test_fraction: float = 0.5
+    probe_validation_fraction: float = 0.2
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    seed: int = 0
 
-    def add_means(self) -> None:
-        """`zeroshot_mean_acc1` and `linear_probe_mean_acc1`: per image, the mean over the tasks' top-1 outcomes."""
-        for prefix in ("zeroshot", "linear_probe"):
-            keys = [key for key in self.outcomes if key.startswith(f"{prefix}_label") and key.endswith("_acc1")]
-            if keys:
-                per_image = np.mean([self.outcomes[key] for key in sorted(keys)], axis=0)
-                self.outcomes[f"{prefix}_mean_acc1"] = per_image
-                self.metrics[f"{prefix}_mean_acc1"] = float(per_image.mean())
-
-
-def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
-                   templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10), retrieval_backend: str = "auto",
-                   batch_size: int = 256) -> EvaluationResult:
-    """
-    Evaluate a dual encoder (`DCLIPModel`, `DCLIPTeacherModel` towers, or a CLIP wrapped by `load_clip_towers`) on
-    `test` (`image`, `caption`, optional `image_id` for several captions per image): retrieval both ways; for each
-    `tasks` label column present (column -> class names) zero-shot classification and, with `probe_train`, a linear
-    probe fitted on its images; hard-negative accuracy where `test` has `hard_negatives`.
-    """
-    image_rows, text_to_image = image_groups(test)
-    images = test.select(image_rows) if len(image_rows) != len(test) else test
-    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
-    text_embeds = embed_texts(model, processor, test["caption"], batch_size=batch_size)
-    outcomes: dict[str, np.ndarray] = {}
-    metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks, backend=retrieval_backend,
-                                outcomes=outcomes)
-    result = EvaluationResult(metrics, num_images=len(image_embeds), num_texts=len(text_embeds), outcomes=outcomes)
-    tasks = {column: names for column, names in (tasks or {}).items() if column in test.column_names}
-    probe_embeds = None
-    if tasks and probe_train is not None:
-        probe_images = probe_train.select(image_groups(probe_train)[0])
-        probe_embeds = embed_images(model, processor, probe_images, batch_size=batch_size)
-    for column, names in tasks.items():
-        zero_shot = zero_shot_classification(model, processor, images, column, names, templates,
-                                             image_embeds=image_embeds)
-        for name in ("acc1", "acc5", "mean_per_class_recall"):
-            if name in zero_shot:
-                metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
-        result.per_class_recall[column] = zero_shot["per_class_recall"]
-        outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
-        if probe_embeds is not None:
-            metrics[f"linear_probe_{column}_acc1"], outcomes[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
-                probe_embeds, probe_images[column], image_embeds, images[column], return_correct=True)
-    if HARD_NEGATIVES in test.column_names and len(image_rows) == len(test):  # one caption per image
-        metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds, outcomes=outcomes))
-    result.add_means()
-    return result
+    def __post_init__(self):
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"data set {self.name!r}: tasks must be among {list(TASKS)}, got {self.tasks}")
 
 
-def evaluate_teacher(teacher, processor, test, top_k: int = 16, ks: tuple[int, ...] = (1, 5, 10),
-                     batch_size: int = 256, tasks: dict[str, list[str]] | None = None,
-                     templates=DEFAULT_TEMPLATES) -> EvaluationResult:
-    """The cross-modal teacher's retrieval Recall@K and mAP (global shortlist, fused re-ranking: `teacher_retrieval`),
-    zero-shot classification by fused scores for each `tasks` label column present (`teacher_zero_shot`) and
-    hard-negative accuracy by fused scores where `test` has `hard_negatives` (`teacher_hard_negatives`);
-    regions from the processor's detector (if any) and spans from its extractor, as at test time."""
-    from ..targets import compute_teacher_features
+def read_suite(path: str) -> tuple[list[str], list[DatasetSpec]]:
+    """`(models, data sets)` of a suite YAML file, with errors naming the file and entry."""
+    import yaml
 
-    features = compute_teacher_features(test, teacher, processor, batch_size=batch_size, use_given_boxes=False,
-                                        use_given_spans=False)
-    image_rows, text_to_image = image_groups(test)
-    outcomes: dict[str, np.ndarray] = {}
-    metrics = teacher_retrieval(teacher, features, top_k=top_k, ks=ks, image_rows=image_rows,
-                                text_to_image=text_to_image, outcomes=outcomes)
-    result = EvaluationResult(metrics, num_images=len(image_rows), num_texts=len(test), outcomes=outcomes)
-    images = test.select(image_rows) if len(image_rows) != len(test) else test
-    for column, names in (tasks or {}).items():
-        if column in test.column_names:
-            zero_shot = teacher_zero_shot(teacher, processor, features, image_rows, images[column], names, templates)
-            for name in ("acc1", "acc5", "mean_per_class_recall"):
-                if name in zero_shot:
-                    metrics[f"zeroshot_{column}_{name}"] = zero_shot[name]
-            result.per_class_recall[column] = zero_shot["per_class_recall"]
-            outcomes[f"zeroshot_{column}_acc1"] = zero_shot["correct"]
-    if HARD_NEGATIVES in test.column_names and len(image_rows) == len(test):  # one caption per image
-        metrics.update(teacher_hard_negatives(teacher, processor, features, test[HARD_NEGATIVES],
-                                              hard_negative_kinds(test), outcomes=outcomes))
-    result.add_means()
-    return result
+    suite = yaml.safe_load(Path(path).read_text()) or {}
+    entries = suite.get("datasets")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"suite {path}: needs a non-empty `datasets:` list")
+    known = {f.name for f in fields(DatasetSpec)}
+    specs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry or "dataset_name" not in entry:
+            raise ValueError(f"suite {path}: datasets[{i}] needs `name` and `dataset_name`, got {entry!r}")
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ValueError(f"suite {path}: datasets[{i}] ({entry['name']}) has unknown keys {unknown}; known: "
+                             f"{sorted(known)}")
+        try:
+            specs.append(DatasetSpec(**entry))
+        except ValueError as error:
+            raise ValueError(f"suite {path}: {error}") from error
+    return list(suite.get("models") or []), specs
 
 
-def evaluate_checkpoint(name_or_path: str, test, probe_train=None, tasks: dict[str, list[str]] | None = None,
-                        processor=None, templates=DEFAULT_TEMPLATES, ks: tuple[int, ...] = (1, 5, 10),
-                        retrieval_backend: str = "auto", teacher_top_k: int = 16) -> EvaluationResult:
-    """
-    Evaluate a saved model, local or on the Hub: a `DCLIPTeacherModel` folder by its fused retrieval and zero-shot
-    (`evaluate_teacher`), anything else (a `DCLIPModel` folder, any CLIP checkpoint, another dual encoder such as a
-    `SiglipModel`) with `evaluate_model`. `processor`: default, the checkpoint's own (a `DCLIPProcessor` around its
-    tokenizer and image processor; for another dual encoder, its own processor as `DualEncoderProcessor` calls it).
-    """
-    from modeling_dclip import DCLIPTeacherModel
-    from processing_dclip import DCLIPProcessor
+class _Data:
+    """A suite data set's splits, each read once for all models and tasks."""
 
-    from ..teachers import DUAL_ENCODER, DualEncoderProcessor, load_teacher, model_type
+    def __init__(self, spec: DatasetSpec):
+        self.spec, self._splits = spec, {}
 
-    found = model_type(name_or_path)
-    if found not in ("dclip", "dclip_teacher", "clip"):  # another dual encoder (SigLIP, ...): its own processor
-        teacher = load_teacher(name_or_path, DUAL_ENCODER)
-        teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-        return evaluate_model(teacher.model, processor or DualEncoderProcessor(teacher), test,
-                              probe_train=probe_train, tasks=tasks, templates=templates, ks=ks,
-                              retrieval_backend=retrieval_backend)
-    processor = processor or DCLIPProcessor.from_pretrained(name_or_path, trust_remote_code=False)  # our class
-    if found == "dclip_teacher":
-        teacher = DCLIPTeacherModel.from_pretrained(name_or_path).to("cuda" if torch.cuda.is_available() else "cpu")
-        return evaluate_teacher(teacher, processor, test, top_k=teacher_top_k, ks=ks, tasks=tasks, templates=templates)
-    return evaluate_model(load_clip_towers(name_or_path), processor, test, probe_train=probe_train, tasks=tasks,
-                          templates=templates, ks=ks, retrieval_backend=retrieval_backend)
+    def labelled(self, split: str):
+        from ..data.labelled import load_labelled_dataset
+
+        if split not in self._splits:
+            spec = self.spec
+            self._splits[split] = load_labelled_dataset(
+                spec.dataset_name, split, label_column=spec.label_column, image_column=spec.image_column,
+                class_names_file=spec.class_names_file, image_root=spec.image_root, max_samples=spec.max_samples,
+                seed=spec.seed)
+        return self._splits[split]
+
+    def probe_splits(self):
+        """(train, validation or None, test) of the linear probe."""
+        from .benchmark import split_for_probe
+
+        spec = self.spec
+        if spec.train_split:
+            validation = self.labelled(spec.validation_split) if spec.validation_split else None
+            return self.labelled(spec.train_split), validation, self.labelled(spec.split)
+        train, test = split_for_probe(self.labelled(spec.split), spec.probe_test_fraction, spec.seed)
+        return train, None, test
+
+    def captioned(self):
+        if "captioned" not in self._splits:
+            from ..data.loaders import load_caption_dataset
+
+            spec = self.spec
+            extra = {"image_root": spec.image_root} if spec.image_root else {}
+            dataset, _ = load_caption_dataset(spec.dataset_name, format=spec.dataset_format, split=spec.split, **extra)
+            if spec.max_samples is not None:
+                dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
+            self._splits["captioned"] = dataset
+        return self._splits["captioned"]
+
+
+def run_task(model, processor, data: _Data, task: str, batch_size: int = 256, num_workers: int = 0) -> TaskResult:
+    """One task of one suite data set for one loaded model."""
+    from .benchmark import linear_probe_task, load_templates, zeroshot_classification, zeroshot_retrieval
+
+    spec = data.spec
+    if task == "zeroshot_classification":
+        return zeroshot_classification(model, processor, data.labelled(spec.split), load_templates(spec.templates),
+                                       batch_size=batch_size, num_workers=num_workers)
+    if task == "linear_probe":
+        train, validation, test = data.probe_splits()
+        return linear_probe_task(model, processor, train, test, validation, spec.probe_validation_fraction,
+                                 seed=spec.seed, batch_size=batch_size, num_workers=num_workers)
+    return zeroshot_retrieval(model, processor, data.captioned(), ks=tuple(spec.ks), batch_size=batch_size)
+
+
+def evaluate_suite(models: list[str], specs: list[DatasetSpec], batch_size: int = 256, num_workers: int = 0):
+    """Every model on every (data set, task): `(records, results)`, the CLIP_benchmark records in order and the
+    `TaskResult`s by model, then (data set name, task). Each split is read once for all models."""
+    from .checkpoint import load_dual_encoder
+
+    if not models:
+        raise ValueError("a suite needs at least one model (--model_name_or_path, or `models:` in the suite file)")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"suite data set names must be unique, got {names}")
+    datas = [_Data(spec) for spec in specs]
+    results: dict[str, dict[tuple[str, str], TaskResult]] = {}
+    records = []
+    for name in models:
+        model, processor = load_dual_encoder(name)
+        results[name] = {}
+        for data in datas:
+            for task in data.spec.tasks:
+                logger.info("suite: %s on %s, %s", name, data.spec.name, task)
+                result = run_task(model, processor, data, task, batch_size=batch_size, num_workers=num_workers)
+                results[name][(data.spec.name, task)] = result
+                records.append(clip_benchmark_record(data.spec.name, Path(name).name or name, result,
+                                                     pretrained=name))
+    return records, results
+
+
+def run_suite(models: list[str], specs: list[DatasetSpec], output_dir: str, batch_size: int = 256,
+              num_workers: int = 0, num_resamples: int = 2000) -> dict[str, Path]:
+    """`evaluate_suite`, then write `results.jsonl` (CLIP_benchmark records), `outcomes.npz` (per-sample outcomes,
+    keyed `model|data set|task|metric`), `table.md` and `table.csv` (each model against the first, with paired 95%
+    intervals) and `suite.json` (the suite as run) into `output_dir`; return their paths."""
+    records, results = evaluate_suite(models, specs, batch_size=batch_size, num_workers=num_workers)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"results": output / "results.jsonl", "outcomes": output / "outcomes.npz", "table": output / "table.md",
+             "csv": output / "table.csv", "suite": output / "suite.json"}
+    paths["results"].write_text("".join(json.dumps(record) + "\n" for record in records))
+    np.savez_compressed(paths["outcomes"], **{f"{m}|{d}|{t}|{k}": v for m, by_task in results.items()
+                                              for (d, t), r in by_task.items() for k, v in r.outcomes.items()})
+    rows = comparison_rows(results, num_resamples=num_resamples)
+    paths["table"].write_text(markdown_table(rows, models))
+    write_csv(rows, paths["csv"])
+    paths["suite"].write_text(json.dumps({"models": models, "datasets": [asdict(s) for s in specs]}, indent=2))
+    return paths
+
+
+def _reported(task: str, metrics: dict) -> list[str]:
+    """The metrics a suite table shows for a task, in reading order (R@1, R@5, R@10, then mAP)."""
+    if task in HEADLINE:
+        return [key for key in HEADLINE[task] if key in metrics]
+    from .report import reported_keys
+
+    return [key for key in reported_keys(metrics) if key.startswith(("image_retrieval_", "text_retrieval_"))]
+
+
+def comparison_rows(results: dict[str, dict[tuple[str, str], TaskResult]], num_resamples: int = 2000) -> list[dict]:
+    """A row per (data set, task, metric, model): the value, and for each model after the first the difference to
+    the first with its paired-bootstrap 95% interval where the metric has per-sample outcomes (a mean over samples;
+    not mean per-class recall, a mean over classes)."""
+    from .bootstrap import paired_bootstrap
+
+    models = list(results)
+    reference = results[models[0]]
+    rows = []
+    for (dataset, task), first in reference.items():
+        for metric in _reported(task, first.metrics):
+            for model in models:
+                result = results[model][(dataset, task)]
+                row = {"dataset": dataset, "task": task, "metric": metric, "model": model,
+                       "value": result.metrics.get(metric), "reference": models[0]}
+                if model != models[0] and metric in result.outcomes and metric in first.outcomes:
+                    comparison = paired_bootstrap(result.outcomes[metric], first.outcomes[metric],
+                                                  num_resamples=num_resamples)
+                    row.update(difference=comparison["difference"], low=comparison["low"],
+                               high=comparison["high"], excludes_zero=comparison["excludes_zero"])
+                rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], models: list[str]) -> str:
+    """The comparison rows as a markdown table: a line per (data set, task, metric), a column per model; after the
+    first model each cell is `value (difference [low, high])`, `*` where the interval excludes 0."""
+    header = ["data set", "task", "metric"] + [Path(m).name or m for m in models]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keyed: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        keyed.setdefault((row["dataset"], row["task"], row["metric"]), {})[row["model"]] = row
+    for (dataset, task, metric), by_model in keyed.items():
+        cells = []
+        for model in models:
+            row = by_model.get(model, {})
+            cell = "-" if row.get("value") is None else f"{row['value']:.4f}"
+            if "difference" in row:
+                mark = " *" if row["excludes_zero"] else ""
+                cell += f" ({row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]{mark})"
+            cells.append(cell)
+        lines.append("| " + " | ".join([dataset, task, metric] + cells) + " |")
+    note = (f"\nEach model after the first ({Path(models[0]).name or models[0]}) shows its difference to it with a "
+            "paired-bootstrap 95% interval over the test samples (2,000 resamples); * marks an interval that "
+            "excludes 0. Mean per-class recall, a mean over classes, has no interval.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns = ["dataset", "task", "metric", "model", "value", "reference", "difference", "low", "high",
+               "excludes_zero"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({column: row.get(column, "") for column in columns})

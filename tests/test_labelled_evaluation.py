@@ -1,0 +1,298 @@
+"""CLIP_benchmark-style evaluation on labelled image data (issue 17): every input layout, written here with real
+image files, gives the same zero-shot and linear-probe figures as a naive loop over the same embeddings and as
+scikit-learn; the JSON has CLIP_benchmark's layout; a suite of two data sets over two models runs in one command."""
+
+import csv
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = sorted(["red square", "green circle", "blue star", "yellow triangle", "purple cross", "orange ring"])
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 30), (140, 40, 160), (250, 140, 20)]
+PER_CLASS = {"train": 6, "test": 3}  # the test split: 3 + label images per class, unbalanced
+
+
+def _image(label: int, index: int, rng):
+    from PIL import Image
+
+    pixels = np.clip(np.array(COLOURS[label]) + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+    pixels[index % 30 : index % 30 + 10, 5:15] = 255 - pixels[index % 30 : index % 30 + 10, 5:15]
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same labelled images (6 classes; train and test) in every layout the evaluation reads."""
+    from datasets import ClassLabel, Dataset, Features, Image
+
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(0)
+    rows = {split: [] for split in PER_CLASS}
+    for split, count in PER_CLASS.items():
+        for label, name in enumerate(CLASSES):
+            count = PER_CLASS[split] + (label if split == "test" else 0)
+            folder = root / "folders" / split / name.replace(" ", "_")
+            folder.mkdir(parents=True)
+            for i in range(count):
+                path = folder / f"{i}.png"
+                _image(label, i + (100 if split == "test" else 0), rng).save(path)
+                rows[split].append((path, label))
+    # imagefolder + metadata.jsonl (text labels), and a CSV (integer labels, a names file), a JSONL (text labels)
+    meta = root / "metadata_folder"
+    meta.mkdir()
+    lines = []
+    for i, (path, label) in enumerate(rows["test"]):
+        (meta / f"{i:03d}.png").write_bytes(path.read_bytes())
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "label": CLASSES[label]}))
+    (meta / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with open(root / "test.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filepath", "y"])
+        writer.writerows((str(path.relative_to(root)), label) for path, label in rows["test"])
+    (root / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    (root / "test.jsonl").write_text("".join(json.dumps({"image": str(path), "label": CLASSES[label]}) + "\n"
+                                             for path, label in rows["test"]))
+    # a Hub-layout data set: parquet shards whose label is a ClassLabel (what `load_dataset(name)` reads)
+    features = Features({"img": Image(), "label": ClassLabel(names=[c.replace(" ", "_") for c in CLASSES])})
+    for split in PER_CLASS:
+        columns = {"img": [str(path) for path, _ in rows[split]], "label": [label for _, label in rows[split]]}
+        dataset = Dataset.from_dict(columns, features=features)
+        (root / "hub" / "data").mkdir(parents=True, exist_ok=True)
+        dataset.to_parquet(str(root / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    return {"root": root, "rows": rows,
+            "sources": {"class folders": dict(name_or_path=str(root / "folders")),
+                        "imagefolder + metadata.jsonl": dict(name_or_path=str(meta), split="train"),
+                        "csv + names file": dict(name_or_path=str(root / "test.csv"), label_column="y",
+                                                 class_names_file=str(root / "names.txt")),
+                        "jsonl": dict(name_or_path=str(root / "test.jsonl")),
+                        "hub ClassLabel": dict(name_or_path=str(root / "hub"))}}
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_clip_dir):
+    from dclip.evaluation import load_dual_encoder
+
+    return load_dual_encoder(str(tiny_clip_dir))
+
+
+def _naive_image_embeds(model, processor, paths):
+    from PIL import Image
+
+    rows = []
+    with torch.no_grad():
+        for path in paths:  # one image at a time, straight through the model
+            with Image.open(path) as image:
+                pixels = processor(images=[image.convert("RGB")])["pixel_values"]
+            feature = model.get_image_features(pixels)
+            feature = getattr(feature, "pooler_output", feature)
+            rows.append((feature / feature.norm(dim=-1, keepdim=True))[0].numpy())
+    return np.stack(rows)
+
+
+def _naive_zero_shot(model, processor, image_embeds, labels, templates):
+    classifier = []
+    with torch.no_grad():
+        for name in CLASSES:
+            prompts = [template.format(name) for template in templates]
+            text = processor(text=prompts)
+            embeds = model.get_text_features(**text)
+            embeds = getattr(embeds, "pooler_output", embeds)
+            mean = (embeds / embeds.norm(dim=-1, keepdim=True)).mean(0)
+            classifier.append((mean / mean.norm()).numpy())
+    scores = image_embeds @ np.stack(classifier).T
+    hits1 = hits5 = 0
+    per_class = {c: [0, 0] for c in range(len(CLASSES))}
+    for row, label in enumerate(labels):  # a loop, not a vectorised rank
+        ranked = sorted(range(len(CLASSES)), key=lambda c: -scores[row, c])
+        hits1 += ranked[0] == label
+        hits5 += label in ranked[:5]
+        per_class[label][0] += ranked[0] == label
+        per_class[label][1] += 1
+    recall = np.mean([hit / total for hit, total in per_class.values() if total])
+    return scores, {"acc1": hits1 / len(labels), "acc5": hits5 / len(labels), "mean_per_class_recall": recall}
+
+
+@pytest.mark.parametrize("layout", ["class folders", "imagefolder + metadata.jsonl", "csv + names file", "jsonl",
+                                    "hub ClassLabel"])
+def test_each_layout_gives_the_naive_loops_and_scikit_learns_zero_shot_figures(layouts, model_and_processor,
+                                                                                layout):
+    from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+    from dclip.data.labelled import load_labelled_dataset
+    from dclip.evaluation.benchmark import load_templates, zeroshot_classification
+
+    model, processor = model_and_processor
+    data = load_labelled_dataset(**{"split": "test", **layouts["sources"][layout]})
+    assert data.class_names == CLASSES  # folder names / ClassLabel: underscores read as spaces; text labels sorted
+    expected_labels = [label for _, label in layouts["rows"]["test"]]
+    assert [data.class_names[label] for label in data.labels] == [CLASSES[label] for label in expected_labels]
+    templates = load_templates("openai_cifar")
+    result = zeroshot_classification(model, processor, data, templates, batch_size=7)
+    image_embeds = _naive_image_embeds(model, processor, [path for path, _ in layouts["rows"]["test"]])
+    scores, naive = _naive_zero_shot(model, processor, image_embeds, expected_labels, templates)
+    for key in ("acc1", "acc5", "mean_per_class_recall"):
+        assert result.metrics[key] == pytest.approx(naive[key], abs=1e-9), key
+    assert result.metrics["acc1"] == pytest.approx(top_k_accuracy_score(expected_labels, scores, k=1))
+    assert result.metrics["acc5"] == pytest.approx(top_k_accuracy_score(expected_labels, scores, k=5))
+    assert result.metrics["mean_per_class_recall"] == pytest.approx(
+        balanced_accuracy_score(expected_labels, scores.argmax(1)))
+    assert 0 < naive["acc5"] < 1  # not a degenerate case where any computation agrees
+    assert abs(naive["mean_per_class_recall"] - naive["acc1"]) > 1e-3  # unbalanced: the two differ
+    assert result.outcomes["acc1"].mean() == pytest.approx(result.metrics["acc1"])
+
+
+def test_the_linear_probe_matches_scikit_learn_with_the_regularisation_chosen_on_validation(layouts,
+                                                                                          model_and_processor):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import train_test_split
+
+    from dclip.data.labelled import load_labelled_dataset
+    from dclip.evaluation import embed_images
+    from dclip.evaluation.benchmark import PROBE_REGULARIZATION, linear_probe_task
+
+    model, processor = model_and_processor
+    source = layouts["sources"]["hub ClassLabel"]["name_or_path"]
+    train, test = (load_labelled_dataset(source, split) for split in ("train", "test"))
+    result = linear_probe_task(model, processor, train, test, validation_fraction=0.25, seed=3)
+    train_x, test_x = (embed_images(model, processor, d.dataset) for d in (train, test))
+    fit_x, val_x, fit_y, val_y = train_test_split(train_x, train.labels, test_size=0.25, random_state=3,
+                                                  stratify=train.labels)
+    accuracies = [LogisticRegression(C=c, max_iter=1000).fit(fit_x, fit_y).score(val_x, val_y)
+                  for c in PROBE_REGULARIZATION]
+    best = PROBE_REGULARIZATION[int(np.argmax(accuracies))]
+    assert result.metrics["C"] == best
+    final = LogisticRegression(C=best, max_iter=1000).fit(np.concatenate([fit_x, val_x]),
+                                                           np.concatenate([fit_y, val_y]))
+    predictions = final.predict(test_x)
+    assert result.metrics["lp_acc1"] == pytest.approx(float(np.mean(predictions == test.labels)))
+    assert result.metrics["lp_mean_per_class_recall"] == pytest.approx(
+        balanced_accuracy_score(test.labels, predictions))
+    assert 0.3 < result.metrics["lp_acc1"]  # colours are linearly separable even in a random tiny CLIP's features
+
+
+def test_the_linear_probe_holds_out_a_test_part_when_there_is_no_training_split(layouts, model_and_processor):
+    from dclip.data.labelled import load_labelled_dataset
+    from dclip.evaluation.benchmark import split_for_probe
+
+    data = load_labelled_dataset(str(layouts["root"] / "test.jsonl"))
+    train, test = split_for_probe(data, 0.4, seed=0)
+    assert len(train) + len(test) == len(data) == 33 and len(test) == 14
+    assert np.abs(np.bincount(test.labels) - 0.4 * np.bincount(data.labels)).max() <= 1  # stratified
+
+
+def test_a_names_file_must_cover_the_labels_and_integer_labels_need_names(tmp_path, layouts):
+    from dclip.data.labelled import load_labelled_dataset
+
+    (tmp_path / "short.txt").write_text("red square\ngreen circle\n")
+    with pytest.raises(ValueError, match="labels run from 0 to 5, but there are 2 class names"):
+        load_labelled_dataset(str(layouts["root"] / "test.csv"), label_column="y",
+                              class_names_file=str(tmp_path / "short.txt"))
+    with pytest.raises(ValueError, match="--class_names_file"):
+        load_labelled_dataset(str(layouts["root"] / "test.csv"), label_column="y")
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        load_labelled_dataset(str(layouts["root"] / "folders"), "validation")
+
+
+def test_an_unreadable_image_is_skipped_counted_and_named(tmp_path, layouts):
+    from dclip.data.labelled import load_labelled_dataset
+
+    lines = (layouts["root"] / "test.jsonl").read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    lines[3] = json.dumps({"image": str(tmp_path / "broken.png"), "label": CLASSES[0]})
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_labelled_dataset(str(tmp_path / "data.jsonl"))
+    assert len(data) == len(lines) - 1 and data.skipped == {"corrupt_image": 1}
+
+
+def test_the_record_has_clip_benchmarks_layout_and_the_schema_rejects_others():
+    import jsonschema
+
+    from dclip.evaluation.benchmark import TaskResult, clip_benchmark_record, validate_record
+
+    record = clip_benchmark_record("pets", "student", TaskResult(
+        "zeroshot_classification", {"acc1": 0.5, "acc5": float("nan"), "mean_per_class_recall": 0.4}))
+    assert list(record) == ["dataset", "model", "pretrained", "task", "metrics", "language"]
+    assert "acc5" not in record["metrics"]  # JSON has no NaN: an undefined metric is left out
+    validate_record(record)
+    json.loads(json.dumps(record, allow_nan=False))
+    for broken in ({**record, "task": "zero_shot"}, {k: v for k, v in record.items() if k != "pretrained"},
+                   {**record, "metrics": {"accuracy": 0.5, "mean_per_class_recall": 0.4}},
+                   {**record, "metrics": {"acc1": 1.5, "mean_per_class_recall": 0.4}}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_record(broken)
+    validate_record(clip_benchmark_record("coco", "s", TaskResult(
+        "zeroshot_retrieval", {"image_retrieval_recall@1": 0.2, "text_retrieval_recall@1": 0.3})))
+    with pytest.raises(jsonschema.ValidationError):
+        validate_record(clip_benchmark_record("coco", "s", TaskResult("linear_probe", {"acc1": 0.2})))
+
+
+def _evaluate_cli(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *map(str, args)])
+    runpy.run_path(str(REPO_ROOT / "examples" / "evaluate.py"), run_name="__main__")
+
+
+def test_the_cli_writes_a_clip_benchmark_json_per_task(monkeypatch, tmp_path, layouts, tiny_clip_dir, capsys):
+    from dclip.evaluation.benchmark import validate_record
+
+    folders = layouts["root"] / "folders"
+    for task in ("zeroshot_classification", "linear_probe"):
+        output = tmp_path / f"{task}.json"
+        _evaluate_cli(monkeypatch, "--model_name_or_path", tiny_clip_dir, "--dataset_name", folders, "--task", task,
+                      "--templates", "openai_imagenet", "--output_file", output)
+        record = json.loads(output.read_text())
+        validate_record(record)
+        assert record["task"] == task and record["dataset"] == "folders"
+    printed = capsys.readouterr().out
+    assert "lp_acc1" in printed and "mean_per_class_recall" in printed
+
+
+def test_a_suite_of_two_data_sets_over_two_models_runs_in_one_command(monkeypatch, tmp_path, layouts, tiny_clip_dir,
+                                                                      tokenizer, image_processor):
+    from conftest import tiny_clip_config_kwargs
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from dclip.evaluation import paired_bootstrap
+    from dclip.evaluation.benchmark import validate_record
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-clip"
+    CLIPModel(CLIPConfig(**tiny_clip_config_kwargs(tokenizer))).save_pretrained(other)
+    CLIPProcessor(image_processor, tokenizer).save_pretrained(other)
+    root = layouts["root"]
+    (tmp_path / "suite.yaml").write_text(f"""
+datasets:
+  - name: shapes
+    dataset_name: {root / 'folders'}
+    tasks: [zeroshot_classification, linear_probe]
+  - name: shapes-hub
+    dataset_name: {root / 'hub'}
+    tasks: [zeroshot_classification]
+    templates: openai_cifar
+""")
+    _evaluate_cli(monkeypatch, "--model_name_or_path", f"{tiny_clip_dir},{other}", "--suite",
+                  tmp_path / "suite.yaml", "--output_dir", tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["dataset"], r["task"]) for r in records] == [
+        (name, dataset, task) for name in (tiny_clip_dir.name, "other-clip")
+        for dataset, task in (("shapes", "zeroshot_classification"), ("shapes", "linear_probe"),
+                              ("shapes-hub", "zeroshot_classification"))]
+    for record in records:
+        validate_record(record)
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| shapes-hub | zeroshot_classification | acc1 |" in table and "[" in table
+    outcomes = np.load(tmp_path / "out" / "outcomes.npz")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
+    row = next(r for r in rows if r["model"] == str(other) and r["dataset"] == "shapes" and r["metric"] == "lp_acc1")
+    expected = paired_bootstrap(outcomes[f"{other}|shapes|linear_probe|lp_acc1"],
+                                outcomes[f"{tiny_clip_dir}|shapes|linear_probe|lp_acc1"])
+    assert float(row["low"]) == pytest.approx(expected["low"]) and float(row["high"]) == pytest.approx(
+        expected["high"])
+    assert float(row["value"]) == pytest.approx(records[4]["metrics"]["lp_acc1"])
