@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .evaluation.report import reported_keys
+from .plots import plot_differences, plot_retrieval, plot_zero_shot_per_class
 
 
 logger = logging.getLogger(__name__)
@@ -20,6 +22,8 @@ UPLOAD_IGNORE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state
 EVAL_RESULTS_FILE = "eval_results.json"
 RETRIEVAL_PLOT = "retrieval.png"
 ZERO_SHOT_PLOT = "zero_shot_per_class.png"
+DIFFERENCES_PLOT = "differences.png"
+WIDGET_FOLDER = "widget"  # the widget's example images, uploaded with the model
 
 
 def template_path(name: str = "student.md") -> Path:
@@ -44,7 +48,9 @@ def metric_title(key: str) -> str:
         name = f"top-{measure[3:]}" if measure.startswith("acc") else "mean per-class recall"
         return f"zero-shot {task.removeprefix('label_')} {name}"
     if key.startswith("linear_probe_"):
-        return "linear probe " + key[len("linear_probe_"):].removeprefix("label_").removesuffix("_acc1") + " top-1"
+        task, measure = _zero_shot_parts("zeroshot_" + key[len("linear_probe_"):])
+        name = f"top-{measure[3:]}" if measure.startswith("acc") else "mean per-class recall"
+        return f"linear probe {task.removeprefix('label_')} {name}"
     if key.startswith("hard_negative_accuracy"):
         kind = key[len("hard_negative_accuracy"):].lstrip("_").replace("_", " ")
         return "hard-negative accuracy" + (f" ({kind})" if kind else "")
@@ -92,60 +98,6 @@ def eval_results(metrics: dict[str, float], dataset_type: str, dataset_name: str
     return results
 
 
-# ----- plots ----------------------------------------------------------------------------------------------------
-
-
-def _grouped_bars(axes, names: list[str], series: list[tuple[str, dict]], title: str, fontsize: int = 8) -> None:
-    """One bar group per name, one bar per `(label, values)` series (missing values left empty), scores in [0, 1]."""
-    import numpy as np
-
-    positions = np.arange(len(names))
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        axes.bar(positions + i * width, [values.get(name, np.nan) for name in names], width, label=label)
-    axes.set_xticks(positions + width * (len(series) - 1) / 2, names, rotation=45, ha="right", fontsize=fontsize)
-    axes.set_ylim(0, 1)
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=7)
-
-
-def _save_figure(figure, path: Path) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
-
-
-def plot_retrieval(metrics: dict[str, float], baseline: dict[str, float] | None, path: Path, model_label: str,
-                   baseline_label: str) -> Path:
-    """Bar chart of Recall@K both ways (and mAP), the model beside the baseline."""
-    from matplotlib.figure import Figure  # no pyplot: the process's matplotlib backend stays the user's
-
-    keys = [key for key in reported_keys(metrics) if key.startswith(("image_retrieval_", "text_retrieval_"))]
-    series = [(model_label, metrics)] + ([(baseline_label, baseline)] if baseline else [])
-    figure = Figure(figsize=(max(6, 0.9 * len(keys)), 3.6))
-    axes = figure.subplots()
-    _grouped_bars(axes, keys, series, "Retrieval")
-    axes.set_xticklabels([metric_title(key) for key in keys])
-    return _save_figure(figure, path)
-
-
-def plot_zero_shot_per_class(per_class: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | None,
-                             path: Path, model_label: str, baseline_label: str) -> Path:
-    """Per-class zero-shot recall, one panel per task, the model beside the baseline."""
-    from matplotlib.figure import Figure
-
-    tasks = list(per_class)
-    figure = Figure(figsize=(10, 2.6 * len(tasks)))
-    axes_list = figure.subplots(len(tasks), 1, squeeze=False)
-    for axes, task in zip(axes_list[:, 0], tasks):
-        series = [(model_label, per_class[task])]
-        if baseline and task in baseline:
-            series.append((baseline_label, baseline[task]))
-        _grouped_bars(axes, list(per_class[task]), series,
-                      f"zero-shot recall per class: {task.removeprefix('label_')}", fontsize=6)
-    return _save_figure(figure, path)
-
-
 # ----- the card -------------------------------------------------------------------------------------------------
 
 
@@ -171,6 +123,10 @@ class CardInfo:
     model_label: str = "student"
     baseline_label: str = "base CLIP"
     license: str = "apache-2.0"
+    # where the card links for the code and the recipe: a URL the user gives, else none (the card names dclip only)
+    project_url: str | None = None
+    # the Hub widget's zero-shot examples: {"image": PIL image, "labels": [...], "title": str}; written as PNGs
+    widget_examples: list[dict] = field(default_factory=list)
 
 
 METHOD_TITLES = {"dclip": "DCLIP", "clip_cid": "CLIP-CID", "dclip+clip_cid": "DCLIP + CLIP-CID",
@@ -179,7 +135,8 @@ METHOD_TITLES = {"dclip": "DCLIP", "clip_cid": "CLIP-CID", "dclip+clip_cid": "DC
 
 def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[str, float] | None = None,
                       plots: list[tuple[str, str]] | None = None, template: str = "student.md",
-                      differences: dict[str, dict] | None = None):
+                      differences: dict[str, dict] | None = None, widget: list[dict] | None = None,
+                      results=None):
     """A `huggingface_hub.ModelCard` from `model_cards/<template>`: YAML metadata (library, pipeline tag, tags,
     datasets, base model, `model-index` from `metrics`), usage, a metric table against `baseline` (with each
     `differences[key]`, a `paired_bootstrap` result, as the difference and its 95% interval), `plots`
@@ -191,7 +148,9 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
         license=info.license, tags=["clip", "distillation", "dclip", info.method.replace("+", "-"),
                                     "zero-shot-image-classification", "image-text-retrieval"],
         datasets=info.datasets or None, base_model=info.base_model,
-        eval_results=eval_results(metrics, info.dataset_type, info.dataset_name, info.dataset_split) or None,
+        eval_results=(results if results is not None else eval_results(
+            metrics, info.dataset_type, info.dataset_name, info.dataset_split)) or None,
+        widget=widget or None,
     )
     baseline = baseline or {}
     from .evaluation import format_estimate
@@ -209,8 +168,54 @@ def render_model_card(info: CardInfo, metrics: dict[str, float], baseline: dict[
         plots=[{"title": title, "file": file} for title, file in plots or []], recipe=info.recipe,
         command=info.command, evaluation_note=info.evaluation_note, limitations=info.limitations,
         image_size=info.image_size, example_labels=json.dumps(info.example_labels),
+        project_url=info.project_url, hub_repo=is_hub_repo_id(info.repo_id),
     )
     return validate_model_card(str(card))
+
+
+def is_hub_repo_id(repo_id: str) -> bool:
+    """Whether `repo_id` names a Hub repository (`owner/name`), not a local folder."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id)) and not Path(repo_id).exists()
+
+
+def write_widget(folder: Path, info: CardInfo) -> list[dict]:
+    """Save `info.widget_examples`' images under `<folder>/widget/` and return the card's `widget` entries for
+    zero-shot image classification: `src` (the file's Hub URL when the repo id is a Hub one, else its path in the
+    folder), `candidate_labels` (comma-separated), `example_title`."""
+    entries = []
+    for index, example in enumerate(info.widget_examples):
+        relative = f"{WIDGET_FOLDER}/example_{index}.png"
+        (folder / WIDGET_FOLDER).mkdir(exist_ok=True)
+        example["image"].save(folder / relative)
+        src = f"https://huggingface.co/{info.repo_id}/resolve/main/{relative}" if is_hub_repo_id(info.repo_id) \
+            else relative
+        entries.append({"src": src, "candidate_labels": ", ".join(example["labels"]),
+                        "example_title": example.get("title", f"example {index}")})
+    return entries
+
+
+def check_widget(widget, folder: Path | None = None, repo_id: str | None = None) -> None:
+    """A zero-shot image classification widget as the Hub reads it: a list of entries, each with an image `src` (an
+    https URL, or a file of the model folder) and at least two comma-separated `candidate_labels`; a URL into this
+    repo must name a file the folder has."""
+    if not isinstance(widget, list) or not widget:
+        raise ValueError(f"model card widget must be a non-empty list, got {widget!r}")
+    for index, entry in enumerate(widget):
+        if not isinstance(entry, dict) or not isinstance(entry.get("src"), str):
+            raise ValueError(f"model card widget[{index}] needs an image `src`, got {entry!r}")
+        labels = [label.strip() for label in str(entry.get("candidate_labels", "")).split(",") if label.strip()]
+        if len(labels) < 2:
+            raise ValueError(f"model card widget[{index}] needs at least two candidate_labels, got {labels}")
+        src = entry["src"]
+        prefix = f"https://huggingface.co/{repo_id}/resolve/main/" if repo_id else None
+        if src.startswith("https://"):
+            local = src[len(prefix):] if prefix and src.startswith(prefix) else None
+        elif "://" in src:
+            raise ValueError(f"model card widget[{index}]: src must be https or a file of the repo, got {src!r}")
+        else:
+            local = src
+        if local is not None and folder is not None and not (folder / local).is_file():
+            raise ValueError(f"model card widget[{index}]: {src} is not a file of {folder}")
 
 
 def format_difference(result: dict, mark: str = "*") -> str:
@@ -247,18 +252,28 @@ def write_model_card(folder: str | Path, info: CardInfo, metrics: dict[str, floa
                      baseline: dict[str, float] | None = None,
                      per_class_recall: dict[str, dict[str, float]] | None = None,
                      baseline_per_class_recall: dict[str, dict[str, float]] | None = None,
-                     differences: dict[str, dict] | None = None) -> Path:
-    """Write `README.md` (the card), its plots and `eval_results.json` into a saved model folder; return the card."""
+                     differences: dict[str, dict] | None = None, results=None) -> Path:
+    """Write `README.md` (the card), its plots, widget images and `eval_results.json` into a saved model folder;
+    return the card. `results`: the `model-index` entries (`EvalResult`s), default from `metrics`."""
     folder = Path(folder)
     plots = []
     if any(key.startswith(("image_retrieval_", "text_retrieval_")) for key in metrics):
-        plot_retrieval(metrics, baseline, folder / RETRIEVAL_PLOT, info.model_label, info.baseline_label)
+        plot_retrieval(metrics, baseline, folder / RETRIEVAL_PLOT, info.model_label, info.baseline_label,
+                       title=metric_title)
         plots.append(("Retrieval against the baseline", RETRIEVAL_PLOT))
+    if differences:
+        plot_differences(differences, folder / DIFFERENCES_PLOT, info.model_label, info.baseline_label,
+                         title=metric_title)
+        plots.append(("Difference to the baseline, with 95% intervals", DIFFERENCES_PLOT))
     if per_class_recall:
         plot_zero_shot_per_class(per_class_recall, baseline_per_class_recall, folder / ZERO_SHOT_PLOT,
                                  info.model_label, info.baseline_label)
         plots.append(("Zero-shot recall per class", ZERO_SHOT_PLOT))
-    card = render_model_card(info, metrics, baseline, plots, differences=differences)
+    widget = write_widget(folder, info)
+    card = render_model_card(info, metrics, baseline, plots, differences=differences, widget=widget,
+                             results=results)
+    if widget:
+        check_widget(card.data.to_dict()["widget"], folder, info.repo_id)
     (folder / EVAL_RESULTS_FILE).write_text(json.dumps(
         {"dataset": info.dataset_type, "split": info.dataset_split, "metrics": metrics, "baseline": baseline or {},
          "baseline_label": info.baseline_label, "differences": differences or {},
@@ -270,73 +285,19 @@ def write_model_card(folder: str | Path, info: CardInfo, metrics: dict[str, floa
 # ----- upload ---------------------------------------------------------------------------------------------------
 
 
-def write_student_card(summary: dict, model_args, data_args, args, training_args, processor, command: str) -> Path:
-    """The student folder's model card from a training run's summary and arguments (`dclip.arguments`): its metrics
-    against the base CLIP it started from, and the run's recipe."""
-    from .data.scenes import zero_shot_tasks
-
-    metrics, per_class = summary["metrics"], summary.get("per_class_recall", {})
-    student_dir = summary["artefacts"]["student"]
-    embedded = data_args.dataset_name is None
-    weights = {term: weight for term, weight in args.loss_weights().items() if weight}
-    if model_args.student_preset:
-        start = f"student: the {model_args.student_preset} preset trained from scratch"
-    else:
-        start = f"student initialised from {model_args.student_model or 'the base CLIP pretrained in this run'}" \
-            + (f", cut to {model_args.student_inherit_layers} layers per tower" if model_args.student_inherit_layers
-               else "")
-    teacher = model_args.teacher_model or "the base CLIP pretrained in this run"
-    recipe = [f"method: {args.method}; loss terms (weights): "
-              + ", ".join(f"{term} ({weight:g})" for term, weight in weights.items()),
-              f"{start}; teacher: {teacher} (its own processor), fused with YOLO regions and caption spans for "
-              f"DCLIP (fusion width {model_args.fusion_hidden_size}, {model_args.fusion_num_layers} layers, "
-              f"{model_args.num_negatives} hard negatives)",
-              f"{args.distill_steps} steps at learning rate {args.distill_learning_rate:g}, batch "
-              f"{training_args.per_device_train_batch_size} per device x {training_args.world_size} processes"
-              + (f", LoRA rank {model_args.lora_rank} (merged)" if model_args.lora_rank else ""),
-              f"training data: {data_args.dataset_name or 'the embedded procedural scenes'}"
-              + (f", {data_args.num_train_scenes} scenes at {data_args.image_size} px" if embedded else "")]
-    recipe += [f"stage {stage}: {info['global_step']} steps in {info['seconds']} s"
-               for stage, info in summary.get("training", {}).items()]
-    claims = summary.get("claims", {})
-    baseline = "student_none" if "student_none" in metrics else "base_clip"
-    baseline_label = "same student, no teacher" if baseline == "student_none" else "base CLIP"
-    note = (f"Measured by dclip on the first {data_args.max_eval_samples} pairs of the `{data_args.eval_split}` "
-            "split, after training. " + (
-                "The baseline is the same student trained without a teacher (same steps, learning rate, data and "
-                "seed)." if baseline == "student_none" else "The baseline is the CLIP the student started from."))
-    if "student_zero_shot_retention" in claims and baseline == "base_clip":
-        note += (f" Text-to-image Recall@1 relative gain over it: "
-                 f"{claims['student_text_to_image_recall@1_relative_gain']:+.1%}; zero-shot accuracy kept: "
-                 f"{claims['student_zero_shot_retention']:.1%}.")
-    crop = (processor.image_processor.crop_size or {}).get("height", data_args.image_size)
-    labels = zero_shot_tasks()["label_color_shape"][:3] if embedded else ["cat", "dog", "car"]
-    hub_dataset = data_args.dataset_name if data_args.dataset_name and not Path(data_args.dataset_name).exists() \
-        else None
-    info = CardInfo(
-        repo_id=training_args.hub_model_id or str(Path(student_dir).resolve()),
-        model_name=(training_args.hub_model_id or "dclip-student").split("/")[-1], method=args.method,
-        base_model=model_args.student_model if model_args.student_model and not Path(model_args.student_model).exists()
-        else None,
-        datasets=[hub_dataset] if hub_dataset else [],
-        dataset_type=hub_dataset or ("dclip-scenes" if embedded else Path(data_args.dataset_name).name),
-        dataset_name=("dclip procedural scenes (embedded default)" if embedded else data_args.dataset_name),
-        dataset_split=data_args.eval_split, recipe=recipe, command=command, evaluation_note=note,
-        image_size=int(crop), example_labels=labels, baseline_label=baseline_label,
-    )
-    return write_model_card(student_dir, info, metrics["student"], metrics.get(baseline), per_class.get("student"),
-                            per_class.get(baseline), summary.get("comparisons", {}).get(f"student vs {baseline}"))
-
-
 def upload_files(folder: str | Path) -> list[str]:
-    """The files a push of `folder` uploads (relative paths, sorted): everything at its top level that a Hub model
-    needs (weights, config, processor, remote code, card, plots, evaluation, detector), not training state,
+    """The files a push of `folder` uploads (relative paths): everything at its top level that a Hub model needs
+    (weights, config, processor, remote code, card, plots, evaluation, detector) and the card widget's images in
+    `widget/`, not training state,
     checkpoints or hidden files. Raises naming what is missing when the folder is not a complete DCLIP model."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
     files = sorted(path.name for path in folder.iterdir()
                    if path.is_file() and not path.name.startswith(".") and path.name not in UPLOAD_IGNORE)
+    if (folder / WIDGET_FOLDER).is_dir():  # the card widget's example images
+        files += sorted(f"{WIDGET_FOLDER}/{path.name}" for path in (folder / WIDGET_FOLDER).iterdir()
+                        if path.is_file() and not path.name.startswith("."))
     missing = [name for name in ("config.json", "README.md") if name not in files]
     if not any(name.endswith(".safetensors") for name in files):
         missing.append("*.safetensors weights")
@@ -351,8 +312,19 @@ def upload_files(folder: str | Path) -> list[str]:
 
 
 def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
-                commit_message: str = "Upload DCLIP model") -> str:
-    """Create `repo_id` (if needed) and upload `upload_files(folder)` in one commit; return the commit URL."""
+                commit_message: str = "Upload DCLIP model", as_clip: bool = False) -> str:
+    """Create `repo_id` (if needed) and upload `upload_files(folder)` in one commit; return the commit URL. With
+    `as_clip`, a student is uploaded as its plain `CLIPModel` export (`dclip.export.export_clip_folder`), which the
+    Hub's widget and inference API run without remote code."""
+    if as_clip:
+        import tempfile
+
+        from .export import export_clip_folder
+
+        with tempfile.TemporaryDirectory() as scratch:
+            exported = export_clip_folder(folder, Path(scratch) / "clip", repo_id=repo_id)
+            return push_to_hub(exported, repo_id, token=token, private=private,
+                               commit_message=commit_message + " (plain CLIPModel export)")
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)

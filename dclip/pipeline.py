@@ -176,7 +176,8 @@ def train_stages(context: RunContext) -> tuple[dict, dict[str, str]]:
 
 def publish(summary: dict, context: RunContext, command: str) -> None:
     """Main process: the student's model card (after an evaluation), `summary.json`, and the upload to the Hub."""
-    from .hub import push_to_hub, write_student_card
+    from .cards import write_student_card
+    from .hub import push_to_hub
 
     training_args, output = context.training_args, context.output
     if "student" in summary["metrics"]:
@@ -185,7 +186,8 @@ def publish(summary: dict, context: RunContext, command: str) -> None:
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     if training_args.push_to_hub and "student" in summary["artefacts"]:
         summary["pushed"] = push_to_hub(summary["artefacts"]["student"], training_args.hub_model_id,
-                                        token=training_args.hub_token, private=training_args.hub_private_repo)
+                                        token=training_args.hub_token, private=training_args.hub_private_repo,
+                                        as_clip=training_args.push_as_clip)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

@@ -37,7 +37,7 @@ from dclip.arguments import DataArguments
 from dclip.cli import setup_logging
 from dclip.data.loading import load_data
 from dclip.data.scenes import zero_shot_tasks
-from dclip.evaluation import evaluate_checkpoint, format_metrics_table
+from dclip.evaluation import evaluate_checkpoint, format_metrics_table, paired_bootstrap
 from dclip.evaluation.benchmark import load_templates
 from dclip.evaluation.suite import DatasetSpec, evaluate_suite, read_suite, run_suite
 
@@ -75,7 +75,11 @@ class EvaluateArguments:
     write_card: bool = field(default=False, metadata={"help": "write README.md, plots and eval_results.json into "
                                                       "the (local) model folder"})
     push_to_hub: bool = field(default=False, metadata={"help": "write the card, then upload the folder"})
+    push_as_clip: bool = field(default=False, metadata={"help": "with --push_to_hub: upload the student as its plain "
+                                                                "CLIPModel export (no remote code)"})
     hub_model_id: str | None = None
+    project_url: str | None = field(default=None, metadata={"help": "the card links here for the code (a URL you "
+                                                                    "give; default: no link)"})
     hub_token: str | None = None
     hub_private_repo: bool | None = None
 
@@ -86,7 +90,7 @@ def main() -> None:
     setup_logging()
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    if (args.write_card or args.push_to_hub) and not Path(args.model_name_or_path).is_dir():
+    if (args.write_card or args.push_to_hub) and not Path(args.model_name_or_path.split(",")[0]).is_dir():
         parser.error(f"--write_card / --push_to_hub need a local model folder, got {args.model_name_or_path!r}")
     if args.task or args.suite:
         return benchmark(args, data_args)
@@ -116,24 +120,41 @@ def main() -> None:
     print(f"results: {output}")
 
     if args.write_card or args.push_to_hub:
-        from dclip.hub import CardInfo, push_to_hub, write_model_card
+        from dclip.hub import write_model_card
 
-        info = CardInfo(repo_id=args.hub_model_id or str(Path(args.model_name_or_path).resolve()),
-                        model_name=(args.hub_model_id or Path(args.model_name_or_path).name).split("/")[-1],
-                        dataset_type=report["dataset"], dataset_name=report["dataset"],
-                        dataset_split=data_args.eval_split,
-                        command=" ".join(["python examples/evaluate.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
-                        evaluation_note=f"Measured by dclip's `examples/evaluate.py` on {report['num_images']} "
-                                        f"images and {report['num_texts']} captions.",
-                        baseline_label=Path(args.baseline_model).name if args.baseline_model else "baseline")
-        baseline = results.get("baseline")
-        card = write_model_card(args.model_name_or_path, info, results["model"].metrics,
-                                baseline.metrics if baseline else None, results["model"].per_class_recall,
-                                baseline.per_class_recall if baseline else None)
+        info = card_info(args, dataset=report["dataset"], split=data_args.eval_split,
+                         note=f"Measured by dclip's `examples/evaluate.py` on {report['num_images']} images and "
+                              f"{report['num_texts']} captions.")
+        model, baseline = results["model"], results.get("baseline")
+        differences = {key: paired_bootstrap(model.outcomes[key], baseline.outcomes[key])
+                       for key in model.outcomes if key in baseline.outcomes and key in model.metrics} \
+            if baseline else None
+        card = write_model_card(args.model_name_or_path, info, model.metrics, baseline.metrics if baseline else None,
+                                model.per_class_recall, baseline.per_class_recall if baseline else None,
+                                differences=differences)
         print(f"model card: {card}")
-        if args.push_to_hub:
-            print("pushed:", push_to_hub(args.model_name_or_path, args.hub_model_id, token=args.hub_token,
-                                         private=args.hub_private_repo))
+        publish(args)
+
+
+def card_info(args, dataset: str, split: str, note: str):
+    """What the card says besides the numbers: the Hub repo id (or the local folder), the evaluation, the command."""
+    from dclip.hub import CardInfo
+
+    folder = args.model_name_or_path.split(",")[0]
+    return CardInfo(repo_id=args.hub_model_id or str(Path(folder).resolve()),
+                    model_name=(args.hub_model_id or Path(folder).name).split("/")[-1], dataset_type=dataset,
+                    dataset_name=dataset, dataset_split=split,
+                    command=" ".join(["python examples/evaluate.py"] + [shlex.quote(a) for a in sys.argv[1:]]),
+                    evaluation_note=note, project_url=args.project_url,
+                    baseline_label=Path(args.baseline_model).name if args.baseline_model else "baseline")
+
+
+def publish(args) -> None:
+    if args.push_to_hub:
+        from dclip.hub import push_to_hub
+
+        print("pushed:", push_to_hub(args.model_name_or_path.split(",")[0], args.hub_model_id, token=args.hub_token,
+                                     private=args.hub_private_repo, as_clip=args.push_as_clip))
 
 
 def benchmark(args, data_args) -> None:
@@ -141,10 +162,19 @@ def benchmark(args, data_args) -> None:
     models = [m for m in args.model_name_or_path.split(",") if m]
     if args.suite:
         suite_models, specs = read_suite(args.suite)
-        paths = run_suite(suite_models + models, specs, args.output_dir, batch_size=args.batch_size,
+        baseline = [args.baseline_model] if args.baseline_model else []  # the first model: the others' reference
+        paths = run_suite(baseline + suite_models + models, specs, args.output_dir, batch_size=args.batch_size,
                           num_workers=args.num_workers)
         print(paths["table"].read_text())
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+        if args.write_card or args.push_to_hub:
+            from dclip.cards import write_suite_card
+
+            info = card_info(args, dataset="suite", split="see model-index",
+                             note=f"Measured by dclip's benchmark suite `{args.suite}`; each difference with its "
+                                  "paired-bootstrap 95% interval over the test samples.")
+            print("model card:", write_suite_card(models[0], info, args.output_dir, models[0], args.baseline_model))
+            publish(args)
         return
     if not data_args.dataset_name:
         raise SystemExit("--task needs --dataset_name (a labelled image folder or file, a Hub data set, or captioned "

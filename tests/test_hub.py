@@ -255,3 +255,97 @@ def test_card_shows_each_difference_with_its_interval_and_calls_only_excluding_o
     assert f"[{noise['low']:+.3f}, {noise['high']:+.3f}] |" in i2t and "*" not in i2t  # contains 0: no claim
     assert "| same student, no teacher | difference, 95% interval |" in card
     assert "paired bootstrap" in card
+
+
+def test_card_tables_and_plots_read_in_order_and_the_card_links_only_to_real_places(student_folder):
+    from dclip.hub import render_model_card
+
+    metrics = {**METRICS, "image_retrieval_recall@10": 0.6, "text_retrieval_recall@5": 0.4,
+               "text_retrieval_recall@10": 0.5}
+    card = str(render_model_card(card_info("someone/dclip-student"), metrics))
+    titles = re.findall(r"^\| (text-to-image|image-to-text) (Recall@\d+|mAP)", card, flags=re.M)
+    assert titles == [("text-to-image", "Recall@1"), ("text-to-image", "Recall@5"), ("text-to-image", "Recall@10"),
+                      ("text-to-image", "mAP"), ("image-to-text", "Recall@1"), ("image-to-text", "Recall@5"),
+                      ("image-to-text", "Recall@10"), ("image-to-text", "mAP")]
+    links = re.findall(r"\]\((https?://[^)]+)\)", card)
+    assert links == ["https://huggingface.co/someone/dclip-student"]  # no invented project URL
+    local = str(render_model_card(card_info(str(student_folder)), metrics))
+    assert not re.findall(r"\]\((https?://[^)]+)\)", local)
+    info = card_info("someone/dclip-student")
+    info.project_url = "https://example.org/my-fork"
+    assert "[dclip](https://example.org/my-fork)" in str(render_model_card(info, metrics))
+
+
+def test_the_widget_ships_its_images_and_its_metadata_validates(student_folder):
+    from huggingface_hub import ModelCard
+
+    from dclip.cards import scene_widget_examples
+    from dclip.hub import check_widget
+
+    info = card_info("someone/dclip-student")
+    info.widget_examples = scene_widget_examples(32)
+    differences = {"image_retrieval_recall@1": {"difference": 0.03, "low": 0.01, "high": 0.05, "excludes_zero": True}}
+    write_model_card(student_folder, info, METRICS, BASELINE, differences=differences)
+    card = ModelCard.load(student_folder / "README.md")
+    widget = card.data.to_dict()["widget"]
+    assert [entry["src"] for entry in widget] == [
+        f"https://huggingface.co/someone/dclip-student/resolve/main/widget/example_{i}.png" for i in range(2)]
+    assert widget[0]["candidate_labels"] == "blue square, green triangle, red circle, yellow star"
+    assert card.data.pipeline_tag == "zero-shot-image-classification"
+    assert {"widget/example_0.png", "widget/example_1.png"} <= set(upload_files(student_folder))
+    assert (student_folder / "differences.png").is_file() and "differences.png" in card.text
+    check_widget(widget, student_folder, "someone/dclip-student")
+    (student_folder / "widget" / "example_1.png").unlink()
+    with pytest.raises(ValueError, match="not a file of"):
+        check_widget(widget, student_folder, "someone/dclip-student")
+    with pytest.raises(ValueError, match="two candidate_labels"):
+        check_widget([{"src": "widget/example_0.png", "candidate_labels": "circle"}], student_folder)
+    with pytest.raises(ValueError, match="https"):
+        check_widget([{"src": "file:///etc/passwd", "candidate_labels": "a, b"}], student_folder)
+
+
+def test_push_as_clip_uploads_a_plain_clip_with_the_students_embeddings(student_folder, tmp_path, monkeypatch):
+    import torch
+    from conftest import random_images
+    from huggingface_hub import HfApi
+    from transformers import CLIPModel, CLIPProcessor
+
+    from dclip.cards import scene_widget_examples
+    from dclip.hub import check_widget
+    from modeling_dclip import DCLIPModel
+    from processing_dclip import DCLIPProcessor
+
+    info = card_info("someone/dclip-student-clip")
+    info.widget_examples = scene_widget_examples(32)
+    write_model_card(student_folder, info, METRICS, BASELINE)
+    clean = tmp_path / "hub-copy"
+    clean.mkdir()
+
+    def create_commit(self, repo_id, operations, **kwargs):  # what the Hub would hold: copied while the files exist
+        for operation in operations:
+            (clean / operation.path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(operation.path_or_fileobj, clean / operation.path_in_repo)
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    push_to_hub(student_folder, "someone/dclip-student-clip", as_clip=True)
+    files = {path.relative_to(clean).as_posix() for path in clean.rglob("*") if path.is_file()}
+    assert not [name for name in files if name.endswith((".py", ".pt", ".pth", ".bin", ".pkl"))]
+    assert "auto_map" not in (clean / "config.json").read_text()
+    clip = CLIPModel.from_pretrained(clean).eval()  # no trust_remote_code anywhere
+    plain = CLIPProcessor.from_pretrained(clean)
+    student = DCLIPModel.from_pretrained(student_folder).eval()
+    own = DCLIPProcessor.from_pretrained(student_folder, trust_remote_code=False)
+    images, texts = random_images(3), ["a red circle", "two blue squares left of a star"]
+    with torch.no_grad():
+        for name, inputs, ours in (("get_image_features", plain(images=images), own(images=images)),
+                                   ("get_text_features", plain(text=texts), own(text=texts))):
+            exported = getattr(clip, name)(**inputs)
+            exported = getattr(exported, "pooler_output", exported)
+            torch.testing.assert_close(exported, getattr(student, name)(**ours), atol=1e-5, rtol=1e-5)
+    card = (clean / "README.md").read_text()
+    assert "trust_remote_code" not in card and 'CLIPModel.from_pretrained("someone/dclip-student-clip")' in card
+    from huggingface_hub import ModelCard
+
+    check_widget(ModelCard(card).data.to_dict()["widget"], clean, "someone/dclip-student-clip")

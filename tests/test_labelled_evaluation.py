@@ -5,6 +5,7 @@ scikit-learn; the JSON has CLIP_benchmark's layout; a suite of two data sets ove
 import csv
 import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -277,11 +278,13 @@ datasets:
     tasks: [zeroshot_classification]
     templates: openai_cifar
 """)
-    _evaluate_cli(monkeypatch, "--model_name_or_path", f"{tiny_clip_dir},{other}", "--suite",
-                  tmp_path / "suite.yaml", "--output_dir", tmp_path / "out")
+    student = tmp_path / "student"
+    shutil.copytree(tiny_clip_dir, student)
+    _evaluate_cli(monkeypatch, "--model_name_or_path", student, "--baseline_model", other, "--suite",
+                  tmp_path / "suite.yaml", "--output_dir", tmp_path / "out", "--write_card")
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [(r["model"], r["dataset"], r["task"]) for r in records] == [
-        (name, dataset, task) for name in (tiny_clip_dir.name, "other-clip")
+        (name, dataset, task) for name in ("other-clip", "student")  # the baseline first: the others' reference
         for dataset, task in (("shapes", "zeroshot_classification"), ("shapes", "linear_probe"),
                               ("shapes-hub", "zeroshot_classification"))]
     for record in records:
@@ -290,9 +293,25 @@ datasets:
     assert "| shapes-hub | zeroshot_classification | acc1 |" in table and "[" in table
     outcomes = np.load(tmp_path / "out" / "outcomes.npz")
     rows = list(csv.DictReader(open(tmp_path / "out" / "table.csv")))
-    row = next(r for r in rows if r["model"] == str(other) and r["dataset"] == "shapes" and r["metric"] == "lp_acc1")
-    expected = paired_bootstrap(outcomes[f"{other}|shapes|linear_probe|lp_acc1"],
-                                outcomes[f"{tiny_clip_dir}|shapes|linear_probe|lp_acc1"])
+    row = next(r for r in rows if r["model"] == str(student) and r["dataset"] == "shapes" and r["metric"] == "lp_acc1")
+    expected = paired_bootstrap(outcomes[f"{student}|shapes|linear_probe|lp_acc1"],
+                                outcomes[f"{other}|shapes|linear_probe|lp_acc1"])
     assert float(row["low"]) == pytest.approx(expected["low"]) and float(row["high"]) == pytest.approx(
         expected["high"])
     assert float(row["value"]) == pytest.approx(records[4]["metrics"]["lp_acc1"])
+    # the card: every task in model-index with its task type, the table against the baseline with intervals
+    from huggingface_hub import ModelCard
+
+    from dclip.hub import validate_model_card
+
+    text = (student / "README.md").read_text()
+    card = validate_model_card(text)
+    index = card.data.to_dict()["model-index"][0]["results"]
+    kinds = {(entry["task"]["type"], entry["dataset"]["name"]) for entry in index}
+    assert kinds == {("zero-shot-image-classification", "shapes"), ("image-classification", "shapes"),
+                     ("zero-shot-image-classification", "shapes-hub")}
+    metrics = {(entry["task"]["type"], entry["dataset"]["name"], m["type"]): m["value"]
+               for entry in index for m in entry["metrics"]}
+    assert metrics[("image-classification", "shapes", "lp_acc1")] == round(records[4]["metrics"]["lp_acc1"], 4)
+    assert f"{float(row['difference']):+.3f} [{float(row['low']):+.3f}, {float(row['high']):+.3f}]" in text
+    assert isinstance(ModelCard.load(student / "README.md").data.to_dict()["model-index"], list)
