@@ -103,11 +103,6 @@ def _recipe(summary: dict, model_args, data_args, args, training_args) -> list[s
 
 
 
-SUITE_TASK_TYPES = {"zeroshot_classification": ("zero-shot-image-classification", "Zero-shot image classification"),
-                    "linear_probe": ("image-classification", "Linear probe"),
-                    "zeroshot_retrieval": ("image-text-retrieval", "Image-text retrieval")}
-
-
 def suite_key(dataset: str, task: str, metric: str) -> str:
     """A suite metric as a flat card key that `dclip.hub.metric_title` reads: `zeroshot_<data set>_acc1`,
     `linear_probe_<data set>_acc1`, `image_retrieval_recall@1 (<data set>)`."""
@@ -119,27 +114,24 @@ def suite_key(dataset: str, task: str, metric: str) -> str:
 
 
 def suite_eval_results(records: list[dict], model: str, specs: list[dict]):
-    """`huggingface_hub.EvalResult`s of one model's suite records, each task with its Hub task type (zero-shot image
-    classification, image classification for the linear probe, image-text retrieval) and its data set (the Hub id
-    where the suite read one, else the suite's name for it) and split."""
-    from huggingface_hub import EvalResult
-
+    """`huggingface_hub.EvalResult`s of one model's suite records (`dclip.hub.eval_result` of each reported metric:
+    zero-shot image classification, image classification for the linear probe, image-text retrieval), each with
+    its data set (the Hub id where the suite read one, else the suite's name for it) and split."""
+    from .evaluation.report import reported_keys
     from .evaluation.suite import HEADLINE
-    from .hub import is_hub_repo_id, metric_title
+    from .hub import eval_result, is_hub_repo_id
 
     by_name = {spec["name"]: spec for spec in specs}
     results = []
     for record in (r for r in records if r["pretrained"] == model):
         spec = by_name[record["dataset"]]
-        task_type, task_name = SUITE_TASK_TYPES[record["task"]]
         source = spec["dataset_name"] if is_hub_repo_id(spec["dataset_name"]) else record["dataset"]
-        names = HEADLINE.get(record["task"]) or [k for k in record["metrics"] if "_retrieval_" in k]
-        for metric in (m for m in names if isinstance(record["metrics"].get(m), (int, float))):
-            title = metric_title(suite_key(record["dataset"], record["task"], metric))
-            results.append(EvalResult(
-                task_type=task_type, task_name=task_name, dataset_type=source, dataset_name=record["dataset"],
-                dataset_split=spec["split"], metric_type=metric,
-                metric_value=round(float(record["metrics"][metric]), 4), metric_name=title))
+        numbers = {key: value for key, value in record["metrics"].items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        names = HEADLINE.get(record["task"]) or [k for k in reported_keys(numbers) if "_retrieval_" in k]
+        for metric in (m for m in names if m in numbers):
+            results.append(eval_result(suite_key(record["dataset"], record["task"], metric), numbers[metric], source,
+                                       record["dataset"], spec["split"]))
     return results
 
 

@@ -67,35 +67,38 @@ def _zero_shot_parts(key: str) -> tuple[str, str]:
 
 
 def eval_results(metrics: dict[str, float], dataset_type: str, dataset_name: str, split: str = "test"):
-    """`huggingface_hub.EvalResult`s (the card's `model-index`) for the flat `metrics`: retrieval as
-    `image-text-retrieval`, zero-shot as `zero-shot-image-classification` and the linear probe as
-    `image-classification` (one dataset config per label column), hard negatives as `image-text-matching`."""
+    """`huggingface_hub.EvalResult`s (the card's `model-index`) for the flat `metrics` (`eval_result` each)."""
+    results = [eval_result(key, metrics[key], dataset_type, dataset_name, split) for key in reported_keys(metrics)]
+    return [result for result in results if result is not None]
+
+
+def eval_result(key: str, value: float, dataset_type: str, dataset_name: str, split: str = "test"):
+    """The `EvalResult` of one flat metric: retrieval as `image-text-retrieval` (a suite's keys end in ` (<data
+    set>)`), zero-shot as `zero-shot-image-classification` and the linear probe as `image-classification` (the label
+    column or data set as the dataset config), hard negatives as `image-text-matching`; None for another key."""
     from huggingface_hub import EvalResult
 
-    results = []
-    for key in reported_keys(metrics):
-        value = metrics[key]
-        common = dict(dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
-                      metric_value=round(float(value), 4), metric_name=metric_title(key))
-        if key.startswith(("image_retrieval_", "text_retrieval_")):
-            measure = key.split("_retrieval_")[1]
-            results.append(EvalResult(task_type="image-text-retrieval", task_name="Image-text retrieval",
-                                      metric_type=measure.lower(), metric_config=key.split("_")[0] + "_retrieval",
-                                      **common))
-        elif key.startswith("zeroshot_"):
-            task, measure = _zero_shot_parts(key)
-            results.append(EvalResult(task_type="zero-shot-image-classification",
-                                      task_name="Zero-shot image classification", dataset_config=task,
-                                      metric_type=f"top_{measure[3:]}_accuracy" if measure.startswith("acc")
-                                      else measure, **common))
-        elif key.startswith("linear_probe_"):
-            task = key[len("linear_probe_"):].removesuffix("_acc1")
-            results.append(EvalResult(task_type="image-classification", task_name="Linear probe",
-                                      dataset_config=task, metric_type="accuracy", **common))
-        elif key.startswith("hard_negative_accuracy"):
-            results.append(EvalResult(task_type="image-text-matching", task_name="Hard-negative captions",
-                                      metric_type="accuracy", metric_config=key, **common))
-    return results
+    common = dict(dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split,
+                  metric_value=round(float(value), 4), metric_name=metric_title(key))
+    base = key.split(" (")[0]
+    if base.startswith(("image_retrieval_", "text_retrieval_")):
+        return EvalResult(task_type="image-text-retrieval", task_name="Image-text retrieval",
+                          metric_type=base.split("_retrieval_")[1].lower(), metric_config=base.split("_")[0]
+                          + "_retrieval", **common)
+    if key.startswith(("zeroshot_", "linear_probe_")):
+        probe = key.startswith("linear_probe_")
+        task, measure = _zero_shot_parts("zeroshot_" + key.split("_", 2 if probe else 1)[-1])
+        kind = "accuracy" if probe and measure == "acc1" else (
+            f"top_{measure[3:]}_accuracy" if measure.startswith("acc") else measure)
+        if probe:
+            return EvalResult(task_type="image-classification", task_name="Linear probe", dataset_config=task,
+                              metric_type=kind, **common)
+        return EvalResult(task_type="zero-shot-image-classification", task_name="Zero-shot image classification",
+                          dataset_config=task, metric_type=kind, **common)
+    if key.startswith("hard_negative_accuracy"):
+        return EvalResult(task_type="image-text-matching", task_name="Hard-negative captions", metric_type="accuracy",
+                          metric_config=key, **common)
+    return None
 
 
 # ----- the card -------------------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def plot_differences(differences: dict[str, dict], path: Path, model_label: str,
     axes = figure.subplots()
     for row, key in enumerate(keys):
         result = differences[key]
-        axes.errorbar(result["difference"], row, xerr=[[result["difference"] - result["low"]],
-                                                       [result["high"] - result["difference"]]],
+        below, above = max(0.0, result["difference"] - result["low"]), max(0.0, result["high"] - result["difference"])
+        axes.errorbar(result["difference"], row, xerr=[[below], [above]],
                       fmt="o", color="C0", capsize=3, markerfacecolor="C0" if result["excludes_zero"] else "white")
     axes.axvline(0, color="gray", linewidth=0.8)
     axes.set_yticks(range(len(keys)), [title(key) for key in keys], fontsize=7)

@@ -39,6 +39,7 @@ from dclip.data.loading import load_data
 from dclip.data.scenes import zero_shot_tasks
 from dclip.evaluation import evaluate_checkpoint, format_metrics_table, paired_bootstrap
 from dclip.evaluation.benchmark import load_templates
+from dclip.evaluation.embedding import default_num_workers
 from dclip.evaluation.suite import DatasetSpec, evaluate_suite, read_suite, run_suite
 
 
@@ -65,7 +66,8 @@ class EvaluateArguments:
     probe_validation_split: str | None = field(default=None, metadata={
         "help": "linear probe: the split its regularisation is chosen on (default: a held-out part of training)"})
     batch_size: int = 256
-    num_workers: int = field(default=0, metadata={"help": "DataLoader processes decoding images"})
+    num_workers: int | None = field(default=None, metadata={"help": "DataLoader processes decoding images (--task, "
+                                                                    "--suite); default: one core in two, up to 4"})
     ks: str = field(default="1,5,10", metadata={"help": "the K of Recall@K, comma-separated"})
     retrieval_backend: str = field(default="auto", metadata={"help": "auto (exact up to 1e10 pairs, else sampled) | "
                                                                    "exact | sampled | faiss"})
@@ -160,6 +162,8 @@ def publish(args) -> None:
 def benchmark(args, data_args) -> None:
     """--task (one model, one data set, one CLIP_benchmark record) or --suite (models x data sets x tasks)."""
     models = [m for m in args.model_name_or_path.split(",") if m]
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     if args.suite:
         suite_models, specs = read_suite(args.suite)
         baseline = [args.baseline_model] if args.baseline_model else []  # the first model: the others' reference

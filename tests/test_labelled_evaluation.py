@@ -312,6 +312,87 @@ datasets:
                      ("zero-shot-image-classification", "shapes-hub")}
     metrics = {(entry["task"]["type"], entry["dataset"]["name"], m["type"]): m["value"]
                for entry in index for m in entry["metrics"]}
-    assert metrics[("image-classification", "shapes", "lp_acc1")] == round(records[4]["metrics"]["lp_acc1"], 4)
+    assert metrics[("image-classification", "shapes", "accuracy")] == round(records[4]["metrics"]["lp_acc1"], 4)
     assert f"{float(row['difference']):+.3f} [{float(row['low']):+.3f}, {float(row['high']):+.3f}]" in text
     assert isinstance(ModelCard.load(student / "README.md").data.to_dict()["model-index"], list)
+
+
+def test_edge_cases_of_the_classification_metrics_agree_with_their_outcomes():
+    from dclip.evaluation.classification import classification_metrics
+
+    tied = np.array([[0.5, 0.5, 0.1], [0.2, 0.7, 0.7], [0.3, 0.3, 0.3]])
+    outcomes = {}
+    metrics = classification_metrics(tied, [0, 2, 1], ["a", "b", "c"], outcomes=outcomes)
+    assert metrics["acc1"] == outcomes["acc1"].mean()  # ties ranked as scikit-learn ranks them, in both
+    five = classification_metrics(np.eye(5)[[1, 2, 3, 4, 0]], [0, 1, 2, 3, 4], list("abcde"))
+    assert five["acc5"] == 1.0 and five["acc1"] == 0.0  # CLIP_benchmark reports top-5 from 5 classes on
+    assert "acc5" not in classification_metrics(np.array([[0.2, 0.8], [0.9, 0.1]]), [1, 1], ["a", "b"])
+
+
+def test_the_linear_probe_scores_a_class_it_never_saw_and_a_few_shot_split_does_not_crash(caplog):
+    from dclip.evaluation.benchmark import linear_probe, stratified_split
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)) * 3
+    train_y, test_y = np.repeat([0, 1, 2], 10), np.repeat([0, 1, 2, 3], 5)  # class 3 only in the test split
+    train_x, test_x = centres[train_y] + rng.normal(size=(30, 8)), centres[test_y] + rng.normal(size=(20, 8))
+    result = linear_probe(train_x, train_y, test_x, test_y, list("abcd"))
+    assert np.isfinite(result.metrics["lp_acc1"]) and result.metrics["lp_acc1"] <= 0.75  # d is never predicted
+    assert result.outcomes["lp_acc1"][test_y == 3].sum() == 0
+    kept, held = stratified_split(np.repeat(np.arange(6), 2), 0.2, 0, "--probe_test_fraction")  # 3 rows, 6 classes
+    assert len(held) == 3 and len(kept) == 9 and "at random" in caplog.text
+
+
+def test_a_single_file_source_never_trains_its_probe_on_its_test_rows(layouts):
+    from dclip.evaluation.suite import DatasetSpec, _Data
+
+    data = _Data(DatasetSpec(name="x", dataset_name=str(layouts["root"] / "test.jsonl"), tasks=["linear_probe"]))
+    train, validation, test = data.probe_splits()
+    train_paths = {row["image"]["path"] for row in train.dataset.cast_column("image", _undecoded())}
+    test_paths = {row["image"]["path"] for row in test.dataset.cast_column("image", _undecoded())}
+    assert validation is None and not train_paths & test_paths and len(train_paths) + len(test_paths) == 33
+
+
+def _undecoded():
+    from datasets import Image
+
+    return Image(decode=False)
+
+
+def test_names_files_keyed_by_classlabel_name_and_large_string_labels(tmp_path, layouts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dclip.data.labelled import load_labelled_dataset
+
+    wnids = {name.replace(" ", "_"): f"the {name}" for name in CLASSES}
+    (tmp_path / "names.json").write_text(json.dumps(wnids))
+    data = load_labelled_dataset(str(layouts["root"] / "hub"), "test", class_names_file=str(tmp_path / "names.json"))
+    assert data.class_names == [f"the {name}" for name in CLASSES]
+    rows = layouts["rows"]["test"]
+    table = pa.table({"image": pa.array([str(path) for path, _ in rows], pa.large_string()),
+                      "label": pa.array([CLASSES[label] for _, label in rows], pa.large_string())})
+    (tmp_path / "large" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "large" / "data" / "test-00000-of-00001.parquet")
+    data = load_labelled_dataset(str(tmp_path / "large"), "test")
+    assert data.class_names == CLASSES and [CLASSES[label] for _, label in rows] == [
+        data.class_names[label] for label in data.labels]
+
+
+def test_workers_embed_the_same_rows_in_the_same_order(layouts, model_and_processor):
+    from dclip.data.labelled import load_labelled_dataset
+    from dclip.evaluation import embed_images
+
+    model, processor = model_and_processor
+    data = load_labelled_dataset(str(layouts["root"] / "folders"), "test")
+    serial = embed_images(model, processor, data.dataset, batch_size=4)
+    parallel = embed_images(model, processor, data.dataset, batch_size=4, num_workers=2)
+    np.testing.assert_array_equal(serial, parallel)
+
+
+def test_a_sampled_retrieval_record_validates():
+    from dclip.evaluation.benchmark import TaskResult, clip_benchmark_record, validate_record
+
+    validate_record(clip_benchmark_record("coco", "s", TaskResult("zeroshot_retrieval", {
+        "image_retrieval_recall@1": 0.2, "image_retrieval_recall@1_stderr": 0.01, "image_retrieval_queries": 5000,
+        "text_retrieval_recall@5": 0.5, "image_retrieval_mAP": 0.3})))

@@ -27,17 +27,19 @@ logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ("image", "img", "file_name", "image_path", "filepath", "path", "jpg", "png")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "cls")
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
+TEXT_DTYPES = ("string", "large_string", "string_view")
 
 
 @dataclass
 class LabelledData:
     """`dataset` (columns `image`, a `datasets.Image()`, and `label`, an int in `[0, len(class_names))`), the class
-    names in label order, where it came from, and the images skipped as unreadable (reason -> count)."""
+    names in label order, where it came from, its split (None for a source without splits: a CSV/JSONL file, a
+    saved `Dataset`), and the images skipped as unreadable (reason -> count)."""
 
     dataset: object
     class_names: list[str]
     source: str
-    split: str
+    split: str | None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -60,7 +62,7 @@ def load_labelled_dataset(name_or_path: str, split: str = "test", label_column: 
     `Image` feature or `IMAGE_COLUMNS` present. `max_samples`: a seeded random subset of that many rows, kept in
     their order (an imagefolder is sorted by class, so its first rows would be one class).
     """
-    dataset, source = _read_split(name_or_path, split, image_root)
+    dataset, source, split = _read_split(name_or_path, split, image_root)
     image_column = image_column or _first_image_column(dataset, name_or_path)
     label_column = label_column or next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
     if label_column is None or label_column not in dataset.column_names:
@@ -70,12 +72,13 @@ def load_labelled_dataset(name_or_path: str, split: str = "test", label_column: 
         raise ValueError(f"{source}: no image column {image_column!r} (columns: {dataset.column_names}); pass "
                          f"--image_column")
     dataset = dataset.select_columns([image_column, label_column])
+    # the classes first, from every row: a subset must not narrow the zero-shot classifier's choices
+    dataset, class_names = _integer_labels(dataset, label_column, class_names_file, source)
     if max_samples is not None and max_samples < len(dataset):
         import numpy as np
 
         rows = np.sort(np.random.default_rng(seed).choice(len(dataset), max_samples, replace=False))
         dataset = dataset.select(rows)
-    dataset, class_names = _integer_labels(dataset, label_column, class_names_file, source)
     dataset = _image_feature(dataset, image_column, _relative_to(name_or_path, image_root))
     dataset, skipped = _drop_unreadable(dataset, source, num_proc)
     if not len(dataset):
@@ -84,7 +87,8 @@ def load_labelled_dataset(name_or_path: str, split: str = "test", label_column: 
 
 
 def _read_split(name_or_path: str, split: str, image_root: str | None):
-    """One split of the source as a `datasets.Dataset`, and a name for it in messages."""
+    """One split of the source as a `datasets.Dataset`, a name for it in messages, and the split read (None where the
+    source has no splits: all its rows)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(name_or_path)
@@ -94,19 +98,19 @@ def _read_split(name_or_path: str, split: str, image_root: str | None):
         if builder is None:
             raise ValueError(f"{path}: a labelled file must be CSV/TSV or JSON lines, got {path.suffix!r}")
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        return load_dataset(builder, data_files=str(path), split="train", **extra), f"{name_or_path}"
+        return load_dataset(builder, data_files=str(path), split="train", **extra), f"{name_or_path}", None
     if path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
         loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            _check_split(loaded, split, name_or_path)
-            loaded = loaded[split]
-        return loaded, source
+        if not isinstance(loaded, DatasetDict):
+            return loaded, str(name_or_path), None
+        _check_split(loaded, split, name_or_path)
+        return loaded[split], source, split
     if path.is_dir() and not _has_data_files(path):
         loaded = load_dataset("imagefolder", data_dir=str(path))
     else:  # a Hub name, or a local folder of data files (parquet, csv, ...) that `datasets` reads itself
         loaded = load_dataset(str(name_or_path))
     _check_split(loaded, split, name_or_path)
-    return loaded[split], source
+    return loaded[split], source, split
 
 
 def _has_data_files(path: Path) -> bool:
@@ -160,7 +164,10 @@ def _integer_labels(dataset, label_column: str, class_names_file: str | None, so
     if isinstance(feature, ClassLabel):
         labels = [str(i) for i in range(feature.num_classes)]
         names = [name.replace("_", " ") for name in feature.names]
-    elif getattr(feature, "dtype", None) == "string":
+        if isinstance(given, dict):  # keyed by index or by the ClassLabel's own names (ImageNet's wnids, ...)
+            given = {str(i): given.get(str(i), given.get(name)) for i, name in enumerate(feature.names)}
+            given = {key: value for key, value in given.items() if value is not None}
+    elif getattr(feature, "dtype", None) in TEXT_DTYPES:
         values = {str(value) for value in dataset[label_column]}
         labels = list(given) if isinstance(given, list) else sorted(values)
         index = {label: i for i, label in enumerate(labels)}

@@ -62,15 +62,15 @@ def load_templates(spec: str) -> tuple[str, ...]:
 def zeroshot_classification(model, processor, data, templates, batch_size: int = 256, num_workers: int = 0,
                             image_embeds: np.ndarray | None = None) -> TaskResult:
     """Zero-shot classification of `data` (a `LabelledData`): each class's prompts embedded and averaged; `acc1`,
-    `acc5` (with more than 5 classes), `mean_per_class_recall`, and `per_class_recall` by class name."""
-    from .classification import classification_metrics, zero_shot_classifier
+    `acc5` (from 5 classes on), `mean_per_class_recall`, and `per_class_recall` by class name."""
+    from .classification import zero_shot_classification
     from .embedding import embed_images
 
     if image_embeds is None:
         image_embeds = embed_images(model, processor, data.dataset, batch_size=batch_size, num_workers=num_workers)
-    classifier = zero_shot_classifier(model, processor, data.class_names, templates)
     outcomes: dict[str, np.ndarray] = {}
-    metrics = classification_metrics(image_embeds @ classifier.T, data.labels, data.class_names, outcomes=outcomes)
+    metrics = zero_shot_classification(model, processor, data.dataset, "label", data.class_names, templates,
+                                       image_embeds=image_embeds, batch_size=batch_size, outcomes=outcomes)
     metrics.pop("correct")
     return TaskResult("zeroshot_classification", metrics, outcomes)
 
@@ -93,6 +93,9 @@ def linear_probe(train_features: np.ndarray, train_labels, test_features: np.nda
         train_features, validation_features, train_labels, validation_labels = _hold_out(
             train_features, train_labels, validation_fraction, seed)
     validation_labels = np.asarray(validation_labels)
+    if len(np.unique(train_labels)) < 2:
+        raise ValueError(f"linear probe: its training part has {len(np.unique(train_labels))} class; it needs two or "
+                         "more")
     accuracies = []
     for strength in regularization:
         classifier = LogisticRegression(C=strength, max_iter=max_iter).fit(train_features, train_labels)
@@ -100,8 +103,11 @@ def linear_probe(train_features: np.ndarray, train_labels, test_features: np.nda
     best = regularization[int(np.argmax(accuracies))]  # the first best: the strongest regularisation among ties
     classifier = LogisticRegression(C=best, max_iter=max_iter).fit(
         np.concatenate([train_features, validation_features]), np.concatenate([train_labels, validation_labels]))
-    scores = np.full((len(test_features), len(class_names)), -np.inf)
-    scores[:, classifier.classes_] = classifier.predict_log_proba(test_features)
+    # classes the probe never saw score below every seen one (finite: the metrics rank them, last)
+    seen = classifier.decision_function(test_features)
+    seen = seen if seen.ndim == 2 else np.stack([-seen, seen], axis=1)  # two classes: one margin
+    scores = np.full((len(test_features), len(class_names)), seen.min() - 1.0)
+    scores[:, classifier.classes_] = seen
     from .classification import classification_metrics
 
     outcomes: dict[str, np.ndarray] = {}
@@ -113,50 +119,66 @@ def linear_probe(train_features: np.ndarray, train_labels, test_features: np.nda
 
 
 def _hold_out(features: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
-    """A stratified (where every class has 2 samples) `fraction` of the rows held out as validation."""
+    """`fraction` of the rows held out as validation (`stratified_split`)."""
+    fit, held = stratified_split(labels, fraction, seed, "--probe_validation_fraction")
+    return features[fit], features[held], labels[fit], labels[held]
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, option: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices `(kept, held out)`, `fraction` of them held out, stratified by label where every class has 2 rows
+    and the held-out part can hold every class; else a plain random split (logged)."""
     from sklearn.model_selection import train_test_split
 
     if not 0 < fraction < 1:
-        raise ValueError(f"the linear probe's validation fraction must lie in (0, 1), got {fraction}")
+        raise ValueError(f"{option} must lie in (0, 1), got {fraction}")
+    rows, labels = np.arange(len(labels)), np.asarray(labels)
     counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    return train_test_split(features, labels, test_size=fraction, random_state=seed, stratify=stratify)
+    classes = int((counts > 0).sum())
+    held = int(np.ceil(fraction * len(rows)))
+    stratify = labels if counts[counts > 0].min() >= 2 and classes <= min(held, len(rows) - held) else None
+    if stratify is None:
+        logger.warning("%s: %d rows of %d classes cannot be split stratified by class; splitting at random", option,
+                       len(rows), classes)
+    try:
+        kept, out = train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError as error:
+        raise ValueError(f"{option} {fraction}: cannot split {len(rows)} rows ({error})") from error
+    return np.sort(kept), np.sort(out)
 
 
 def linear_probe_task(model, processor, train, test, validation=None, validation_fraction: float = 0.2,
-                      seed: int = 0, batch_size: int = 256, num_workers: int = 0,
-                      test_embeds: np.ndarray | None = None) -> TaskResult:
-    """`linear_probe` on the image embeddings of `train`, `test` and optionally `validation` (`LabelledData` with
-    the same classes)."""
+                      seed: int = 0, batch_size: int = 256, num_workers: int = 0, embed=None) -> TaskResult:
+    """`linear_probe` on the image embeddings of `train`, `test` and optionally `validation` (`LabelledData`; their
+    labels matched by class name where the splits' class lists differ). `embed(data)`: the embeddings of a split
+    (default: `embed_images`; a suite passes a cache)."""
     from .embedding import embed_images
 
-    def embed(data):
-        return embed_images(model, processor, data.dataset, batch_size=batch_size, num_workers=num_workers)
+    embed = embed or (lambda data: embed_images(model, processor, data.dataset, batch_size=batch_size,
+                                                num_workers=num_workers))
+    parts = [part for part in (train, test, validation) if part is not None]
+    names = test.class_names
+    if any(part.class_names != names for part in parts):  # e.g. text labels, each split's own sorted list
+        names = sorted({name for part in parts for name in part.class_names})
+    index = {name: i for i, name in enumerate(names)}
 
-    if train.class_names != test.class_names:
-        raise ValueError(f"linear probe: the training split {train.source} has other classes than the test split "
-                         f"{test.source}")
-    return linear_probe(embed(train), train.labels, embed(test) if test_embeds is None else test_embeds, test.labels,
-                        test.class_names, embed(validation) if validation is not None else None,
-                        validation.labels if validation is not None else None, validation_fraction, seed=seed)
+    def labels(data):
+        return np.array([index[data.class_names[label]] for label in data.labels], dtype=np.int64)
+
+    return linear_probe(embed(train), labels(train), embed(test), labels(test), names,
+                        embed(validation) if validation is not None else None,
+                        labels(validation) if validation is not None else None, validation_fraction, seed=seed)
 
 
 def split_for_probe(data, test_fraction: float, seed: int = 0):
-    """A single labelled split cut into (train, test) `LabelledData`, stratified where every class has 2 samples,
-    for a linear probe on data with no training split."""
-    from sklearn.model_selection import train_test_split
-
-    rows = np.arange(len(data))
-    counts = np.bincount(data.labels)
-    stratify = data.labels if counts[counts > 0].min() >= 2 else None
-    train_rows, test_rows = train_test_split(rows, test_size=test_fraction, random_state=seed, stratify=stratify)
-    cut = [type(data)(data.dataset.select(np.sort(part)), data.class_names, f"{data.source} ({name} part)",
-                      data.split, data.skipped) for name, part in (("train", train_rows), ("test", test_rows))]
-    return cut[0], cut[1]
+    """A single labelled split cut into (train, test) `LabelledData` (`stratified_split`), for a linear probe on data
+    with no training split of its own."""
+    train_rows, test_rows = stratified_split(data.labels, test_fraction, seed, "--probe_test_fraction")
+    return tuple(type(data)(data.dataset.select(part), data.class_names, f"{data.source} ({name} part)", data.split,
+                            data.skipped) for name, part in (("train", train_rows), ("test", test_rows)))
 
 
 def zeroshot_retrieval(model, processor, captioned, ks=(1, 5, 10), batch_size: int = 256,
-                       backend: str = "auto") -> TaskResult:
+                       backend: str = "auto", num_workers: int = 0) -> TaskResult:
     """Retrieval both ways on captioned images (`image`, `caption`, optional `image_id`):
     `image_retrieval_recall@K` (text to image) and `text_retrieval_recall@K` (image to text), and their mAP."""
     from .embedding import embed_images, embed_texts
@@ -164,7 +186,7 @@ def zeroshot_retrieval(model, processor, captioned, ks=(1, 5, 10), batch_size: i
 
     image_rows, text_to_image = image_groups(captioned)
     images = captioned.select(image_rows) if len(image_rows) != len(captioned) else captioned
-    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
+    image_embeds = embed_images(model, processor, images, batch_size=batch_size, num_workers=num_workers)
     text_embeds = embed_texts(model, processor, captioned["caption"], batch_size=batch_size)
     outcomes: dict[str, np.ndarray] = {}
     metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, tuple(ks), backend=backend,

@@ -30,8 +30,8 @@ def zero_shot_classifier(model, processor, class_names: list[str], templates=DEF
 
 def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
                            ks: tuple[int, ...] = (1, 5), outcomes: dict | None = None) -> dict:
-    """From `scores (samples, classes)` and integer `labels`: top-K accuracy `acc<K>` (K below the class count, and
-    K = 1), `mean_per_class_recall` over the classes present and `per_class_recall` by class name (CLIP_benchmark's
+    """From `scores (samples, classes)` (finite) and integer `labels`: top-K accuracy `acc<K>` (K up to the class
+    count), `mean_per_class_recall` over the classes present and `per_class_recall` by class name (CLIP_benchmark's
     names; scikit-learn's `top_k_accuracy_score`, `balanced_accuracy_score`, `recall_score`), and `correct`, whether
     each sample's top-1 class is its label. A dict given as `outcomes` receives each `acc<K>`'s per-sample hits (for
     paired bootstraps)."""
@@ -40,14 +40,19 @@ def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
     from sklearn.metrics import balanced_accuracy_score, recall_score, top_k_accuracy_score
 
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    order = np.argsort(-scores, axis=1, kind="stable")
+    count = scores.shape[1]
+    # scikit-learn's ranking (`top_k_accuracy_score`: a stable sort, reversed, so a tie goes to the higher class), so
+    # that the per-sample hits and the reported accuracies agree on ties too
+    order = np.argsort(scores, axis=1, kind="mergesort")[:, ::-1]
     top1 = order[:, 0]
     results: dict = {}
     for k in ks:
-        if k == 1 or k < scores.shape[1]:
+        if k == 1 or k <= count:  # CLIP_benchmark reports top-5 from 5 classes on
             hits = (order[:, :k] == labels[:, None]).any(1).astype(np.float64)
-            results[f"acc{k}"] = float(hits.mean()) if scores.shape[1] <= 2 else float(top_k_accuracy_score(
-                labels, scores, k=k, labels=np.arange(scores.shape[1])))
+            with warnings.catch_warnings():  # k == count: "will result in a perfect score", as it should
+                warnings.simplefilter("ignore")
+                results[f"acc{k}"] = float(hits.mean()) if count <= 2 else float(top_k_accuracy_score(
+                    labels, scores, k=k, labels=np.arange(count)))
             if outcomes is not None:
                 outcomes[f"acc{k}"] = hits
     present = np.unique(labels)
@@ -64,13 +69,14 @@ def classification_metrics(scores: np.ndarray, labels, class_names: list[str],
 @torch.no_grad()
 def zero_shot_classification(model, processor, dataset, label_column: str, class_names: list[str],
                              templates=DEFAULT_TEMPLATES, image_embeds: np.ndarray | None = None,
-                             batch_size: int = 256, device: str | torch.device | None = None) -> dict:
-    """Zero-shot classification of `dataset`'s images among `class_names` (see `classification_metrics`);
-    `image_embeds` (normalised, a row per dataset row) saves embedding the images again."""
+                             batch_size: int = 256, device: str | torch.device | None = None,
+                             outcomes: dict | None = None) -> dict:
+    """Zero-shot classification of `dataset`'s images among `class_names` (see `classification_metrics`, which fills
+    `outcomes`); `image_embeds` (normalised, a row per dataset row) saves embedding the images again."""
     if image_embeds is None:
         image_embeds = embed_images(model, processor, dataset, batch_size=batch_size, device=device)
     classifier = zero_shot_classifier(model, processor, class_names, templates, device=device)
-    return classification_metrics(image_embeds @ classifier.T, dataset[label_column], class_names)
+    return classification_metrics(image_embeds @ classifier.T, dataset[label_column], class_names, outcomes=outcomes)
 
 
 def zero_shot_accuracy(model, processor, dataset, label_column: str, class_names: list[str],

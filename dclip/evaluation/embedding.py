@@ -51,6 +51,14 @@ def _embed(model, encode, batches, device: str | torch.device | None, amp: bool 
     return torch.cat(chunks).numpy() if chunks else np.empty((0, 0), dtype=np.float32)
 
 
+def default_num_workers() -> int:
+    """`DataLoader` processes that decode images while the model runs: one core in two, up to 4 (measured on 2
+    cores: one worker embeds 50,000 64-px images 1.27x faster than none; two are slower than one)."""
+    import os
+
+    return min(4, (os.cpu_count() or 1) // 2)
+
+
 class _ImageBatches(torch.utils.data.Dataset):
     """Batches of a data set's images as pixel tensors, for a `DataLoader` whose workers decode and pre-process."""
 
@@ -71,8 +79,13 @@ def embed_images(model, processor, dataset, batch_size: int = 256, image_column:
                  amp: bool | None = None) -> np.ndarray:
     """L2-normalised image embeddings `(rows, dim)` float32 of `dataset[image_column]` with `get_image_features`;
     `num_workers` `DataLoader` processes decode and pre-process the images (0: this process), in order."""
+    import multiprocessing
+
+    # forked workers share the processor (and a model a dual encoder's processor holds) instead of pickling them
+    context = "fork" if num_workers and "fork" in multiprocessing.get_all_start_methods() else None
     batches = torch.utils.data.DataLoader(_ImageBatches(dataset, processor, batch_size, image_column), batch_size=None,
-                                          num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+                                          num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+                                          multiprocessing_context=context if num_workers else None)
 
     def encode(pixel_values, device):
         return model.get_image_features(pixel_values.to(device))

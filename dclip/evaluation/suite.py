@@ -71,7 +71,10 @@ def read_suite(path: str) -> tuple[list[str], list[DatasetSpec]]:
     """`(models, data sets)` of a suite YAML file, with errors naming the file and entry."""
     import yaml
 
-    suite = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        suite = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"suite {path}: not a readable YAML file ({error})") from error
     entries = suite.get("datasets")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"suite {path}: needs a non-empty `datasets:` list")
@@ -92,10 +95,11 @@ def read_suite(path: str) -> tuple[list[str], list[DatasetSpec]]:
 
 
 class _Data:
-    """A suite data set's splits, each read once for all models and tasks."""
+    """A suite data set's splits, each read once for all models and tasks (`num_proc` processes check its images),
+    and the current model's image embeddings of each split, computed once for all its tasks."""
 
-    def __init__(self, spec: DatasetSpec):
-        self.spec, self._splits = spec, {}
+    def __init__(self, spec: DatasetSpec, num_proc: int | None = None):
+        self.spec, self._splits, self.num_proc, self.embeds = spec, {}, num_proc, {}
 
     def labelled(self, split: str):
         from ..data.labelled import load_labelled_dataset
@@ -105,7 +109,7 @@ class _Data:
             self._splits[split] = load_labelled_dataset(
                 spec.dataset_name, split, label_column=spec.label_column, image_column=spec.image_column,
                 class_names_file=spec.class_names_file, image_root=spec.image_root, max_samples=spec.max_samples,
-                seed=spec.seed)
+                seed=spec.seed, num_proc=self.num_proc)
         return self._splits[split]
 
     def probe_splits(self):
@@ -113,11 +117,25 @@ class _Data:
         from .benchmark import split_for_probe
 
         spec = self.spec
-        if spec.train_split:
+        test = self.labelled(spec.split)
+        if spec.train_split and spec.train_split != spec.split and test.split is not None:
             validation = self.labelled(spec.validation_split) if spec.validation_split else None
-            return self.labelled(spec.train_split), validation, self.labelled(spec.split)
-        train, test = split_for_probe(self.labelled(spec.split), spec.probe_test_fraction, spec.seed)
+            return self.labelled(spec.train_split), validation, test
+        # no training split of its own (a file, one split, or the evaluated split named again): never train on the
+        # test rows; a stratified part of them is held out as the probe's test part
+        logger.warning("%s: linear probe on %.0f%% of its rows, trained on the rest (no separate training split)",
+                       test.source, 100 * spec.probe_test_fraction)
+        train, test = split_for_probe(test, spec.probe_test_fraction, spec.seed)
         return train, None, test
+
+    def embed(self, model, processor, data, batch_size: int, num_workers: int):
+        """The image embeddings of a `LabelledData` of this data set under the current model, once."""
+        from .embedding import embed_images
+
+        if data.source not in self.embeds:
+            self.embeds[data.source] = embed_images(model, processor, data.dataset, batch_size=batch_size,
+                                                    num_workers=num_workers)
+        return self.embeds[data.source]
 
     def captioned(self):
         if "captioned" not in self._splits:
@@ -133,18 +151,24 @@ class _Data:
 
 
 def run_task(model, processor, data: _Data, task: str, batch_size: int = 256, num_workers: int = 0) -> TaskResult:
-    """One task of one suite data set for one loaded model."""
+    """One task of one suite data set for one loaded model (its image embeddings shared between tasks)."""
     from .benchmark import linear_probe_task, load_templates, zeroshot_classification, zeroshot_retrieval
 
     spec = data.spec
+
+    def embed(split_data):
+        return data.embed(model, processor, split_data, batch_size, num_workers)
+
     if task == "zeroshot_classification":
-        return zeroshot_classification(model, processor, data.labelled(spec.split), load_templates(spec.templates),
-                                       batch_size=batch_size, num_workers=num_workers)
+        test = data.labelled(spec.split)
+        return zeroshot_classification(model, processor, test, load_templates(spec.templates),
+                                       batch_size=batch_size, image_embeds=embed(test))
     if task == "linear_probe":
         train, validation, test = data.probe_splits()
         return linear_probe_task(model, processor, train, test, validation, spec.probe_validation_fraction,
-                                 seed=spec.seed, batch_size=batch_size, num_workers=num_workers)
-    return zeroshot_retrieval(model, processor, data.captioned(), ks=tuple(spec.ks), batch_size=batch_size)
+                                 seed=spec.seed, embed=embed)
+    return zeroshot_retrieval(model, processor, data.captioned(), ks=tuple(spec.ks), batch_size=batch_size,
+                              num_workers=num_workers)
 
 
 def evaluate_suite(models: list[str], specs: list[DatasetSpec], batch_size: int = 256, num_workers: int = 0):
@@ -154,22 +178,26 @@ def evaluate_suite(models: list[str], specs: list[DatasetSpec], batch_size: int 
 
     if not models:
         raise ValueError("a suite needs at least one model (--model_name_or_path, or `models:` in the suite file)")
+    from .benchmark import validate_record
+
     names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"suite data set names must be unique, got {names}")
-    datas = [_Data(spec) for spec in specs]
+    if len(set(names)) != len(names) or len(set(models)) != len(models):
+        raise ValueError(f"suite data set names and models must be unique, got {names} and {models}")
+    datas = [_Data(spec, num_proc=num_workers or None) for spec in specs]
     results: dict[str, dict[tuple[str, str], TaskResult]] = {}
     records = []
     for name in models:
         model, processor = load_dual_encoder(name)
         results[name] = {}
         for data in datas:
+            data.embeds.clear()  # the previous model's
             for task in data.spec.tasks:
                 logger.info("suite: %s on %s, %s", name, data.spec.name, task)
                 result = run_task(model, processor, data, task, batch_size=batch_size, num_workers=num_workers)
                 results[name][(data.spec.name, task)] = result
                 records.append(clip_benchmark_record(data.spec.name, Path(name).name or name, result,
                                                      pretrained=name))
+                validate_record(records[-1])
     return records, results
 
 
@@ -187,7 +215,7 @@ def run_suite(models: list[str], specs: list[DatasetSpec], output_dir: str, batc
     np.savez_compressed(paths["outcomes"], **{f"{m}|{d}|{t}|{k}": v for m, by_task in results.items()
                                               for (d, t), r in by_task.items() for k, v in r.outcomes.items()})
     rows = comparison_rows(results, num_resamples=num_resamples)
-    paths["table"].write_text(markdown_table(rows, models))
+    paths["table"].write_text(markdown_table(rows, models, num_resamples))
     write_csv(rows, paths["csv"])
     paths["suite"].write_text(json.dumps({"models": models, "datasets": [asdict(s) for s in specs]}, indent=2))
     return paths
@@ -226,7 +254,7 @@ def comparison_rows(results: dict[str, dict[tuple[str, str], TaskResult]], num_r
     return rows
 
 
-def markdown_table(rows: list[dict], models: list[str]) -> str:
+def markdown_table(rows: list[dict], models: list[str], num_resamples: int = 2000) -> str:
     """The comparison rows as a markdown table: a line per (data set, task, metric), a column per model; after the
     first model each cell is `value (difference [low, high])`, `*` where the interval excludes 0."""
     header = ["data set", "task", "metric"] + [Path(m).name or m for m in models]
@@ -245,8 +273,8 @@ def markdown_table(rows: list[dict], models: list[str]) -> str:
             cells.append(cell)
         lines.append("| " + " | ".join([dataset, task, metric] + cells) + " |")
     note = (f"\nEach model after the first ({Path(models[0]).name or models[0]}) shows its difference to it with a "
-            "paired-bootstrap 95% interval over the test samples (2,000 resamples); * marks an interval that "
-            "excludes 0. Mean per-class recall, a mean over classes, has no interval.\n")
+            f"paired-bootstrap 95% interval over the test samples ({num_resamples:,} resamples); * marks an interval "
+            "that excludes 0. Mean per-class recall, a mean over classes, has no interval.\n")
     return "\n".join(lines) + "\n" + note
 
 
