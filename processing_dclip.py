@@ -338,8 +338,14 @@ class DCLIPProcessor(ProcessorMixin):
     # ----- saving and loading ------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """Save as `ProcessorMixin` does, copying the detector weights (if any) to `detector.pt` beside them."""
+        """Save as `ProcessorMixin` does, copying the detector weights (if any) to `detector.pt` beside them. The
+        tokenizer is saved without the truncation and padding its last call left set on the fast backend (which
+        `tokenizer.json` would otherwise keep, and every later load apply, e.g. a span's short `max_length`)."""
         os.makedirs(save_directory, exist_ok=True)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # each call sets both again: clearing them changes no later call
+            backend.no_truncation()
+            backend.no_padding()
         original_path = self.detector_path
         if original_path is not None:
             target = os.path.join(save_directory, DETECTOR_WEIGHTS_NAME)

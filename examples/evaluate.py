@@ -67,7 +67,8 @@ class EvaluateArguments:
         "help": "linear probe: the split its regularisation is chosen on (default: a held-out part of training)"})
     batch_size: int = 256
     num_workers: int | None = field(default=None, metadata={"help": "DataLoader processes decoding images (--task, "
-                                                                    "--suite); default: one core in two, up to 4"})
+                                                                    "--suite); default: none on 2 cores or fewer, else "
+                                                                    "one core in two, up to 4"})
     ks: str = field(default="1,5,10", metadata={"help": "the K of Recall@K, comma-separated"})
     retrieval_backend: str = field(default="auto", metadata={"help": "auto (exact up to 1e10 pairs, else sampled) | "
                                                                    "exact | sampled | faiss"})

@@ -1,3 +1,4 @@
+import json
 import logging
 from types import SimpleNamespace
 
@@ -384,3 +385,17 @@ def test_processor_with_yolo_saves_and_reloads_the_detector(processor, sighted_y
 def test_remote_code_imports_nothing_heavy():
     run_without_heavy_imports("configuration_dclip, modeling_dclip, processing_dclip",
                               ("ultralytics", "dclip", "datasets", "faiss", "cv2"))
+
+
+def test_a_saved_processor_keeps_no_truncation_left_by_its_last_call(tmp_path, image_processor, tokenizer):
+    import copy
+
+    from processing_dclip import DCLIPProcessor
+
+    processor = DCLIPProcessor(image_processor, copy.deepcopy(tokenizer), max_regions=4, max_spans=4)
+    long_text = ["a red circle above two blue squares left of a green star " * 3]
+    processor.tokenizer(long_text, truncation=True, max_length=5)  # leaves max_length 5 on the fast backend
+    processor.save_pretrained(tmp_path)
+    reloaded = DCLIPProcessor.from_pretrained(tmp_path, trust_remote_code=False)
+    assert reloaded(text=long_text)["input_ids"].shape[1] == tokenizer.model_max_length
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["truncation"] is None

@@ -52,11 +52,14 @@ def _embed(model, encode, batches, device: str | torch.device | None, amp: bool 
 
 
 def default_num_workers() -> int:
-    """`DataLoader` processes that decode images while the model runs: one core in two, up to 4 (measured on 2
-    cores: one worker embeds 50,000 64-px images 1.27x faster than none; two are slower than one)."""
+    """`DataLoader` processes that decode images while the model runs: none on 2 cores or fewer, where they compete
+    with the model for the same cores (measured: one worker embedded 50,000 64-px images at 0.92x the speed of none,
+    median of 4 paired runs, BENCHMARKS.md), else one core in two, up to 4 (not measured here: for machines where
+    the model runs on a GPU and decoding in the main process would keep it waiting)."""
     import os
 
-    return min(4, (os.cpu_count() or 1) // 2)
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(4, cores // 2)
 
 
 class _ImageBatches(torch.utils.data.Dataset):
