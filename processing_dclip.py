@@ -1,8 +1,9 @@
 """DCLIP processor: CLIP image processor + tokenizer, plus YOLO region extraction and caption span extraction.
 
 Hub remote code: this file travels next to the weights, so it imports only numpy, PIL, torch, transformers and its
-sibling `configuration_dclip` (which checks the transformers version); `ultralytics` is imported only when a detector
-is first used.
+sibling `configuration_dclip` (which checks the transformers version); `ultralytics` (with `safetensors` and `yaml`,
+both transformers dependencies) is imported only when a detector is first used, without ultralytics' process-wide
+side effects (`import_yolo`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-DETECTOR_WEIGHTS_NAME = "detector.pt"
+# A saved processor's detector: its weights as safetensors and the architecture that rebuilds it offline (no pickle)
+DETECTOR_WEIGHTS_NAME = "detector.safetensors"
+DETECTOR_CONFIG_NAME = "detector.yaml"
+ULTRALYTICS_IMPORT_ENVIRONMENT = {
+    "WORLD_SIZE": "1",  # ultralytics reads the launch at import and would pair its own barriers with ours
+    "YOLO_AUTOINSTALL": "false",  # never `pip install` anything (e.g. pi-heif on an undecodable image)
+    "YOLO_OFFLINE": "true",  # no DNS probe at import
+}
 
 # Word sequences that separate noun phrases in a caption (longest first when matched).
 DEFAULT_SPAN_BOUNDARIES = (
@@ -171,13 +179,107 @@ class keep_torch_threads:  # noqa: N801 (used as a context manager, like torch.n
         torch.set_num_threads(self.threads)
 
 
+def import_yolo():
+    """
+    ultralytics' `YOLO` class, imported without its process-wide side effects: ultralytics patches `PIL.Image.open`
+    at import (an undecodable image then makes it try to `pip install pi-heif`), turns on run-time installs, probes
+    the network and reads the distributed launch. Here the import runs with `ULTRALYTICS_IMPORT_ENVIRONMENT` (the
+    process's environment is restored afterwards), `PIL.Image.open` is put back as it was, and run-time installs stay
+    off for the life of the process.
+    """
+    import sys
+
+    first = "ultralytics.utils.patches" not in sys.modules
+    opener = Image.open
+    saved = {name: os.environ.get(name) for name in ULTRALYTICS_IMPORT_ENVIRONMENT}
+    os.environ.update(ULTRALYTICS_IMPORT_ENVIRONMENT)
+    try:
+        import ultralytics.utils as utils
+        import ultralytics.utils.checks as checks
+        import ultralytics.utils.patches as patches
+        from ultralytics import YOLO
+    except ImportError as error:
+        raise ImportError("Region detection needs `ultralytics`: pip install ultralytics") from error
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    utils.AUTOINSTALL = checks.AUTOINSTALL = False
+    if Image.open is patches.image_open:  # patched at its import, now or before us: the original back
+        Image.open = opener if first else patches._image_open
+    return YOLO
+
+
+def load_detector(path: str):
+    """A YOLO detector from `path`: `detector.safetensors` with its `detector.yaml` beside it (read with no pickle),
+    or an ultralytics `.pt` checkpoint (a pickle: only paths you trust)."""
+    YOLO = import_yolo()  # noqa: N806 - a class
+    if not str(path).endswith(".safetensors"):
+        return YOLO(str(path), task="detect")
+    from safetensors.torch import load_file
+
+    config = Path(path).with_name(Path(path).stem + ".yaml")
+    if not config.is_file():
+        raise FileNotFoundError(f"Detector weights '{path}' need their architecture '{config}' beside them.")
+    import yaml
+
+    names = yaml.safe_load(config.read_text()).get("names") or {}
+    detector = YOLO(str(config), task="detect")
+    missing, unexpected = detector.model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"Detector weights '{path}' do not fit '{config}': missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}")
+    detector.model.names = {int(key): value for key, value in names.items()}
+    detector.model.eval()
+    # what a checkpoint would have told ultralytics' predictor: the image size it was trained at (else 640 px)
+    detector.overrides.update(yaml.safe_load(config.read_text()).get("predict_overrides") or {})
+    return detector
+
+
+def save_detector(detector_path: str, folder: str) -> str:
+    """Write the detector at `detector_path` (safetensors + yaml, or an ultralytics `.pt`, converted) into `folder`
+    as `detector.safetensors` and `detector.yaml`: the weights as float tensors, the architecture resolved to one
+    scale, the class names and the image size it was trained at. Returns the weights' file name."""
+    import yaml
+    from safetensors.torch import save_file
+
+    if str(detector_path).endswith(".safetensors"):  # already in this form: the two files as they are
+        import shutil
+
+        config = Path(detector_path).with_name(Path(detector_path).stem + ".yaml")
+        shutil.copyfile(detector_path, os.path.join(folder, DETECTOR_WEIGHTS_NAME))
+        shutil.copyfile(config, os.path.join(folder, DETECTOR_CONFIG_NAME))
+        return DETECTOR_WEIGHTS_NAME
+    detector = load_detector(detector_path)
+    model = detector.model
+    architecture = dict(model.yaml)
+    scales = architecture.pop("scales", None)
+    if scales:  # one scale, spelled out: ultralytics guesses a scale from a yaml's file name otherwise
+        scale = architecture.get("scale") or next(iter(scales))
+        architecture["depth_multiple"], architecture["width_multiple"], architecture["max_channels"] = scales[scale]
+    architecture.pop("scale", None)
+    architecture.pop("yaml_file", None)
+    architecture["names"] = {int(key): str(value) for key, value in dict(model.names).items()}
+    architecture["predict_overrides"] = {key: detector.overrides[key] for key in ("imgsz", "single_cls")
+                                         if detector.overrides.get(key) is not None}
+    state = {name: tensor.detach().float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
+             for name, tensor in model.state_dict().items()}
+    save_file(state, os.path.join(folder, DETECTOR_WEIGHTS_NAME), metadata={"format": "pt", "library": "ultralytics"})
+    with open(os.path.join(folder, DETECTOR_CONFIG_NAME), "w") as handle:
+        yaml.safe_dump(architecture, handle, sort_keys=False)
+    return DETECTOR_WEIGHTS_NAME
+
+
 class RegionExtractor:
     """
     Image regions from an ultralytics YOLO detector given by path: top `max_regions` boxes by confidence after NMS,
     at least `min_region_size` (fraction of the shorter image side) wide and high. With no detector, or no detection,
     the whole image is the one region, and `Regions.source` says so. The detector is loaded on first use.
 
-    Ultralytics `.pt` files are pickles: only give paths you trust.
+    A saved processor's detector is `detector.safetensors` + `detector.yaml`, loaded with no pickle; an ultralytics
+    `.pt` checkpoint is accepted too (a pickle: only give paths you trust) and converted when the processor is saved.
     """
 
     def __init__(
@@ -212,11 +314,7 @@ class RegionExtractor:
         if self._detector is None and self.detector_path is not None:
             if not os.path.isfile(self.detector_path):
                 raise FileNotFoundError(f"Detector weights '{self.detector_path}' not found.")
-            try:
-                from ultralytics import YOLO
-            except ImportError as error:
-                raise ImportError("Region detection needs `ultralytics`: pip install ultralytics") from error
-            self._detector = YOLO(self.detector_path, task="detect")
+            self._detector = load_detector(self.detector_path)
         return self._detector
 
     def __call__(self, images: list[Image.Image]) -> list[Regions]:
@@ -295,8 +393,9 @@ class DCLIPProcessor(ProcessorMixin):
     Args:
         image_processor (`CLIPImageProcessor`): resizes and normalises images and region crops.
         tokenizer (`CLIPTokenizer` or any tokenizer): tokenises captions and spans.
-        detector_path (`str`, *optional*): ultralytics YOLO weights for region extraction; saved next to the
-            processor as `detector.pt`. Without it, the whole image is the one region.
+        detector_path (`str`, *optional*): YOLO weights for region extraction (`detector.safetensors` with its
+            `detector.yaml`, or an ultralytics `.pt`); saved next to the processor as `detector.safetensors` +
+            `detector.yaml`. Without it, the whole image is the one region.
         max_regions (`int`, defaults to 8), detector_confidence (`float`, defaults to 0.25), detector_iou (`float`,
             defaults to 0.7), min_region_size (`float`, defaults to 0.05), detector_image_size (`int`, *optional*):
             see [`RegionExtractor`].
@@ -338,7 +437,8 @@ class DCLIPProcessor(ProcessorMixin):
     # ----- saving and loading ------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """Save as `ProcessorMixin` does, copying the detector weights (if any) to `detector.pt` beside them. The
+        """Save as `ProcessorMixin` does, with the detector (if any) beside it as `detector.safetensors` and
+        `detector.yaml` (an ultralytics `.pt` is converted: nothing saved is a pickle). The
         tokenizer is saved without the truncation and padding its last call left set on the fast backend (which
         `tokenizer.json` would otherwise keep, and every later load apply, e.g. a span's short `max_length`)."""
         os.makedirs(save_directory, exist_ok=True)
@@ -348,13 +448,11 @@ class DCLIPProcessor(ProcessorMixin):
             backend.no_padding()
         original_path = self.detector_path
         if original_path is not None:
-            target = os.path.join(save_directory, DETECTOR_WEIGHTS_NAME)
             if not os.path.isfile(original_path):
                 raise FileNotFoundError(f"Detector weights '{original_path}' not found; cannot save the processor.")
+            target = os.path.join(save_directory, DETECTOR_WEIGHTS_NAME)
             if os.path.abspath(original_path) != os.path.abspath(target):
-                with open(original_path, "rb") as source, open(target, "wb") as destination:
-                    while chunk := source.read(1 << 20):
-                        destination.write(chunk)
+                save_detector(original_path, save_directory)
             self.detector_path = DETECTOR_WEIGHTS_NAME  # stored relative to the folder
         try:
             return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
@@ -376,6 +474,8 @@ class DCLIPProcessor(ProcessorMixin):
                     k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs
                 }
                 resolved = cached_file(pretrained_model_name_or_path, path, **hub_kwargs)
+                if path.endswith(".safetensors"):  # its architecture, into the same cached snapshot
+                    cached_file(pretrained_model_name_or_path, Path(path).stem + ".yaml", **hub_kwargs)
             processor.set_detector(resolved)
         return processor
 

@@ -75,8 +75,9 @@ def train_detector(
 
 def _train_detector(data_yaml, output_dir, model_config, epochs, image_size, batch_size, device, workers, seed,
                     resume, **train_kwargs) -> DetectorResult:
-    from ultralytics import YOLO
+    from processing_dclip import import_yolo
 
+    YOLO = import_yolo()  # noqa: N806 - a class; imported without ultralytics' process-wide side effects
     output_dir = Path(output_dir).resolve()
     last, best = output_dir / "weights" / "last.pt", output_dir / "weights" / "best.pt"
     if resume and last.is_file() and not _unfinished(last) and best.is_file():
@@ -104,20 +105,19 @@ def import_ultralytics_as_one_process() -> None:
     Import ultralytics as a single process even inside a distributed launch. ultralytics reads WORLD_SIZE / RANK at
     import and then calls `torch.distributed` barriers and broadcasts of its own (settings, trainer, sampler), which
     would pair with the pipeline's barriers on other ranks. Detection and detector training here are one process's
-    work, so every rank imports it with WORLD_SIZE=1 before anything else does.
+    work, so every rank imports it as one process (`processing_dclip.import_yolo`, which also keeps ultralytics'
+    other side effects out) before anything else does.
     """
     import sys
 
     if "ultralytics" in sys.modules or os.environ.get("WORLD_SIZE", "1") == "1":
         return
-    saved = os.environ["WORLD_SIZE"]
-    os.environ["WORLD_SIZE"] = "1"
+    from processing_dclip import import_yolo
+
     try:
-        import ultralytics.utils  # noqa: F401
+        import_yolo()
     except ImportError:
         pass
-    finally:
-        os.environ["WORLD_SIZE"] = saved
 
 
 def train_scene_detector(

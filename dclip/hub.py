@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 REMOTE_CODE_FILES = ("configuration_dclip.py", "modeling_dclip.py", "processing_dclip.py")
 # what a push never uploads: training state, half-written folders, hidden files
 UPLOAD_IGNORE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+# pickles: never published (a folder saved by an older dclip may hold `detector.pt`: re-saving converts it)
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 EVAL_RESULTS_FILE = "eval_results.json"
 RETRIEVAL_PLOT = "retrieval.png"
 ZERO_SHOT_PLOT = "zero_shot_per_class.png"
@@ -301,6 +303,11 @@ def upload_files(folder: str | Path) -> list[str]:
     if (folder / WIDGET_FOLDER).is_dir():  # the card widget's example images
         files += sorted(f"{WIDGET_FOLDER}/{path.name}" for path in (folder / WIDGET_FOLDER).iterdir()
                         if path.is_file() and not path.name.startswith("."))
+    pickles = [name for name in files if name.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"{folder} holds pickle files {pickles}: nothing dclip publishes is a pickle. A detector "
+                         "saved as `detector.pt` by an older dclip is converted by re-saving the processor: "
+                         "DCLIPProcessor.from_pretrained(folder).save_pretrained(folder), then remove the .pt")
     missing = [name for name in ("config.json", "README.md") if name not in files]
     if not any(name.endswith(".safetensors") for name in files):
         missing.append("*.safetensors weights")

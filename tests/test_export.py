@@ -24,11 +24,11 @@ CARD_FILES = {"README.md": b"---\nlicense: apache-2.0\n---\n# tiny student\n", "
 def student_dir(tmp_path_factory, tiny_clip, image_processor, tokenizer):
     """A trained-looking student folder as the recipe leaves it: weights, remote code, processor with a detector,
     card, plots, widget images, and training leftovers that must not travel."""
-    from processing_dclip import DCLIPProcessor
+    from processing_dclip import DCLIPProcessor, import_yolo
 
     root = tmp_path_factory.mktemp("export")
     detector = root / "yolo.pt"
-    detector.write_bytes(b"not really a pickle")
+    import_yolo()("yolov8n.yaml", task="detect").save(str(detector))  # saved with the processor as safetensors
     folder = root / "student"
     student = DCLIPModel.from_clip(tiny_clip, distillation_method="dclip")
     torch.manual_seed(1)

@@ -309,10 +309,10 @@ def sighted_yolo(path, seed: int):
     to ~1e-7 by the head, so every image gets the same scores, all below any threshold, and whole-image boxes).
     Here the convolutions are re-drawn (Kaiming), the head's last convolutions scaled to outputs of unit spread, and
     the box distances biased to a few strides: the boxes then depend on the image and on the weights."""
-    from ultralytics import YOLO
+    from processing_dclip import import_yolo
 
     torch.manual_seed(seed)
-    yolo = YOLO("yolov8n.yaml", task="detect")
+    yolo = import_yolo()("yolov8n.yaml", task="detect")
     net = yolo.model.eval()
     head = net.model[-1]
     finals = [branch[-1] for branch in (*head.cv2, *head.cv3)]
@@ -368,11 +368,12 @@ def test_processor_with_yolo_saves_and_reloads_the_detector(processor, sighted_y
     assert other["region_boxes"].shape != out["region_boxes"].shape or not torch.allclose(
         other["region_boxes"], out["region_boxes"], atol=1e-3)  # ...and the weights
 
-    with_detector.save_pretrained(tmp_path)
-    assert (tmp_path / "detector.pt").read_bytes() == sighted_yolos[0].read_bytes()
+    with_detector.save_pretrained(tmp_path)  # the .pt (a pickle) converted: safetensors + the architecture's yaml
+    assert {"detector.safetensors", "detector.yaml"} <= {path.name for path in tmp_path.iterdir()}
+    assert not list(tmp_path.glob("*.pt"))
     assert with_detector.detector_path == str(sighted_yolos[0])  # saving does not change the live object
     reloaded = DCLIPProcessor.from_pretrained(tmp_path)
-    assert reloaded.detector_path == str(tmp_path / "detector.pt")
+    assert reloaded.detector_path == str(tmp_path / "detector.safetensors")
     assert {name: getattr(reloaded.region_extractor, name) for name in ("max_regions", "confidence_threshold",
             "min_region_size", "detector_image_size")} == {
         "max_regions": 3, "confidence_threshold": 0.3, "min_region_size": 0.1, "detector_image_size": 64}
