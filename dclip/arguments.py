@@ -319,6 +319,8 @@ class DCLIPTrainingArguments(TrainingArguments):
     save_steps: float = option(100, "checkpoint every N steps")
     save_total_limit: int | None = option(1, "checkpoints kept per stage")
     dataloader_num_workers: int = option(0, "data loading worker processes")
+    skip_nonfinite_loss: bool = option(False, "skip a training step whose loss is NaN or infinite (its gradients "
+                                              "dropped, logged) instead of stopping the stage with an error")
     push_as_clip: bool = option(False, "with --push_to_hub: publish the student as its plain CLIPModel export (no "
                                        "remote code: the Hub's widget and inference API run it)")
 

@@ -7,6 +7,9 @@ import logging
 import sys
 
 
+PUSH_FAILED = 3  # the exit status of a CLI whose work is done and saved but whose push to the Hub failed
+
+
 def setup_logging(process_index: int = 0, level: int = logging.INFO) -> None:
     """Log dclip's messages at `level` on the main process and warnings only on the others, one handler on stderr;
     transformers and datasets keep their own verbosity (warnings) so progress bars and reports are not doubled."""

@@ -325,7 +325,8 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
                 commit_message: str = "Upload DCLIP model", as_clip: bool = False) -> str:
     """Create `repo_id` (if needed) and upload `upload_files(folder)` in one commit; return the commit URL. With
     `as_clip`, a student is uploaded as its plain `CLIPModel` export (`dclip.export.export_clip_folder`), which the
-    Hub's widget and inference API run without remote code."""
+    Hub's widget and inference API run without remote code. Raises `PushError`, with one clear message, when the
+    Hub cannot be reached or refuses the upload."""
     if as_clip:
         import tempfile
 
@@ -340,9 +341,34 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
     folder = Path(folder)
     files = upload_files(folder)
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
-    info = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
-                             commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
+                                 commit_message=commit_message)
+    except Exception as error:  # noqa: BLE001 - sorted below: network, token and access errors only
+        if not _is_hub_failure(error):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
+        raise PushError(f"pushing {folder} to the Hub as {repo_id} failed ({type(error).__name__}: {reason}). "
+                        f"Nothing was uploaded (the upload is one commit, and it was not made). The local folder "
+                        f"{folder} is complete; push it again with `python examples/evaluate.py --model_name_or_path "
+                        f"{folder} --push_to_hub --hub_model_id {repo_id}` once the network, token (`hf auth "
+                        f"login`) and write access are there.") from error
     logger.info("pushed %d files of %s to %s", len(files), folder, repo_id)
     return str(getattr(info, "commit_url", info))
+
+
+def _is_hub_failure(error: BaseException) -> bool:
+    """Whether `error` says the Hub could not be reached or refused the upload (no network, no token, no write
+    access): an HTTP error of `huggingface_hub`, or one of the HTTP library under it (httpx, or httpx2 for
+    huggingface_hub 2), or an OS-level connection error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    libraries = {type_.__module__.split(".")[0] for type_ in type(error).__mro__}
+    return isinstance(error, (HfHubHTTPError, OSError)) or bool(libraries & {"httpx", "httpx2", "requests",
+                                                                              "urllib3"})
+
+
+class PushError(RuntimeError):
+    """Publishing to the Hub failed; nothing was uploaded, and the local folder is complete. The message says why."""

@@ -177,7 +177,7 @@ def train_stages(context: RunContext) -> tuple[dict, dict[str, str]]:
 def publish(summary: dict, context: RunContext, command: str) -> None:
     """Main process: the student's model card (after an evaluation), `summary.json`, and the upload to the Hub."""
     from .cards import write_student_card
-    from .hub import push_to_hub
+    from .hub import PushError, push_to_hub
 
     training_args, output = context.training_args, context.output
     if "student" in summary["metrics"]:
@@ -185,9 +185,13 @@ def publish(summary: dict, context: RunContext, command: str) -> None:
             summary, context.model_args, context.data_args, context.args, training_args, context.processor, command))
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     if training_args.push_to_hub and "student" in summary["artefacts"]:
-        summary["pushed"] = push_to_hub(summary["artefacts"]["student"], training_args.hub_model_id,
-                                        token=training_args.hub_token, private=training_args.hub_private_repo,
-                                        as_clip=training_args.push_as_clip)
+        try:
+            summary["pushed"] = push_to_hub(summary["artefacts"]["student"], training_args.hub_model_id,
+                                            token=training_args.hub_token, private=training_args.hub_private_repo,
+                                            as_clip=training_args.push_as_clip)
+        except PushError as error:  # every artefact is written: the run ends with the message, not a traceback
+            logger.error("%s", error)
+            summary["push_error"] = str(error)
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
 
 

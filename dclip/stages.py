@@ -34,7 +34,7 @@ from .targets import (
     fuse_teacher_targets,
 )
 from .trainer import CLUSTER_TERMS, DCLIPTrainer
-from .training import TrainingLog, save_final, stage_arguments, train_stage
+from .training import TrainingLog, guard_finite_loss, save_final, stage_arguments, train_stage
 
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class RunContext:
             self.args.stage == stage and folder == STAGE_FOLDERS[stage]) else None
 
     def train(self, trainer: Trainer, folder: str) -> TrainingLog:
+        guard_finite_loss(trainer, folder, skip=getattr(self.training_args, "skip_nonfinite_loss", False))
         return train_stage(trainer, self.training_args.resume_from_checkpoint, self.resume_from(folder))
 
     def stage_arguments(self, stage: str, steps: int, learning_rate: float, folder: str | None = None,

@@ -140,6 +140,7 @@ class DCLIPTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         terms, outputs = self.compute_terms(model, dict(inputs))
+        self.last_terms = terms  # for `dclip.training.guard_finite_loss`'s message
         loss = sum(self.loss_weights[name] * value for name, value in terms.items())
         if model.training:  # summed on the device: one host sync per logging step, not one per term per step
             for name, value in terms.items():

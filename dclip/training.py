@@ -124,11 +124,51 @@ def train_stage(trainer: Trainer, resume_from: str | bool | None, explicit: Path
                        seconds=round(time.perf_counter() - started, 1))
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A training step's loss was NaN or infinite."""
+
+
+def guard_finite_loss(trainer: Trainer, stage: str, skip: bool = False) -> None:
+    """
+    After each training step of `trainer`, check its loss (one host sync per step; one all-reduce of a flag across
+    processes): a NaN or infinite loss stops the stage with a `NonFiniteLossError` naming the stage, the step and
+    the loss terms that are not finite (`trainer.last_terms` where the trainer keeps them), before the optimizer
+    step, so no later checkpoint is written and the last one stays intact. With `skip`, the step's gradients are
+    dropped instead (no parameter moves; the learning-rate schedule goes on), counted in `trainer.skipped_steps`.
+    """
+    step_once = trainer.training_step
+    trainer.skipped_steps = 0
+
+    def training_step(model, inputs, num_items_in_batch=None):
+        loss = step_once(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if trainer.accelerator.num_processes > 1:  # every process stops or skips together
+            finite = trainer.accelerator.reduce(finite, reduction="mean")
+        if bool(finite.item() == 1.0):
+            return loss
+        terms = getattr(trainer, "last_terms", None) or {"loss": loss}
+        bad = {name: float(value.detach().float().mean()) for name, value in terms.items()
+               if not torch.isfinite(value.detach()).all()}
+        where = f"stage {stage}, step {trainer.state.global_step + 1}"
+        if not skip:
+            raise NonFiniteLossError(
+                f"{where}: the loss is not finite (terms {bad or 'on another process'}); stopped before the "
+                f"optimizer step, so the last checkpoint in {trainer.args.output_dir} is intact. Lower the learning "
+                "rate, check the data for NaN, or pass --skip_nonfinite_loss to skip such steps")
+        logger.warning("%s: the loss is not finite (terms %s): step skipped, no parameter moved", where, bad)
+        model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+        trainer.skipped_steps += 1
+        return torch.zeros_like(loss.detach())
+
+    trainer.training_step = training_step
+
+
 def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.Module | None = None,
                export: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> str:
     """
-    Save the trained model of `trainer` with `processor` as a Hub-ready folder, atomically (an interrupted save leaves
-    only `<folder>.partial`). Every process must call it: the full state dict is gathered through accelerate
+    Save the trained model of `trainer` with `processor` as a Hub-ready folder, atomically: written as
+    `<folder>.partial`, then swapped in by renames, so that an error or a kill while writing leaves the previous
+    complete folder (if any) in place. Every process must call it: the full state dict is gathered through accelerate
     (`Accelerator.get_state_dict`: whole under DDP, FSDP and DeepSpeed ZeRO-3), and the main process loads it into an
     unsharded copy of the model, passes that through `export` (e.g. `DCLIPModel.to_clip`) and writes it. `model`
     replaces the trainer's (e.g. LoRA adapters merged into it). Every process returns once the folder is written.
@@ -147,11 +187,14 @@ def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.
                       and shapes[name] == torch.Size([]) else tensor for name, tensor in state_dict.items()}
         whole.load_state_dict(state_dict, strict=True)
         whole = (export(whole) if export is not None else whole).to(dtype=model.dtype)
-        partial = folder.with_name(folder.name + ".partial")
+        partial, previous = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".previous")
         shutil.rmtree(partial, ignore_errors=True)
-        whole.save_pretrained(partial)
+        whole.save_pretrained(partial)  # an error while writing leaves the previous folder as it was
         processor.save_pretrained(partial)
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():  # swapped by renames: a complete folder is there at every moment, under one of two names
+            shutil.rmtree(previous, ignore_errors=True)
+            folder.rename(previous)
         partial.rename(folder)
+        shutil.rmtree(previous, ignore_errors=True)
     accelerator.wait_for_everyone()
     return str(folder)

@@ -34,7 +34,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments
-from dclip.cli import setup_logging
+from dclip.cli import PUSH_FAILED, setup_logging
 from dclip.data.loading import load_data
 from dclip.data.scenes import zero_shot_tasks
 from dclip.evaluation import evaluate_checkpoint, format_metrics_table, paired_bootstrap
@@ -154,10 +154,15 @@ def card_info(args, dataset: str, split: str, note: str):
 
 def publish(args) -> None:
     if args.push_to_hub:
-        from dclip.hub import push_to_hub
+        from dclip.hub import PushError, push_to_hub
 
-        print("pushed:", push_to_hub(args.model_name_or_path.split(",")[0], args.hub_model_id, token=args.hub_token,
-                                     private=args.hub_private_repo, as_clip=args.push_as_clip))
+        try:
+            url = push_to_hub(args.model_name_or_path.split(",")[0], args.hub_model_id, token=args.hub_token,
+                              private=args.hub_private_repo, as_clip=args.push_as_clip)
+            print("pushed:", url)
+        except PushError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(PUSH_FAILED)
 
 
 def benchmark(args, data_args) -> None:

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments, DCLIPTrainingArguments, DistillationArguments, ModelArguments
-from dclip.cli import setup_logging
+from dclip.cli import PUSH_FAILED, setup_logging
 from dclip.pipeline import run
 from dclip.reporting import format_summary
 
@@ -37,6 +37,9 @@ def main() -> None:
     state = PartialState()
     state.wait_for_everyone()
     state.destroy_process_group()
+    if summary.get("push_error"):  # the run itself is complete; only publishing failed
+        print(f"error: {summary['push_error']}", file=sys.stderr)
+        sys.exit(PUSH_FAILED)
 
 
 if __name__ == "__main__":

@@ -181,3 +181,152 @@ def test_a_converted_detector_keeps_the_image_size_it_was_trained_at(tmp_path):
     save_detector(str(tmp_path / "trained.pt"), str(tmp_path / "saved"))
     assert load_detector(str(tmp_path / "trained.pt")).overrides["imgsz"] == 48
     assert load_detector(str(tmp_path / "saved" / "detector.safetensors")).overrides["imgsz"] == 48
+
+
+def _nan_run(tmp_path, tiny_clip, processor, skip: bool):
+    """A student trained 3 steps of 2 pairs with a checkpoint after each; the 5th row's teacher target is NaN, so
+    the 3rd step's cosine term is."""
+    import torch
+    from conftest import random_images
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from dclip.trainer import DCLIPTrainer
+    from dclip.training import guard_finite_loss, train_stage
+    from modeling_dclip import DCLIPModel
+
+    inputs = processor(text=["a red circle", "two squares", "a star", "a green triangle", "a ring", "a cross"],
+                       images=random_images(6, seed=3))
+    targets = torch.nn.functional.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    targets[4] = float("nan")
+    data = Dataset.from_dict({"pixel_values": inputs["pixel_values"].numpy(), "input_ids": inputs["input_ids"].numpy(),
+                              "attention_mask": inputs["attention_mask"].numpy(),
+                              "teacher_image_embeds": targets.numpy(), "teacher_text_embeds": targets.numpy()})
+    data.set_format("torch")
+    args = TrainingArguments(output_dir=str(tmp_path / "student"), report_to=[], use_cpu=True, max_steps=3,
+                             per_device_train_batch_size=2, save_steps=1, logging_steps=1, learning_rate=1e-3,
+                             remove_unused_columns=False, seed=0, save_total_limit=None)
+    trainer = DCLIPTrainer(model=DCLIPModel.from_clip(tiny_clip), args=args, train_dataset=data,
+                           loss_weights={"contrastive": 1.0, "cosine_image": 1.0, "cosine_text": 1.0})
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(data)  # rows in order
+    guard_finite_loss(trainer, "student", skip=skip)
+    return trainer, lambda: train_stage(trainer, None)
+
+
+def test_a_nan_loss_stops_the_stage_naming_it_and_the_last_checkpoint_stays_intact(tmp_path, tiny_clip, processor):
+    import torch
+    from safetensors.torch import load_file
+
+    from dclip.training import NonFiniteLossError
+
+    trainer, train = _nan_run(tmp_path, tiny_clip, processor, skip=False)
+    with pytest.raises(NonFiniteLossError, match=r"stage student, step 3: .*cosine_image.*cosine_text"):
+        train()
+    folders = sorted(path.name for path in (tmp_path / "student").iterdir() if path.name.startswith("checkpoint"))
+    assert folders == ["checkpoint-1", "checkpoint-2"]
+    weights = load_file(tmp_path / "student" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_skip_nonfinite_loss_skips_the_step_without_moving_a_parameter(tmp_path, tiny_clip, processor):
+    import torch
+    from safetensors.torch import load_file
+
+    trainer, train = _nan_run(tmp_path, tiny_clip, processor, skip=True)
+    train()
+    assert trainer.skipped_steps == 1 and trainer.state.global_step == 3
+    before = load_file(tmp_path / "student" / "checkpoint-2" / "model.safetensors")
+    after = load_file(tmp_path / "student" / "checkpoint-3" / "model.safetensors")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    first = load_file(tmp_path / "student" / "checkpoint-1" / "model.safetensors")
+    assert not all(torch.equal(first[name], before[name]) for name in before)  # the other steps did move them
+
+
+@pytest.mark.parametrize("broken", ["captions", "images"])
+def test_a_data_set_with_nothing_usable_is_refused_before_any_training(tmp_path, broken):
+    from PIL import Image
+
+    from dclip.arguments import DataArguments
+    from dclip.data.loading import load_data
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        rows = []
+        for i in range(3):
+            if broken == "images":
+                (tmp_path / split / f"{i}.png").write_bytes(b"not a png")
+            else:
+                Image.new("RGB", (32, 32), "red").save(tmp_path / split / f"{i}.png")
+            rows.append(json.dumps({"file_name": f"{i}.png", "caption": "  " if broken == "captions" else "a cat"}))
+        (tmp_path / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    reason = "3 empty_caption" if broken == "captions" else "3 corrupt_image"
+    with pytest.raises(ValueError, match=rf"no usable \(image, caption\) pair in split 'train' \(skipped: {reason}\)"):
+        load_data(DataArguments(dataset_name=str(tmp_path), dataset_format="imagefolder"), seed=0)
+
+
+def test_an_error_while_writing_a_final_folder_leaves_the_previous_one_whole(tmp_path, tiny_clip, processor,
+                                                                              monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    from dclip.training import save_final
+    from modeling_dclip import DCLIPModel
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    trainer = Trainer(model=DCLIPModel.from_clip(tiny_clip), args=args)
+    final = tmp_path / "student" / "final"
+    save_final(trainer, processor, final)
+    before = {path.relative_to(final): path.read_bytes() for path in final.rglob("*") if path.is_file()}
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import torch
+
+    with torch.no_grad():  # other weights this time: a folder written in place would differ
+        next(trainer.model.parameters()).add_(1.0)
+    monkeypatch.setattr(type(processor), "save_pretrained", disk_full)  # the weights are written, then this fails
+    with pytest.raises(OSError, match="No space left"):
+        save_final(trainer, processor, final)
+    after = {path.relative_to(final): path.read_bytes() for path in final.rglob("*") if path.is_file()}
+    assert after == before and "model.safetensors" in {str(name) for name in after}
+
+
+def test_a_push_without_network_ends_in_one_clear_message_and_exit_code(tmp_path, tiny_clip, processor, monkeypatch,
+                                                                         capsys):
+    import runpy
+    import socket
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+
+    from dclip.cli import PUSH_FAILED
+    from dclip.hub import PushError, push_to_hub
+    from modeling_dclip import DCLIPModel
+
+    folder = tmp_path / "student"
+    DCLIPModel.from_clip(tiny_clip).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# student\n")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with socket.socket() as probe:  # a local port nothing listens on: the connection is refused, as offline
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    with pytest.raises(PushError, match="OfflineModeIsEnabled"):  # HF_HUB_OFFLINE=1, as the tests run
+        push_to_hub(folder, "someone/dclip-student")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # now a real, refused connection
+    with pytest.raises(PushError, match=r"Nothing was uploaded.*local folder .*student is complete") as raised:
+        push_to_hub(folder, "someone/dclip-student")
+    assert "ConnectError" in str(raised.value) and "--push_to_hub --hub_model_id someone/dclip-student" in str(
+        raised.value)
+    cli = runpy.run_path(str(REPO_ROOT / "examples" / "evaluate.py"), run_name="not_main")
+    args = SimpleNamespace(push_to_hub=True, model_name_or_path=str(folder), hub_model_id="someone/dclip-student",
+                           hub_token=None, hub_private_repo=None, push_as_clip=False)
+    capsys.readouterr()  # the progress bars so far
+    with pytest.raises(SystemExit) as exited:
+        cli["publish"](args)
+    assert exited.value.code == PUSH_FAILED
+    error = capsys.readouterr().err
+    assert error.startswith("error: pushing") and "Traceback" not in error
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # every local artefact intact

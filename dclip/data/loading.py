@@ -35,6 +35,11 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, dict[st
             streaming = data_args.streaming and name == "train"
             dataset, report = load_caption_dataset(data_args.dataset_name, format=data_args.dataset_format,
                                                    split=split, streaming=streaming, **extra)
+            if not streaming and len(dataset) == 0:  # before any stage: nothing to train on or to evaluate
+                skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(report.skipped.items()))
+                raise ValueError(f"{report.source}: no usable (image, caption) pair in split {split!r} (skipped: "
+                                 f"{skipped or 'nothing; it has no rows'}). Every caption empty or every image "
+                                 "unreadable? The log names each skipped file.")
             data[name] = dataset
             reports[name] = {"source": report.source, "rows": report.num_rows, "images": report.num_images,
                              "skipped": dict(report.skipped)}
