@@ -176,9 +176,14 @@ def shard_is_complete(output_dir: Path, number: int, key: str, start: int, stop:
     try:
         record = json.loads(sidecar.read_text())
     except (OSError, ValueError):
+        logger.warning("teacher targets: %s is unreadable: shard %d is computed again", sidecar, number)
         return False
-    return (record.get("key") == key and record.get("start") == start and record.get("stop") == stop
-            and record.get("sha256") == file_sha256(path))
+    if record.get("key") != key or record.get("start") != start or record.get("stop") != stop:
+        return False  # written under other settings: computed again, as the caller was told
+    if record.get("sha256") != file_sha256(path):
+        logger.warning("teacher targets: %s does not match its checksum (truncated or corrupt): computed again", path)
+        return False
+    return True
 
 
 def row_keys(batch: dict) -> np.ndarray | None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 
@@ -25,6 +27,9 @@ from .columns import (
     TEACHER_TEXT_SIDE_INPUTS,
 )
 from .data.collator import teacher_inputs
+
+
+logger = logging.getLogger(__name__)
 
 
 TOWER_PREFIXES = ("text_model.", "vision_model.", "text_projection.", "visual_projection.")
@@ -123,7 +128,7 @@ def compute_teacher_targets(
         image, text = teacher.embed(teacher.inputs(batch, use_given_boxes, use_given_spans))
         return {TEACHER_IMAGE_EMBEDS: image.float().cpu().numpy(), TEACHER_TEXT_EMBEDS: text.float().cpu().numpy()}
 
-    return dataset.map(embed, batched=True, batch_size=batch_size, new_fingerprint=fingerprint, desc=desc)
+    return cached_map(dataset, embed, fingerprint, batched=True, batch_size=batch_size, desc=desc)
 
 
 def _pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -176,8 +181,7 @@ def compute_teacher_features(
         }
         return {k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy() for k, v in columns.items()}
 
-    return dataset.map(encode, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
-                       desc="teacher tower features")
+    return cached_map(dataset, encode, fingerprint, batched=True, batch_size=batch_size, desc="teacher tower features")
 
 
 def largest_region_features(dataset: Dataset, batch_size: int = 4096) -> np.ndarray:
@@ -237,8 +241,8 @@ def compute_negative_features(dataset: Dataset, teacher: torch.nn.Module, proces
         arrays = {k: v.cpu().numpy() if v.dtype == torch.bool else v.float().cpu().numpy() for k, v in columns.items()}
         return {**arrays, "negative_mask": np.array(mask, dtype=bool)}
 
-    return dataset.map(encode, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
-                       desc="teacher caption negatives")
+    return cached_map(dataset, encode, fingerprint, batched=True, batch_size=batch_size,
+                      desc="teacher caption negatives")
 
 
 def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size: int = 256,
@@ -260,6 +264,25 @@ def fuse_teacher_targets(features: Dataset, teacher: torch.nn.Module, batch_size
         }
 
     numeric = features.with_format("numpy", columns=list(TEACHER_FEATURE_COLUMNS), output_all_columns=True)
-    fused = numeric.map(fuse, batched=True, batch_size=batch_size, new_fingerprint=fingerprint,
-                        desc="teacher targets")
+    fused = cached_map(numeric, fuse, fingerprint, batched=True, batch_size=batch_size, desc="teacher targets")
     return fused.with_format(None)
+
+
+def cached_map(dataset: Dataset, function, fingerprint: str, **kwargs) -> Dataset:
+    """`dataset.map(function, new_fingerprint=fingerprint, **kwargs)`, cached by `datasets` under that fingerprint.
+    `datasets` writes a cache file aside and renames it when complete, so a pass killed mid-way leaves no cache to
+    read, and a rerun computes it again. A cache file that no longer reads whole (truncated or corrupt: it fails to
+    load, or has fewer rows than the data) is named in a warning, removed and computed again."""
+    path = dataset._get_cache_file_path(fingerprint) if dataset.cache_files else None
+    try:
+        mapped = dataset.map(function, new_fingerprint=fingerprint, **kwargs)
+        if len(mapped) == len(dataset) or not (path and os.path.isfile(path)):
+            return mapped
+        problem = f"{len(mapped)} rows instead of {len(dataset)}"
+    except (OSError, pa.ArrowException) as error:
+        if not (path and os.path.isfile(path)):
+            raise  # not the cache: the computation's own error
+        problem = f"{type(error).__name__}: {error}"
+    logger.warning("%s: a truncated or corrupt cache (%s): removed and computed again", path, problem)
+    os.remove(path)
+    return dataset.map(function, new_fingerprint=fingerprint, **kwargs)

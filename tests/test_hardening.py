@@ -330,3 +330,64 @@ def test_a_push_without_network_ends_in_one_clear_message_and_exit_code(tmp_path
     error = capsys.readouterr().err
     assert error.startswith("error: pushing") and "Traceback" not in error
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # every local artefact intact
+
+
+SLOW_MAP = """
+import sys, time
+from datasets import load_from_disk
+from dclip.targets import cached_map
+base, marker = sys.argv[1], sys.argv[2]
+def slow(batch):
+    time.sleep(0.2)
+    with open(marker, "a") as handle:
+        handle.write("batch\\n")
+    return {"y": [2 * x for x in batch["x"]]}
+cached_map(load_from_disk(base), slow, "fingerprint-of-the-pass", batched=True, batch_size=10)
+"""
+
+
+def _double(batch):
+    return {"y": [2 * x for x in batch["x"]]}
+
+
+def test_a_pass_killed_mid_way_leaves_no_cache_and_a_corrupt_cache_is_named_and_recomputed(tmp_path, caplog):
+    import logging
+    import signal
+    import time
+
+    from datasets import Dataset, load_from_disk
+
+    from dclip.targets import cached_map
+
+    Dataset.from_dict({"x": list(range(400))}).save_to_disk(str(tmp_path / "base"))
+    cache = Path(load_from_disk(str(tmp_path / "base"))._get_cache_file_path("fingerprint-of-the-pass"))
+    marker = tmp_path / "progress"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_MAP, str(tmp_path / "base"), str(marker)],
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not marker.exists() or marker.read_text().count("batch") < 5):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 5 <= marker.read_text().count("batch") < 40  # killed mid-way
+    assert not cache.exists()  # nothing half-written under the cache's name: a rerun computes the pass
+    result = cached_map(load_from_disk(str(tmp_path / "base")), _double, "fingerprint-of-the-pass", batched=True,
+                        batch_size=10)
+    assert result["y"] == [2 * x for x in range(400)] and cache.exists()
+
+    import pyarrow as pa
+
+    for cut in (cache.stat().st_size // 2, None):  # cut mid-batch; or whole batches gone (it reads, but short)
+        if cut is None:
+            short = pa.table({"x": pa.array(range(100), pa.int64()), "y": pa.array(range(0, 200, 2), pa.int64())})
+            with pa.OSFile(str(cache), "wb") as sink, pa.ipc.new_stream(sink, short.schema) as writer:
+                writer.write_table(short)
+        else:
+            cache.write_bytes(cache.read_bytes()[:cut])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dclip.targets"):
+            again = cached_map(load_from_disk(str(tmp_path / "base")), _double, "fingerprint-of-the-pass",
+                               batched=True, batch_size=10)
+        assert str(cache) in caplog.text and "computed again" in caplog.text
+        assert again["y"] == [2 * x for x in range(400)]

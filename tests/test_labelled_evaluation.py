@@ -97,7 +97,8 @@ def _naive_image_embeds(model, processor, paths):
     return np.stack(rows)
 
 
-def _naive_zero_shot(model, processor, image_embeds, labels, templates):
+def _naive_classifier(model, processor, templates):
+    """Each class's prompts embedded on their own, averaged and normalised, one class at a time."""
     classifier = []
     with torch.no_grad():
         for name in CLASSES:
@@ -107,7 +108,11 @@ def _naive_zero_shot(model, processor, image_embeds, labels, templates):
             embeds = getattr(embeds, "pooler_output", embeds)
             mean = (embeds / embeds.norm(dim=-1, keepdim=True)).mean(0)
             classifier.append((mean / mean.norm()).numpy())
-    scores = image_embeds @ np.stack(classifier).T
+    return np.stack(classifier)
+
+
+def _naive_zero_shot(image_embeds, classifier, labels):
+    scores = image_embeds @ classifier.T
     hits1 = hits5 = 0
     per_class = {c: [0, 0] for c in range(len(CLASSES))}
     for row, label in enumerate(labels):  # a loop, not a vectorised rank
@@ -136,8 +141,16 @@ def test_each_layout_gives_the_naive_loops_and_scikit_learns_zero_shot_figures(l
     assert [data.class_names[label] for label in data.labels] == [CLASSES[label] for label in expected_labels]
     templates = load_templates("openai_cifar")
     result = zeroshot_classification(model, processor, data, templates, batch_size=7)
-    image_embeds = _naive_image_embeds(model, processor, [path for path, _ in layouts["rows"]["test"]])
-    scores, naive = _naive_zero_shot(model, processor, image_embeds, expected_labels, templates)
+    # the same embeddings, computed apart (one image, one class at a time; equal up to float rounding), then the
+    # metrics by a naive loop over the embeddings the evaluation used (rounding could otherwise flip a near-tie)
+    from dclip.evaluation import embed_images, zero_shot_classifier
+
+    image_embeds = embed_images(model, processor, data.dataset, batch_size=7)
+    classifier = zero_shot_classifier(model, processor, data.class_names, templates)
+    np.testing.assert_allclose(image_embeds, _naive_image_embeds(
+        model, processor, [path for path, _ in layouts["rows"]["test"]]), atol=1e-5)
+    np.testing.assert_allclose(classifier, _naive_classifier(model, processor, templates), atol=1e-5)
+    scores, naive = _naive_zero_shot(image_embeds, classifier, expected_labels)
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         assert result.metrics[key] == pytest.approx(naive[key], abs=1e-9), key
     assert result.metrics["acc1"] == pytest.approx(top_k_accuracy_score(expected_labels, scores, k=1))

@@ -1,6 +1,7 @@
 """Teacher targets as a sharded, resumable job (`dclip.shards`)."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -97,7 +98,7 @@ def test_two_processes_write_the_same_targets_as_one(coco_style, tiny_clip, proc
 
 
 def test_a_rerun_recomputes_only_unfinished_or_corrupt_shards(coco_style, tiny_clip, processor, tmp_path,
-                                                              monkeypatch):
+                                                              monkeypatch, caplog):
     import dclip.shards as shards
 
     teacher = as_teacher(tiny_clip, processor)
@@ -123,8 +124,10 @@ def test_a_rerun_recomputes_only_unfinished_or_corrupt_shards(coco_style, tiny_c
     # settings (here the stored dtype)
     path = tmp_path / shard_name(1)
     path.write_bytes(path.read_bytes()[:-7] + b"corrupt")
-    stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, process_index=0, num_processes=1)
+    with caplog.at_level(logging.WARNING, logger="dclip.shards"):
+        stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, process_index=0, num_processes=1)
     assert (stats["skipped"], stats["computed"]) == (4, 1)
+    assert f"{path} does not match its checksum" in caplog.text  # named
     write_manifest(coco_style, teacher, tmp_path, shard_size=4)
     full = load_target_shards(tmp_path)
     stats = compute_target_shards(coco_style, teacher, tmp_path, shard_size=4, dtype="float16", process_index=0,
