@@ -391,3 +391,40 @@ def test_a_pass_killed_mid_way_leaves_no_cache_and_a_corrupt_cache_is_named_and_
                                batched=True, batch_size=10)
         assert str(cache) in caplog.text and "computed again" in caplog.text
         assert again["y"] == [2 * x for x in range(400)]
+
+
+def test_a_10000_pair_run_with_1_percent_corrupt_images_finishes_and_reports_exactly_100_skipped(tmp_path,
+                                                                                                  tiny_clip_dir):
+    import numpy as np
+    from PIL import Image
+    from transformers import TrainingArguments
+
+    from dclip.arguments import DataArguments, DistillationArguments, ModelArguments
+    from dclip.pipeline import run
+
+    rng = np.random.default_rng(0)
+    colours = ["red", "blue", "green", "yellow"]
+    for split, count, corrupt in (("train", 10_000, 100), ("test", 40, 0)):
+        folder = tmp_path / "data" / split
+        folder.mkdir(parents=True)
+        broken = set(rng.choice(count, corrupt, replace=False).tolist())
+        lines = []
+        for index in range(count):
+            colour = colours[index % 4]
+            path = folder / f"{index:05d}.png"
+            if index in broken:  # three kinds of unreadable file
+                kind = index % 3
+                path.write_bytes(b"" if kind == 0 else b"not an image" if kind == 1 else
+                                 b"\x89PNG\r\n\x1a\n" + bytes(20))
+            else:
+                Image.new("RGB", (16, 16), colour).save(path)
+            lines.append(json.dumps({"file_name": path.name, "caption": f"a {colour} square number {index % 7}"}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, report_to=[],
+                                      use_cpu=True, save_strategy="no", dataloader_num_workers=0, seed=0)
+    summary = run(ModelArguments(student_model=str(tiny_clip_dir)),
+                  DataArguments(dataset_name=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache")),
+                  DistillationArguments(method="none", compare_methods="", distill_steps=2), training_args)
+    assert summary["data"]["train"]["skipped"] == {"corrupt_image": 100}
+    assert summary["data"]["train"]["rows"] == 9_900 and summary["training"]["distill"]["global_step"] == 2
+    assert Path(summary["artefacts"]["student"], "model.safetensors").is_file()
