@@ -409,3 +409,24 @@ def test_a_sampled_retrieval_record_validates():
     validate_record(clip_benchmark_record("coco", "s", TaskResult("zeroshot_retrieval", {
         "image_retrieval_recall@1": 0.2, "image_retrieval_recall@1_stderr": 0.01, "image_retrieval_queries": 5000,
         "text_retrieval_recall@5": 0.5, "image_retrieval_mAP": 0.3})))
+
+
+def test_the_cli_runs_zeroshot_retrieval_on_captioned_data(monkeypatch, tmp_path, layouts, tiny_clip_dir):
+    from dclip.evaluation.benchmark import validate_record
+
+    folder = tmp_path / "captioned" / "test"
+    folder.mkdir(parents=True)
+    lines = []
+    for index, (path, label) in enumerate(layouts["rows"]["test"][:12]):
+        (folder / f"{index}.png").write_bytes(path.read_bytes())
+        lines.append(json.dumps({"file_name": f"{index}.png", "caption": f"a {CLASSES[label]}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    output = tmp_path / "retrieval.json"
+    _evaluate_cli(monkeypatch, "--model_name_or_path", tiny_clip_dir, "--dataset_name", tmp_path / "captioned",
+                  "--dataset_format", "imagefolder", "--task", "zeroshot_retrieval", "--ks", "1,5",
+                  "--output_file", output)
+    record = json.loads(output.read_text())
+    validate_record(record)
+    assert record["task"] == "zeroshot_retrieval"
+    assert {"image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1"} <= set(
+        record["metrics"])
