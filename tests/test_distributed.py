@@ -25,6 +25,8 @@ def _launch(tmp_path: Path, processes: int, per_device_batch: int, tokenizer_dir
                str(tokenizer_dir), *(["fsdp"] if fsdp else [])]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    import torch.distributed.tensor  # noqa: F401 - FSDP2's saved weights are DTensors: loading them needs the class
+
     return torch.load(output)
 
 
