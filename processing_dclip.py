@@ -1,15 +1,17 @@
 """DCLIP processor: CLIP image processor + tokenizer, plus YOLO region extraction and caption span extraction.
 
 Hub remote code: this file travels next to the weights, so it imports only numpy, PIL, torch, transformers and its
-sibling `configuration_dclip` (which checks the transformers version); `ultralytics` (with `safetensors` and `yaml`,
-both transformers dependencies) is imported only when a detector is first used, without ultralytics' process-wide
-side effects (`import_yolo`).
+sibling `configuration_dclip` (which checks the transformers version); `ultralytics` (and `safetensors`, a
+transformers dependency) is imported only when a detector is first used, without ultralytics' process-wide side
+effects (`import_yolo`); the detector's yaml is read and written with ultralytics' own `YAML`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,8 +189,6 @@ def import_yolo():
     process's environment is restored afterwards), `PIL.Image.open` is put back as it was, and run-time installs stay
     off for the life of the process.
     """
-    import sys
-
     first = "ultralytics.utils.patches" not in sys.modules
     opener = Image.open
     saved = {name: os.environ.get(name) for name in ULTRALYTICS_IMPORT_ENVIRONMENT}
@@ -212,6 +212,11 @@ def import_yolo():
     return YOLO
 
 
+def detector_config_path(weights: str | os.PathLike) -> Path:
+    """The architecture file that travels with detector weights: `detector.yaml` beside `detector.safetensors`."""
+    return Path(weights).with_suffix(".yaml")
+
+
 def load_detector(path: str):
     """A YOLO detector from `path`: `detector.safetensors` with its `detector.yaml` beside it (read with no pickle),
     or an ultralytics `.pt` checkpoint (a pickle: only paths you trust)."""
@@ -219,22 +224,21 @@ def load_detector(path: str):
     if not str(path).endswith(".safetensors"):
         return YOLO(str(path), task="detect")
     from safetensors.torch import load_file
+    from ultralytics.utils import YAML  # ultralytics' own YAML reader (imported above, without side effects)
 
-    config = Path(path).with_name(Path(path).stem + ".yaml")
+    config = detector_config_path(path)
     if not config.is_file():
         raise FileNotFoundError(f"Detector weights '{path}' need their architecture '{config}' beside them.")
-    import yaml
-
-    names = yaml.safe_load(config.read_text()).get("names") or {}
+    settings = YAML.load(config)
     detector = YOLO(str(config), task="detect")
     missing, unexpected = detector.model.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
         raise ValueError(f"Detector weights '{path}' do not fit '{config}': missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}")
-    detector.model.names = {int(key): value for key, value in names.items()}
+    detector.model.names = {int(key): value for key, value in (settings.get("names") or {}).items()}
     detector.model.eval()
     # what a checkpoint would have told ultralytics' predictor: the image size it was trained at (else 640 px)
-    detector.overrides.update(yaml.safe_load(config.read_text()).get("predict_overrides") or {})
+    detector.overrides.update(settings.get("predict_overrides") or {})
     return detector
 
 
@@ -242,17 +246,15 @@ def save_detector(detector_path: str, folder: str) -> str:
     """Write the detector at `detector_path` (safetensors + yaml, or an ultralytics `.pt`, converted) into `folder`
     as `detector.safetensors` and `detector.yaml`: the weights as float tensors, the architecture resolved to one
     scale, the class names and the image size it was trained at. Returns the weights' file name."""
-    import yaml
+    if str(detector_path).endswith(".safetensors"):  # already in this form: the two files as they are
+        shutil.copyfile(detector_path, os.path.join(folder, DETECTOR_WEIGHTS_NAME))
+        shutil.copyfile(detector_config_path(detector_path), os.path.join(folder, DETECTOR_CONFIG_NAME))
+        return DETECTOR_WEIGHTS_NAME
     from safetensors.torch import save_file
 
-    if str(detector_path).endswith(".safetensors"):  # already in this form: the two files as they are
-        import shutil
-
-        config = Path(detector_path).with_name(Path(detector_path).stem + ".yaml")
-        shutil.copyfile(detector_path, os.path.join(folder, DETECTOR_WEIGHTS_NAME))
-        shutil.copyfile(config, os.path.join(folder, DETECTOR_CONFIG_NAME))
-        return DETECTOR_WEIGHTS_NAME
     detector = load_detector(detector_path)
+    from ultralytics.utils import YAML  # imported by `load_detector`, without side effects
+
     model = detector.model
     architecture = dict(model.yaml)
     scales = architecture.pop("scales", None)
@@ -267,8 +269,7 @@ def save_detector(detector_path: str, folder: str) -> str:
     state = {name: tensor.detach().float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
              for name, tensor in model.state_dict().items()}
     save_file(state, os.path.join(folder, DETECTOR_WEIGHTS_NAME), metadata={"format": "pt", "library": "ultralytics"})
-    with open(os.path.join(folder, DETECTOR_CONFIG_NAME), "w") as handle:
-        yaml.safe_dump(architecture, handle, sort_keys=False)
+    YAML.save(os.path.join(folder, DETECTOR_CONFIG_NAME), architecture)
     return DETECTOR_WEIGHTS_NAME
 
 
@@ -475,7 +476,7 @@ class DCLIPProcessor(ProcessorMixin):
                 }
                 resolved = cached_file(pretrained_model_name_or_path, path, **hub_kwargs)
                 if path.endswith(".safetensors"):  # its architecture, into the same cached snapshot
-                    cached_file(pretrained_model_name_or_path, Path(path).stem + ".yaml", **hub_kwargs)
+                    cached_file(pretrained_model_name_or_path, detector_config_path(path).as_posix(), **hub_kwargs)
             processor.set_detector(resolved)
         return processor
 
