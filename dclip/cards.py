@@ -101,8 +101,6 @@ def _recipe(summary: dict, model_args, data_args, args, training_args) -> list[s
     return recipe
 
 
-
-
 def suite_key(dataset: str, task: str, metric: str) -> str:
     """A suite metric as a flat card key that `dclip.hub.metric_title` reads: `zeroshot_<data set>_acc1`,
     `linear_probe_<data set>_acc1`, `image_retrieval_recall@1 (<data set>)`."""
@@ -146,7 +144,8 @@ def write_suite_card(folder: str | Path, info: CardInfo, suite_dir: str | Path, 
     suite_dir = Path(suite_dir)
     records = [json.loads(line) for line in (suite_dir / "results.jsonl").read_text().splitlines() if line]
     specs = json.loads((suite_dir / "suite.json").read_text())["datasets"]
-    rows = list(csv.DictReader(open(suite_dir / "table.csv")))
+    with open(suite_dir / "table.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     metrics, baseline_metrics, differences = {}, {}, {}
     for row in rows:
         key = suite_key(row["dataset"], row["task"], row["metric"])

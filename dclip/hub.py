@@ -327,18 +327,25 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
     `as_clip`, a student is uploaded as its plain `CLIPModel` export (`dclip.export.export_clip_folder`), which the
     Hub's widget and inference API run without remote code. Raises `PushError`, with one clear message, when the
     Hub cannot be reached or refuses the upload."""
-    if as_clip:
-        import tempfile
+    folder = Path(folder)
+    if not as_clip:
+        return _commit(folder, repo_id, token, private, commit_message, source=folder, as_clip=False)
+    import tempfile
 
-        from .export import export_clip_folder
+    from .export import export_clip_folder
 
-        with tempfile.TemporaryDirectory() as scratch:
-            exported = export_clip_folder(folder, Path(scratch) / "clip", repo_id=repo_id)
-            return push_to_hub(exported, repo_id, token=token, private=private,
-                               commit_message=commit_message + " (plain CLIPModel export)")
+    with tempfile.TemporaryDirectory() as scratch:
+        exported = export_clip_folder(folder, Path(scratch) / "clip", repo_id=repo_id)
+        return _commit(exported, repo_id, token, private, commit_message + " (plain CLIPModel export)", source=folder,
+                       as_clip=True)
+
+
+def _commit(folder: Path, repo_id: str, token: str | None, private: bool | None, commit_message: str, source: Path,
+            as_clip: bool) -> str:
+    """Upload `upload_files(folder)` in one commit (`push_to_hub`); errors name the user's `source` folder, which
+    for a plain-CLIP push is not the temporary export that was uploaded."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    folder = Path(folder)
     files = upload_files(folder)
     api = HfApi(token=token)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
@@ -350,12 +357,13 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
         if not _is_hub_failure(error):
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-        raise PushError(f"pushing {folder} to the Hub as {repo_id} failed ({type(error).__name__}: {reason}). "
+        retry = f"--push_to_hub --hub_model_id {repo_id}" + (" --push_as_clip" if as_clip else "")
+        raise PushError(f"pushing {source} to the Hub as {repo_id} failed ({type(error).__name__}: {reason}). "
                         f"Nothing was uploaded (the upload is one commit, and it was not made). The local folder "
-                        f"{folder} is complete; push it again with `python examples/evaluate.py --model_name_or_path "
-                        f"{folder} --push_to_hub --hub_model_id {repo_id}` once the network, token (`hf auth "
-                        f"login`) and write access are there.") from error
-    logger.info("pushed %d files of %s to %s", len(files), folder, repo_id)
+                        f"{source} is complete; push it again with `python examples/evaluate.py --model_name_or_path "
+                        f"{source} {retry}` once the network, token (`hf auth login`) and write access are "
+                        "there.") from error
+    logger.info("pushed %d files of %s to %s", len(files), source, repo_id)
     return str(getattr(info, "commit_url", info))
 
 

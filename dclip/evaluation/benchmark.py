@@ -181,13 +181,11 @@ def zeroshot_retrieval(model, processor, captioned, ks=(1, 5, 10), batch_size: i
                        backend: str = "auto", num_workers: int = 0) -> TaskResult:
     """Retrieval both ways on captioned images (`image`, `caption`, optional `image_id`):
     `image_retrieval_recall@K` (text to image) and `text_retrieval_recall@K` (image to text), and their mAP."""
-    from .embedding import embed_images, embed_texts
-    from .retrieval import image_groups, retrieval_metrics
+    from .embedding import embed_captioned
+    from .retrieval import retrieval_metrics
 
-    image_rows, text_to_image = image_groups(captioned)
-    images = captioned.select(image_rows) if len(image_rows) != len(captioned) else captioned
-    image_embeds = embed_images(model, processor, images, batch_size=batch_size, num_workers=num_workers)
-    text_embeds = embed_texts(model, processor, captioned["caption"], batch_size=batch_size)
+    _, image_embeds, text_embeds, text_to_image = embed_captioned(model, processor, captioned, batch_size=batch_size,
+                                                                  num_workers=num_workers)
     outcomes: dict[str, np.ndarray] = {}
     metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, tuple(ks), backend=backend,
                                 outcomes=outcomes)

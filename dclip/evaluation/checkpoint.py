@@ -17,7 +17,7 @@ from .classification import (
     linear_probe_accuracy,
     zero_shot_classification,
 )
-from .embedding import embed_images, embed_texts, load_clip_towers
+from .embedding import embed_captioned, embed_images, load_clip_towers
 from .retrieval import image_groups, retrieval_metrics
 from .teacher import teacher_hard_negatives, teacher_retrieval, teacher_zero_shot
 
@@ -53,10 +53,7 @@ def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, li
     `tasks` label column present (column -> class names) zero-shot classification and, with `probe_train`, a linear
     probe fitted on its images; hard-negative accuracy where `test` has `hard_negatives`.
     """
-    image_rows, text_to_image = image_groups(test)
-    images = test.select(image_rows) if len(image_rows) != len(test) else test
-    image_embeds = embed_images(model, processor, images, batch_size=batch_size)
-    text_embeds = embed_texts(model, processor, test["caption"], batch_size=batch_size)
+    images, image_embeds, text_embeds, text_to_image = embed_captioned(model, processor, test, batch_size=batch_size)
     outcomes: dict[str, np.ndarray] = {}
     metrics = retrieval_metrics(image_embeds, text_embeds, text_to_image, ks, backend=retrieval_backend,
                                 outcomes=outcomes)
@@ -77,7 +74,7 @@ def evaluate_model(model, processor, test, probe_train=None, tasks: dict[str, li
         if probe_embeds is not None:
             metrics[f"linear_probe_{column}_acc1"], outcomes[f"linear_probe_{column}_acc1"] = linear_probe_accuracy(
                 probe_embeds, probe_images[column], image_embeds, images[column], return_correct=True)
-    if HARD_NEGATIVES in test.column_names and len(image_rows) == len(test):  # one caption per image
+    if HARD_NEGATIVES in test.column_names and len(images) == len(test):  # one caption per image
         metrics.update(hard_negative_accuracy(model, processor, test, image_embeds, text_embeds, outcomes=outcomes))
     result.add_means()
     return result

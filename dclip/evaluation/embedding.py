@@ -1,5 +1,6 @@
 """Embedding loops shared by every evaluation: `load_clip_towers` opens any checkpoint as a pair of towers, and
-`embed_images` / `embed_texts` run them over a data set or a list of strings in batches, returning L2-normalised float32
+`embed_images` / `embed_texts` run them over a data set or a list of strings in batches (`embed_captioned` over
+both sides of a captioned data set), returning L2-normalised float32
 numpy arrays (`get_image_features` / `get_text_features`, whether they return a tensor or a transformers output)."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..teachers import model_type, pooled_features
+from .retrieval import image_groups
 
 
 def load_clip_towers(name_or_path: str):
@@ -104,3 +106,15 @@ def embed_texts(model, processor, texts: list[str], batch_size: int = 256,
         return model.get_text_features(**{k: v.to(device) for k, v in inputs.items()})
 
     return _embed(model, encode, range(0, len(texts), batch_size), device, amp, disable=True)
+
+
+def embed_captioned(model, processor, captioned, batch_size: int = 256, num_workers: int = 0):
+    """The distinct images (`image_groups`: one row per image) and every caption of a captioned data set (`image`,
+    `caption`, optional `image_id`), embedded: `(images, image_embeds, text_embeds, text_to_image)`, where
+    `text_to_image[t]` is the row of caption `t`'s image in `images`."""
+    image_rows, text_to_image = image_groups(captioned)
+    images = captioned.select(image_rows) if len(image_rows) != len(captioned) else captioned
+    image_embeds = embed_images(model, processor, images, batch_size=batch_size, num_workers=num_workers)
+    text_embeds = embed_texts(model, processor, captioned["caption"], batch_size=batch_size)
+    return images, image_embeds, text_embeds, text_to_image
+
