@@ -115,8 +115,7 @@ def suite_eval_results(records: list[dict], model: str, specs: list[dict]):
     """`huggingface_hub.EvalResult`s of one model's suite records (`dclip.hub.eval_result` of each reported metric:
     zero-shot image classification, image classification for the linear probe, image-text retrieval), each with
     its data set (the Hub id where the suite read one, else the suite's name for it) and split."""
-    from .evaluation.report import reported_keys
-    from .evaluation.suite import HEADLINE
+    from .evaluation.suite import reported_metrics
     from .hub import eval_result, is_hub_repo_id
 
     by_name = {spec["name"]: spec for spec in specs}
@@ -126,8 +125,7 @@ def suite_eval_results(records: list[dict], model: str, specs: list[dict]):
         source = spec["dataset_name"] if is_hub_repo_id(spec["dataset_name"]) else record["dataset"]
         numbers = {key: value for key, value in record["metrics"].items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        names = HEADLINE.get(record["task"]) or [k for k in reported_keys(numbers) if "_retrieval_" in k]
-        for metric in (m for m in names if m in numbers):
+        for metric in reported_metrics(record["task"], numbers):
             results.append(eval_result(suite_key(record["dataset"], record["task"], metric), numbers[metric], source,
                                        record["dataset"], spec["split"]))
     return results

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .classification import classification_metrics, zero_shot_classification
+from .embedding import embed_captioned, embed_images
+from .retrieval import retrieval_metrics
+
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +67,6 @@ def zeroshot_classification(model, processor, data, templates, batch_size: int =
                             image_embeds: np.ndarray | None = None) -> TaskResult:
     """Zero-shot classification of `data` (a `LabelledData`): each class's prompts embedded and averaged; `acc1`,
     `acc5` (from 5 classes on), `mean_per_class_recall`, and `per_class_recall` by class name."""
-    from .classification import zero_shot_classification
-    from .embedding import embed_images
-
     if image_embeds is None:
         image_embeds = embed_images(model, processor, data.dataset, batch_size=batch_size, num_workers=num_workers)
     outcomes: dict[str, np.ndarray] = {}
@@ -83,7 +84,7 @@ def linear_probe(train_features: np.ndarray, train_labels, test_features: np.nda
     CLIP's linear probe: a logistic regression (L-BFGS) on frozen features. Its inverse regularisation `C` is the
     value of `regularization` with the best top-1 accuracy on the validation features (default: `validation_fraction`
     of the training features held out, stratified, `seed`); it is then refitted on training + validation features
-    and scored on the test features: `lp_acc1`, `lp_acc5` (more than 5 classes), `lp_mean_per_class_recall`
+    and scored on the test features: `lp_acc1`, `lp_acc5` (from 5 classes on), `lp_mean_per_class_recall`
     (CLIP_benchmark's names), and the `C` chosen.
     """
     from sklearn.linear_model import LogisticRegression
@@ -108,8 +109,6 @@ def linear_probe(train_features: np.ndarray, train_labels, test_features: np.nda
     seen = seen if seen.ndim == 2 else np.stack([-seen, seen], axis=1)  # two classes: one margin
     scores = np.full((len(test_features), len(class_names)), seen.min() - 1.0)
     scores[:, classifier.classes_] = seen
-    from .classification import classification_metrics
-
     outcomes: dict[str, np.ndarray] = {}
     found = classification_metrics(scores, test_labels, class_names, outcomes=outcomes)
     metrics = {f"lp_{key}": value for key, value in found.items() if key not in ("correct", "per_class_recall")}
@@ -151,8 +150,6 @@ def linear_probe_task(model, processor, train, test, validation=None, validation
     """`linear_probe` on the image embeddings of `train`, `test` and optionally `validation` (`LabelledData`; their
     labels matched by class name where the splits' class lists differ). `embed(data)`: the embeddings of a split
     (default: `embed_images`; a suite passes a cache)."""
-    from .embedding import embed_images
-
     embed = embed or (lambda data: embed_images(model, processor, data.dataset, batch_size=batch_size,
                                                 num_workers=num_workers))
     parts = [part for part in (train, test, validation) if part is not None]
@@ -181,9 +178,6 @@ def zeroshot_retrieval(model, processor, captioned, ks=(1, 5, 10), batch_size: i
                        backend: str = "auto", num_workers: int = 0) -> TaskResult:
     """Retrieval both ways on captioned images (`image`, `caption`, optional `image_id`):
     `image_retrieval_recall@K` (text to image) and `text_retrieval_recall@K` (image to text), and their mAP."""
-    from .embedding import embed_captioned
-    from .retrieval import retrieval_metrics
-
     _, image_embeds, text_embeds, text_to_image = embed_captioned(model, processor, captioned, batch_size=batch_size,
                                                                   num_workers=num_workers)
     outcomes: dict[str, np.ndarray] = {}

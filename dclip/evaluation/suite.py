@@ -221,8 +221,9 @@ def run_suite(models: list[str], specs: list[DatasetSpec], output_dir: str, batc
     return paths
 
 
-def _reported(task: str, metrics: dict) -> list[str]:
-    """The metrics a suite table shows for a task, in reading order (R@1, R@5, R@10, then mAP)."""
+def reported_metrics(task: str, metrics: dict) -> list[str]:
+    """The metrics a suite table (and a card from it) shows for a task, among `metrics`, in reading order (R@1, R@5,
+    R@10, then mAP)."""
     if task in HEADLINE:
         return [key for key in HEADLINE[task] if key in metrics]
     from .report import reported_keys
@@ -240,7 +241,7 @@ def comparison_rows(results: dict[str, dict[tuple[str, str], TaskResult]], num_r
     reference = results[models[0]]
     rows = []
     for (dataset, task), first in reference.items():
-        for metric in _reported(task, first.metrics):
+        for metric in reported_metrics(task, first.metrics):
             for model in models:
                 result = results[model][(dataset, task)]
                 row = {"dataset": dataset, "task": task, "metric": metric, "model": model,
