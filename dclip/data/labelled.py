@@ -91,6 +91,8 @@ def _read_split(name_or_path: str, split: str, image_root: str | None):
     source has no splits: all its rows)."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
+    from .loaders import is_saved_to_disk
+
     path = Path(name_or_path)
     source = f"{name_or_path} [{split}]"
     if path.is_file():
@@ -99,7 +101,7 @@ def _read_split(name_or_path: str, split: str, image_root: str | None):
             raise ValueError(f"{path}: a labelled file must be CSV/TSV or JSON lines, got {path.suffix!r}")
         extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         return load_dataset(builder, data_files=str(path), split="train", **extra), f"{name_or_path}", None
-    if path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+    if is_saved_to_disk(path):
         loaded = load_from_disk(str(path))
         if not isinstance(loaded, DatasetDict):
             return loaded, str(name_or_path), None

@@ -23,12 +23,13 @@ entries-to-pairs pipeline), `files` (COCO / Flickr30k Karpathy JSON, Flickr30k C
 from .auto import FILE_FORMATS, FORMATS, LOADERS, infer_format, load_caption_dataset
 from .common import CAPTION_KEYS, LoadReport, _expand_batch, _has_no_problem, caption_list, check_image  # noqa: F401 - their import path (see the end of `common`)
 from .files import CSV_HEADER, KARPATHY_SPLITS, load_cc_tsv, load_coco_karpathy, load_flickr30k, load_imagefolder
-from .hub import HUB_CAPTION_COLUMNS, load_hub_dataset
+from .hub import HUB_CAPTION_COLUMNS, is_saved_to_disk, load_hub_dataset
 from .webdataset import IMAGE_EXTENSIONS, load_webdataset
 
 
 __all__ = [
     "CAPTION_KEYS", "CSV_HEADER", "FILE_FORMATS", "FORMATS", "HUB_CAPTION_COLUMNS", "IMAGE_EXTENSIONS",
-    "KARPATHY_SPLITS", "LOADERS", "LoadReport", "caption_list", "check_image", "infer_format", "load_caption_dataset",
-    "load_cc_tsv", "load_coco_karpathy", "load_flickr30k", "load_hub_dataset", "load_imagefolder", "load_webdataset",
+    "KARPATHY_SPLITS", "LOADERS", "LoadReport", "caption_list", "check_image", "infer_format", "is_saved_to_disk",
+    "load_caption_dataset", "load_cc_tsv", "load_coco_karpathy", "load_flickr30k", "load_hub_dataset",
+    "load_imagefolder", "load_webdataset",
 ]

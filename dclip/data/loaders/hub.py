@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 HUB_CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "sentence")
 
 
+def is_saved_to_disk(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with
+    `load_from_disk`, not `load_dataset`)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, name))
+                                       for name in ("state.json", "dataset_dict.json"))
+
+
 def load_hub_dataset(
     name: str, split: str = "train", image_column: str = "image", caption_column: str | None = None,
     image_id_column: str | None = None, streaming: bool = False, num_proc: int | None = None, **kwargs,
@@ -33,7 +40,7 @@ def load_hub_dataset(
 
     if not split:
         raise ValueError(f"`split` must name one split of {name!r} (e.g. 'train'), got {split!r}.")
-    if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json")):
+    if is_saved_to_disk(name):
         dataset = load_from_disk(name)
         if isinstance(dataset, DatasetDict):
             if split not in dataset:
