@@ -25,8 +25,10 @@ CARD_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
 CARD_FILES = ("eval_results.json", "LICENSE")
 # Subfolders copied likewise, card files only: the card widget's images (`dclip.hub.WIDGET_FOLDER`).
 CARD_FOLDERS = ("widget", "examples")
+# pickles: never in an export or anything dclip publishes (`dclip.hub.upload_files` refuses them too)
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 # Never in an export: remote code, pickles (detector, training state).
-FORBIDDEN_SUFFIXES = (".py", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+FORBIDDEN_SUFFIXES = (".py", *PICKLE_SUFFIXES)
 # A tokenizer reporting a longer limit has none (transformers' VERY_LARGE_INTEGER): `DCLIPProcessor` then does not
 # truncate.
 UNKNOWN_LENGTH_LIMIT = 100_000

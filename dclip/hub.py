@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .evaluation.report import reported_keys
+from .export import PICKLE_SUFFIXES, export_clip_folder
 from .plots import plot_differences, plot_retrieval, plot_zero_shot_per_class
 
 
@@ -19,8 +20,6 @@ logger = logging.getLogger(__name__)
 REMOTE_CODE_FILES = ("configuration_dclip.py", "modeling_dclip.py", "processing_dclip.py")
 # what a push never uploads: training state, half-written folders, hidden files
 UPLOAD_IGNORE = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
-# pickles: never published (a folder saved by an older dclip may hold `detector.pt`: re-saving converts it)
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 EVAL_RESULTS_FILE = "eval_results.json"
 RETRIEVAL_PLOT = "retrieval.png"
 ZERO_SHOT_PLOT = "zero_shot_per_class.png"
@@ -331,8 +330,6 @@ def push_to_hub(folder: str | Path, repo_id: str, token: str | None = None, priv
     if not as_clip:
         return _commit(folder, repo_id, token, private, commit_message, source=folder, as_clip=False)
     import tempfile
-
-    from .export import export_clip_folder
 
     with tempfile.TemporaryDirectory() as scratch:
         exported = export_clip_folder(folder, Path(scratch) / "clip", repo_id=repo_id)
