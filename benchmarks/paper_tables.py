@@ -60,7 +60,8 @@ def load_model(default: Path, runs: Path, source: str) -> tuple[dict, dict]:
 
 def load_results(default: Path, runs: Path, thresholds: list[str]) -> dict:
     balance = [("all pairs", "redundant_full:student", None)] + [
-        (f"balanced, semantic threshold {t}", f"redundant_balanced_{t}:student", f"curated_{t}") for t in thresholds]
+        ("balanced, curate.py's defaults" if t == "default" else f"balanced, semantic threshold {t}",
+         f"redundant_balanced_{t}:student", f"curated_{t}") for t in thresholds]
     sources = {source for _, source, *_ in MODELS + CLUSTER_ROWS + FINETUNE_ROWS + tuple(balance)}
     metrics, outcomes = {}, {}
     for source in sorted(sources):
@@ -161,8 +162,10 @@ def _balance_table(results: dict) -> list[str]:
     metrics, balance = results["metrics"], results["balance"]
     full = balance[0][1]
     lines = ["**Image semantic balance** (training scenes with 40% injected redundancy: 10% exact copies, 15% "
-             "jittered re-renders, 15% repeats of three popular concepts; embedded by the base CLIP, 50 clusters, "
-             "duplicate threshold 0.99999; published-method students, the same 300 steps)", ""]
+             "jittered re-renders, 15% repeats of three popular concepts; embedded by the base CLIP, 50 clusters; "
+             "curate.py's defaults: thresholds calibrated to the embeddings and pixel duplicates; the fixed "
+             "semantic thresholds: duplicate threshold 0.99999, embeddings only; published-method students, the "
+             "same 300 steps)", ""]
     rows = []
     for label, source, curated in balance:
         m, report = metrics[source], results["curation"].get(curated)
@@ -231,8 +234,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--default", default="outputs/default")
     parser.add_argument("--runs", default="outputs/paper_tables")
-    parser.add_argument("--thresholds", nargs="+", default=["0.999", "0.998"],
-                        help="the semantic thresholds paper_tables.sh curated at")
+    parser.add_argument("--thresholds", nargs="+", default=["default", "0.9985", "0.9975"],
+                        help="the semantic thresholds paper_tables.sh curated at (default: curate.py's defaults)")
     parser.add_argument("--write", default=None, help="markdown file whose paper-tables section is replaced")
     parser.add_argument("--seconds", type=float, default=None,
                         help="how long the runs took (paper_tables.sh passes it)")

@@ -10,7 +10,9 @@
 #   2. the fine-tuning mode: the default run's no-teacher student (a pretrained clip-tiny, 6x smaller than the
 #      teacher's towers) fine-tuned at learning rate 2e-4 with the base CLIP as teacher, and without one (control);
 #   3. image semantic balance on the scenes with 40% injected redundancy (10% exact copies, 15% jittered re-renders,
-#      15% repeats of three popular concepts): published-method students on the full set and on the sets kept at two thresholds;
+#      15% repeats of three popular concepts): published-method students on the full set, on the set kept by
+#      examples/curate.py's defaults (calibrated thresholds, pixel duplicates) and on the sets kept at two fixed
+#      semantic thresholds (embeddings only);
 #   4. benchmarks/paper_tables.py: results.json, the tables (with intervals from every run's eval/*.npz) in
 #      BENCHMARKS.md and the plot in benchmarks/figures/.
 # REUSE_DEFAULT=1 skips step 0 and reuses $DEFAULT.
@@ -23,8 +25,8 @@ REDUNDANCY="--exact_duplicate_fraction 0.1 --near_duplicate_fraction 0.15 --conc
 # one concept close to it), so the thresholds sit close to 1; with the default run's 900-step base CLIP 0.999
 # removed 28.4% of the pairs, 0.9985 35.4% and 0.9975 45.0% (chosen on the training split's embeddings:
 # `examples/curate.py --embeddings <dir>/image_embeddings.npy`, no training or evaluation)
-DUPLICATE="--duplicate_threshold 0.99999"
-THRESHOLDS=${THRESHOLDS:-"0.9985 0.9975"}
+DUPLICATE="--duplicate_threshold 0.99999 --pixel_duplicates false"
+THRESHOLDS=${THRESHOLDS:-"default 0.9985 0.9975"}  # default: curate.py's own defaults
 
 if [ -z "${REUSE_DEFAULT:-}" ]; then
   rm -rf "$DEFAULT"
@@ -57,8 +59,9 @@ student "$OUT/finetune_none" $FINETUNE --method none
 
 student "$OUT/redundant_full" $REDUNDANCY
 for threshold in $THRESHOLDS; do
-  python examples/curate.py --model_name_or_path "$DEFAULT/base_clip/final" $REDUNDANCY $DUPLICATE \
-    --semantic_threshold "$threshold" --output_dir "$OUT/curated_$threshold"
+  if [ "$threshold" = default ]; then settings=""; else settings="$DUPLICATE --semantic_threshold $threshold"; fi
+  python examples/curate.py --model_name_or_path "$DEFAULT/base_clip/final" $REDUNDANCY $settings \
+    --output_dir "$OUT/curated_$threshold"
   student "$OUT/redundant_balanced_$threshold" $REDUNDANCY --train_indices "$OUT/curated_$threshold/kept_indices.npy"
 done
 

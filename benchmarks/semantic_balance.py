@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--concepts", type=int, default=20_000)
     parser.add_argument("--duplicate_fraction", type=float, default=0.1)
-    parser.add_argument("--semantic_threshold", type=float, default=0.9)
+    parser.add_argument("--duplicate_threshold", type=float, default=None, help="default: calibrated")
+    parser.add_argument("--semantic_threshold", type=float, default=None, help="default: calibrated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="append a result row to this file (e.g. BENCHMARKS.md)")
     parser.add_argument("--engine", choices=("local", "ray", "both"), default="local")
@@ -75,12 +76,13 @@ def main() -> None:
     embeddings, injected = synthetic_embeddings(args.samples, args.dim, args.concepts, args.duplicate_fraction,
                                                 args.seed)
     generate_seconds = time.perf_counter() - started
-    config = SemanticBalanceConfig(semantic_threshold=args.semantic_threshold, kmeans_seed=args.seed)
+    config = SemanticBalanceConfig(duplicate_threshold=args.duplicate_threshold,
+                                   semantic_threshold=args.semantic_threshold, kmeans_seed=args.seed)
     engines = {}
     if args.engine in ("ray", "both"):
         import tempfile
 
-        from dclip.ray_curation import semantic_balance_ray
+        from dclip.curation.ray_engine import semantic_balance_ray
 
         with tempfile.TemporaryDirectory() as scratch:
             np.save(f"{scratch}/embeddings.npy", embeddings)

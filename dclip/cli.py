@@ -8,6 +8,7 @@ import sys
 
 
 PUSH_FAILED = 3  # the exit status of a CLI whose work is done and saved but whose push to the Hub failed
+REFUSED = 4  # the exit status of a CLI that stopped before keeping a result that needs the user's confirmation
 
 
 def setup_logging(process_index: int = 0, level: int = logging.INFO) -> None:

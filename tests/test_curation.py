@@ -14,9 +14,9 @@ from dclip.curation import (
     KEPT,
     SEMANTIC,
     SemanticBalanceConfig,
-    _ivf_index,
     find_duplicates,
     greedy_diverse_subset,
+    ivf_index,
     normalize_embeddings,
     semantic_balance,
     spherical_kmeans,
@@ -54,7 +54,7 @@ def test_find_duplicates_matches_naive_greedy_and_keeps_the_first():
     copies = normalize_embeddings(originals[sources] + 1e-3 * rng.standard_normal((120, 16)))
     embeddings = np.concatenate([originals, copies])
     centers = spherical_kmeans(embeddings, 8, seed=0)
-    index, cluster = _ivf_index(embeddings, centers)
+    index, cluster = ivf_index(embeddings, centers)
     dropped = find_duplicates(index, embeddings, threshold=0.99, nprobe=8, chunk_size=97)  # nprobe = all: exact
     assert not dropped[:500].any() and dropped[500:].all()  # the original (earlier) is kept, every copy dropped
     np.testing.assert_array_equal(~dropped, naive_greedy(embeddings, 0.99))
@@ -190,8 +190,9 @@ def test_curate_script_on_injected_redundancy(tmp_path):
     output = tmp_path / "curated"
     command = [
         sys.executable, str(REPO_ROOT / "examples" / "curate.py"), "--embeddings", str(tmp_path / "embeddings.npy"),
-        *data_args, "--num_clusters", "4", "--duplicate_nprobe", "4", "--semantic_threshold", "0.999",
-        "--output_dir", str(output), "--save_dataset", "true",
+        *data_args, "--num_clusters", "4", "--duplicate_nprobe", "4", "--duplicate_threshold", "0.98",
+        "--semantic_threshold", "0.999", "--pixel_duplicates", "false", "--output_dir", str(output),
+        "--save_dataset", "true",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -263,7 +264,7 @@ def test_find_duplicates_uses_pairs_found_from_either_side():
     copies = normalize_embeddings(originals[sources] + 0.04 * rng.standard_normal((1500, 16)))
     embeddings = np.concatenate([originals, copies])
     centers = spherical_kmeans(embeddings, 150, seed=0)
-    index, _ = _ivf_index(embeddings, centers)
+    index, _ = ivf_index(embeddings, centers)
     np.testing.assert_array_equal(find_duplicates(index, embeddings, 0.98, nprobe=3),
                                   exact_duplicate_greedy(embeddings, 0.98))
 

@@ -143,7 +143,7 @@ def test_the_graph_resolves_every_kind_of_import():
     assert "dclip.evaluation.retrieval" in graph["dclip.evaluation.teacher"]  # from .retrieval import ...
     assert "dclip.targets" in graph["dclip.evaluation.teacher"]  # from ..targets import ..., inside a function
     assert "dclip.data.loaders" in graph["dclip.data.loading"]  # from .loaders import ..., inside a function
-    assert "dclip.evaluation" in graph["dclip.curation"]  # from .evaluation import ... (the package's __init__)
+    assert "dclip.evaluation" in graph["dclip.curation.curate"]  # from ..evaluation import ... (a package's __init__)
     assert {"dclip.evaluation.checkpoint", "dclip.evaluation.retrieval"} <= graph["dclip.evaluation"]
     assert "dclip.evaluation" not in graph["dclip.evaluation.checkpoint"]  # a sibling import is not the package's
 

@@ -2,11 +2,12 @@
 CLIP-CID's image semantic balance on a Ray cluster (`examples/curate.py --engine ray`): the steps of
 `dclip.curation.semantic_balance`, with the same result, the per-sample and per-cluster work spread over Ray Data.
 
+0. unset thresholds calibrated on the driver, as the local engine calibrates them (`dclip.curation.calibration`);
 1. k-means (FAISS) on the driver, over `kmeans_sample`'s rows only (read from the embeddings file);
 2. assignment: each block of rows finds its `duplicate_nprobe` nearest centres (the first is its cluster);
 3. duplicates, group-wise: every row goes to each cluster it probes; in each cluster's group, the rows that probe it
    are range-searched against the cluster's own members (the pairs the inverted-file search of the local engine
-   finds), and the driver drops the later sample of each pair in order;
+   finds), and the driver drops the later sample of each pair in order (with any pairs found otherwise);
 4. semantic redundancy and the cap, group-wise: each cluster's remaining members, by `balance_cluster`.
 
 Workers read the rows they need from the `(samples, dim)` `.npy` file (memory-mapped; on several machines it must be
@@ -24,18 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .curation import (
-    DUPLICATE,
-    KEPT,
-    BalanceResult,
-    SemanticBalanceConfig,
-    balance_cluster,
-    cluster_count,
-    drop_later_duplicates,
-    duplicate_pairs,
-    fit_centers,
-    normalize_embeddings,
-)
+from .balance import DUPLICATE, KEPT, BalanceResult, SemanticBalanceConfig, balance_cluster
+from .calibration import calibrate
+from .duplicates import concat_pairs, drop_later_duplicates, duplicate_pairs
+from .vectors import cluster_count, fit_centers, normalize_embeddings
 
 
 logger = logging.getLogger(__name__)
@@ -43,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 def _rows(path: str, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of the embeddings file, L2-normalised (row by row, as the local engine normalises them)."""
-    return normalize_embeddings(np.load(path, mmap_mode="r")[np.asarray(ids)])
+    return normalize_embeddings(np.load(path, mmap_mode="r")[np.asarray(ids)], row_ids=np.asarray(ids))
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -120,15 +113,16 @@ def _collect(dataset, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceConfig | None = None,
                          address: str | None = None, num_cpus: int | None = None, block_rows: int = 65_536,
-                         output_dir: str | Path | None = None) -> BalanceResult:
+                         output_dir: str | Path | None = None,
+                         extra_pairs: tuple[np.ndarray, np.ndarray] | None = None) -> BalanceResult:
     """
     `dclip.curation.semantic_balance` of the `(samples, dim)` embeddings in `embeddings_file` (`.npy`), on Ray: the
     cluster at `address` (`ray.init`'s; default: the one this process is connected to, else a local one with
     `num_cpus` CPUs). With `output_dir`, the kept sample ids are also written there as Parquet shards (`kept/`).
+    `extra_pairs`: duplicate pairs found otherwise, as the local engine takes them.
     """
     import ray
 
-    config = config or SemanticBalanceConfig()
     path = str(Path(embeddings_file).resolve())
     connect(address, num_cpus)
     seconds: dict[str, float] = {}
@@ -136,10 +130,13 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
     raw = np.load(path, mmap_mode="r")
     if raw.ndim != 2 or not len(raw):
         raise ValueError(f"{path}: expected a non-empty (samples, dim) array, got shape {raw.shape}")
+    config, thresholds = calibrate(raw, config or SemanticBalanceConfig())
+    seconds["calibration"] = round(time.perf_counter() - started, 2)
+    mark = time.perf_counter()
     num_samples = len(raw)
     centers = fit_centers(raw, cluster_count(num_samples, config), config, normalize=True)
     centers_ref = ray.put(centers)
-    seconds["kmeans"] = round(time.perf_counter() - started, 2)
+    seconds["kmeans"] = round(time.perf_counter() - mark, 2)
 
     mark = time.perf_counter()
     blocks = max(1, math.ceil(num_samples / block_rows))
@@ -149,7 +146,7 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
     pairs = _collect(assigned.map_batches(_explode, batch_format="numpy").groupby("probe").map_groups(
         _pairs, fn_kwargs={"path": path, "threshold": config.duplicate_threshold}, batch_format="numpy"),
         ("first", "second"))
-    dropped = drop_later_duplicates(pairs["first"], pairs["second"], num_samples)
+    dropped = drop_later_duplicates(*concat_pairs((pairs["first"], pairs["second"]), extra_pairs), num_samples)
     seconds["duplicates"] = round(time.perf_counter() - mark, 2)
 
     mark = time.perf_counter()
@@ -171,7 +168,7 @@ def semantic_balance_ray(embeddings_file: str | Path, config: SemanticBalanceCon
             str(Path(output_dir).resolve() / "kept"), mode="overwrite")  # not appended to an earlier run's
     seconds["semantic"] = round(time.perf_counter() - mark, 2)
     seconds["total"] = round(time.perf_counter() - started, 2)
-    return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds)
+    return BalanceResult(reason=reason, cluster=cluster, centers=centers, seconds=seconds, thresholds=thresholds)
 
 
 class _ImageEmbedder:
@@ -180,14 +177,14 @@ class _ImageEmbedder:
     def __init__(self, model_name_or_path: str, dataset, batch_size: int):
         from processing_dclip import DCLIPProcessor
 
-        from .evaluation import load_clip_towers
+        from ..evaluation import load_clip_towers
 
         self.model = load_clip_towers(model_name_or_path)
         self.processor = DCLIPProcessor.from_pretrained(model_name_or_path, trust_remote_code=False)
         self.dataset, self.batch_size = dataset, batch_size
 
     def __call__(self, batch: dict) -> dict:
-        from .evaluation import embed_images
+        from ..evaluation import embed_images
 
         rows = self.dataset.select(batch["id"].tolist())
         return {"id": batch["id"], "embedding": embed_images(self.model, self.processor, rows, self.batch_size)}
@@ -227,6 +224,7 @@ class RayEngine:
         return embed_images_ray(model_name_or_path, dataset, batch_size, workers=self.embed_workers)
 
     def __call__(self, embeddings_file: str | Path, config: SemanticBalanceConfig,
-                 output_dir: str | Path | None = None) -> BalanceResult:
+                 output_dir: str | Path | None = None,
+                 extra_pairs: tuple[np.ndarray, np.ndarray] | None = None) -> BalanceResult:
         return semantic_balance_ray(embeddings_file, config, address=self.address, num_cpus=self.num_cpus,
-                                    output_dir=output_dir)
+                                    output_dir=output_dir, extra_pairs=extra_pairs)
