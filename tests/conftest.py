@@ -106,6 +106,13 @@ def tiny_clip_dir(tmp_path_factory, tiny_clip, tokenizer, image_processor):
     return path
 
 
+def unit_rows(rows: int, dim: int, seed: int):
+    """`rows` random unit vectors of `dim` (float32)."""
+    from dclip.curation import normalize_embeddings
+
+    return normalize_embeddings(np.random.default_rng(seed).standard_normal((rows, dim)))
+
+
 def random_images(count: int, seed: int = 0, size: int = 48):
     from PIL import Image
 

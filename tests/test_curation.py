@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, unit_rows
 
 from dclip.arguments import DataArguments
 from dclip.clusters import cluster_teacher_embeddings
@@ -22,10 +22,6 @@ from dclip.curation import (
     spherical_kmeans,
 )
 from dclip.data.loading import load_data, select_rows
-
-
-def unit_rows(rows, dim, seed):
-    return normalize_embeddings(np.random.default_rng(seed).standard_normal((rows, dim)))
 
 
 def naive_greedy(vectors, threshold):

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, unit_rows
 
 from dclip.curation import (
     DUPLICATE,
@@ -24,10 +24,6 @@ from dclip.curation import (
     semantic_balance,
     thumbnail_vectors,
 )
-
-
-def unit_rows(rows, dim, seed):
-    return normalize_embeddings(np.random.default_rng(seed).standard_normal((rows, dim)))
 
 
 def naive_nearest_distances(embeddings, rows):
