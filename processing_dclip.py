@@ -193,6 +193,9 @@ def import_yolo():
     opener = Image.open
     saved = {name: os.environ.get(name) for name in ULTRALYTICS_IMPORT_ENVIRONMENT}
     os.environ.update(ULTRALYTICS_IMPORT_ENVIRONMENT)
+    # Every ultralytics import of this file sits in this `try`: transformers' remote-code check (`check_imports`)
+    # imports each package a remote file imports outside a `try`, which would import ultralytics plainly, with its
+    # side effects, at every `AutoProcessor.from_pretrained(..., trust_remote_code=True)`, and require it installed.
     try:
         import ultralytics.utils as utils
         import ultralytics.utils.checks as checks
@@ -212,6 +215,12 @@ def import_yolo():
     return YOLO
 
 
+def ultralytics_yaml():
+    """ultralytics' own YAML reader and writer (`ultralytics.utils.YAML`), imported as [`import_yolo`] imports it."""
+    import_yolo()
+    return sys.modules["ultralytics.utils"].YAML
+
+
 def detector_config_path(weights: str | os.PathLike) -> Path:
     """The architecture file that travels with detector weights: `detector.yaml` beside `detector.safetensors`."""
     return Path(weights).with_suffix(".yaml")
@@ -224,12 +233,11 @@ def load_detector(path: str):
     if not str(path).endswith(".safetensors"):
         return YOLO(str(path), task="detect")
     from safetensors.torch import load_file
-    from ultralytics.utils import YAML  # ultralytics' own YAML reader (imported above, without side effects)
 
     config = detector_config_path(path)
     if not config.is_file():
         raise FileNotFoundError(f"Detector weights '{path}' need their architecture '{config}' beside them.")
-    settings = YAML.load(config)
+    settings = ultralytics_yaml().load(config)
     detector = YOLO(str(config), task="detect")
     missing, unexpected = detector.model.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
@@ -253,7 +261,6 @@ def save_detector(detector_path: str, folder: str) -> str:
     from safetensors.torch import save_file
 
     detector = load_detector(detector_path)
-    from ultralytics.utils import YAML  # imported by `load_detector`, without side effects
 
     model = detector.model
     architecture = dict(model.yaml)
@@ -269,7 +276,7 @@ def save_detector(detector_path: str, folder: str) -> str:
     state = {name: tensor.detach().float().contiguous() if tensor.is_floating_point() else tensor.contiguous()
              for name, tensor in model.state_dict().items()}
     save_file(state, os.path.join(folder, DETECTOR_WEIGHTS_NAME), metadata={"format": "pt", "library": "ultralytics"})
-    YAML.save(os.path.join(folder, DETECTOR_CONFIG_NAME), architecture)
+    ultralytics_yaml().save(os.path.join(folder, DETECTOR_CONFIG_NAME), architecture)
     return DETECTOR_WEIGHTS_NAME
 
 

@@ -113,12 +113,23 @@ from processing_dclip import DCLIPProcessor
 student, teacher = sys.argv[1], sys.argv[2]
 DCLIPModel.from_pretrained(student)
 DCLIPTeacherModel.from_pretrained(teacher)
-AutoModel.from_pretrained(student, trust_remote_code=True)
+# a published student's runtime (the licence boundary): embeddings without regions never import ultralytics (AGPL)
+model = AutoModel.from_pretrained(student, trust_remote_code=True)
+runtime = AutoProcessor.from_pretrained(student, trust_remote_code=True)
+inputs = runtime(images=[Image.new("RGB", (40, 40), "red")], text=["a red circle"])
+with torch.no_grad():
+    model.get_image_features(pixel_values=inputs["pixel_values"])
+    model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+from transformers import pipeline
+classifier = pipeline("zero-shot-image-classification", model=student, trust_remote_code=True)
+assert len(classifier(Image.new("RGB", (40, 40), "red"), candidate_labels=["a red circle", "a blue square"])) == 2
+assert not [name for name in sys.modules if name.startswith("ultralytics")], "the runtime imported ultralytics"
 for folder in (student, teacher):
     for processor in (DCLIPProcessor.from_pretrained(folder), AutoProcessor.from_pretrained(folder,
                                                                                            trust_remote_code=True)):
         out = processor(images=[Image.new("RGB", (40, 40), "red")], text=["a red circle"], return_regions=True)
         assert processor.region_extractor._detector is not None and out["region_boxes"].shape[0] == 1
+assert "ultralytics" in sys.modules  # region extraction, and only it, does
 print("loaded")
 """
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # pickle 2+, torch zip

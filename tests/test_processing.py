@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import random_images, run_without_heavy_imports
+from conftest import REPO_ROOT, random_images, run_without_heavy_imports
 from PIL import Image
 
 from processing_dclip import DCLIPProcessor, RegionExtractor, SpanExtractor, crop_region, to_rgb_image
@@ -381,6 +381,19 @@ def test_processor_with_yolo_saves_and_reloads_the_detector(processor, sighted_y
     assert again["region_source"] == out["region_source"]
     for name in ("region_boxes", "region_mask", "region_pixel_values"):
         torch.testing.assert_close(again[name], out[name], msg=name)
+
+
+def test_the_remote_code_check_of_transformers_asks_for_nothing_beyond_transformers():
+    """`AutoModel` / `AutoProcessor.from_pretrained(..., trust_remote_code=True)` first imports every package that a
+    remote file imports outside a `try` (transformers' `check_imports`), and fails where one is missing: that must
+    not import ultralytics (AGPL-3.0, with its side effects) or need anything a plain transformers install lacks."""
+    import sys
+
+    from transformers.dynamic_module_utils import get_imports
+
+    allowed = {"PIL", "numpy", "torch", "transformers", "safetensors"} | set(sys.stdlib_module_names)
+    for name in ("configuration_dclip.py", "modeling_dclip.py", "processing_dclip.py"):
+        assert set(get_imports(REPO_ROOT / name)) <= allowed, name
 
 
 def test_remote_code_imports_nothing_heavy():
