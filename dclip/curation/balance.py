@@ -173,7 +173,9 @@ def semantic_balance(embeddings: np.ndarray, config: SemanticBalanceConfig | Non
     seconds["calibration"] = round(time.perf_counter() - started, 2)
     mark = time.perf_counter()
     embeddings = normalize_embeddings(embeddings)
-    centers = fit_centers(embeddings, cluster_count(len(embeddings), config), config, verbose)
+    num_clusters = cluster_count(len(embeddings), config)
+    logger.info("k-means: %d clusters of %d rows", num_clusters, len(embeddings))  # (FAISS's own log: stdout)
+    centers = fit_centers(embeddings, num_clusters, config)
     seconds["kmeans"] = round(time.perf_counter() - mark, 2)
 
     mark = time.perf_counter()
