@@ -17,6 +17,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from .folders import write_whole
+
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def export_clip_folder(student_dir: str | Path, output_dir: str | Path, overwrit
     `transformers.CLIPModel` folder in `output_dir`: `DCLIPModel.to_clip()` saved as safetensors, a `CLIPProcessor`
     made of the student's tokenizer and image processor (see `clip_processor`), and the card files (`README.md`,
     images, `eval_results.json`, `widget/`), its usage section rewritten for a plain CLIP (`plain_clip_card`, naming
-    `repo_id`, default the output folder). Written to `<output_dir>.partial` first, then renamed.
+    `repo_id`, default the output folder). Written whole or not at all (`dclip.folders.write_whole`).
 
     Raises `ValueError` when `student_dir` is not a DCLIP student (a teacher, a plain CLIP, no model at all) or lacks
     its processor, or when `output_dir` is the student folder or holds it; `FileExistsError` when `output_dir` exists
@@ -52,18 +54,18 @@ def export_clip_folder(student_dir: str | Path, output_dir: str | Path, overwrit
     student_dir, output_dir = Path(student_dir), Path(output_dir)
     check_student_folder(student_dir)
     _check_output_folder(student_dir, output_dir, overwrite)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     clip = DCLIPModel.from_pretrained(student_dir, dtype="auto").to_clip()  # in the dtype it was saved in
-    clip.save_pretrained(partial)
-    clip_processor(student_dir, clip.config).save_pretrained(partial)
-    copied = _copy_card_files(student_dir, partial)
-    if (partial / "README.md").is_file():
-        plain_clip_card(partial / "README.md", repo_id or str(output_dir.resolve()))
-    _check_plain_clip_folder(partial)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    partial.rename(output_dir)
+    copied: list[str] = []
+
+    def write(partial: Path) -> None:
+        clip.save_pretrained(partial)
+        clip_processor(student_dir, clip.config).save_pretrained(partial)
+        copied.extend(_copy_card_files(student_dir, partial))
+        if (partial / "README.md").is_file():
+            plain_clip_card(partial / "README.md", repo_id or str(output_dir.resolve()))
+        _check_plain_clip_folder(partial)
+
+    write_whole(output_dir, write)
     left_out = sorted(path.name for path in student_dir.iterdir() if path.suffix.lower() in FORBIDDEN_SUFFIXES)
     logger.info("exported %s to %s as a plain CLIPModel; card files copied: %s; left out: %s", student_dir, output_dir,
                 ", ".join(copied) or "none", ", ".join(left_out) or "nothing")

@@ -7,13 +7,14 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
+
+from .folders import write_whole
 
 
 logger = logging.getLogger(__name__)
@@ -187,14 +188,6 @@ def save_final(trainer: Trainer, processor, folder: str | Path, model: torch.nn.
                       and shapes[name] == torch.Size([]) else tensor for name, tensor in state_dict.items()}
         whole.load_state_dict(state_dict, strict=True)
         whole = (export(whole) if export is not None else whole).to(dtype=model.dtype)
-        partial, previous = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".previous")
-        shutil.rmtree(partial, ignore_errors=True)
-        whole.save_pretrained(partial)  # an error while writing leaves the previous folder as it was
-        processor.save_pretrained(partial)
-        if folder.exists():  # swapped by renames: a complete folder is there at every moment, under one of two names
-            shutil.rmtree(previous, ignore_errors=True)
-            folder.rename(previous)
-        partial.rename(folder)
-        shutil.rmtree(previous, ignore_errors=True)
+        write_whole(folder, lambda partial: (whole.save_pretrained(partial), processor.save_pretrained(partial)))
     accelerator.wait_for_everyone()
     return str(folder)

@@ -2,6 +2,7 @@
 code and gives the student's own inputs, embeddings and zero-shot scores."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,37 @@ def test_export_refuses_what_is_not_a_student_or_would_overwrite_it(student_dir,
     assert export_clip_folder(student_dir, output, overwrite=True) == output
     assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
     assert not (tmp_path / "taken.partial").exists()
+
+
+def test_an_error_while_exporting_leaves_the_previous_export_whole(student_dir, tmp_path, monkeypatch):
+    import dclip.export
+
+    output = export_clip_folder(student_dir, tmp_path / "clip")
+    before = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dclip.export, "_check_plain_clip_folder", disk_full)  # after every file is written
+    with pytest.raises(OSError, match="No space left"):
+        export_clip_folder(student_dir, output, overwrite=True)
+    after = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    assert after == before and "model.safetensors" in {str(name) for name in after}
+    monkeypatch.undo()
+
+    real_rename = Path.rename
+
+    def failing_swap(self, target):  # the new folder written, the old one moved aside, then the last rename fails
+        if self.name.endswith(".partial"):
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_swap)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_clip_folder(student_dir, output, overwrite=True)
+    monkeypatch.undo()
+    after = {path.relative_to(output): path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    assert after == before and not (tmp_path / "clip.previous").exists()
 
 
 def test_export_refuses_a_student_without_its_processor(tmp_path, tiny_clip):
