@@ -60,7 +60,8 @@ class EvaluateArguments:
                                                                      "or the ClassLabel)"})
     image_column: str | None = field(default=None, metadata={"help": "--task: the image column"})
     class_names_file: str | None = field(default=None, metadata={"help": "--task: class names (.txt, .json)"})
-    max_samples: int | None = field(default=None, metadata={"help": "--task: a seeded random subset of each split"})
+    max_samples: int | None = field(default=None, metadata={"help": "--task: a seeded random subset of each split "
+                                                            "(rows; for retrieval, images with all their captions)"})
     probe_test_fraction: float | None = field(default=None, metadata={
         "help": "linear probe without a training split: hold this fraction of --eval_split out as its test part"})
     probe_validation_split: str | None = field(default=None, metadata={

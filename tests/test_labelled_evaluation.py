@@ -430,3 +430,23 @@ def test_the_cli_runs_zeroshot_retrieval_on_captioned_data(monkeypatch, tmp_path
     assert record["task"] == "zeroshot_retrieval"
     assert {"image_retrieval_recall@1", "image_retrieval_recall@5", "text_retrieval_recall@1"} <= set(
         record["metrics"])
+
+
+def test_a_retrieval_subset_takes_whole_images_at_random():
+    """--max_samples on captioned data: N images chosen at random (seeded), each with every one of its captions,
+    in the data's order; not the first N rows, which would cut an image's captions and favour the start."""
+    from datasets import Dataset
+
+    from dclip.evaluation.suite import caption_subset
+
+    image_ids = [f"img{i % 10}" for i in range(30)]  # 10 images, 3 captions each, interleaved
+    dataset = Dataset.from_dict({"image_id": image_ids, "caption": [f"caption {i}" for i in range(30)]})
+    subset = caption_subset(dataset, 4, seed=1)
+    chosen = set(subset["image_id"])
+    assert len(chosen) == 4 and len(subset) == 12
+    assert subset["caption"] == [c for c, i in zip(dataset["caption"], image_ids) if i in chosen]  # all, in order
+    assert caption_subset(dataset, 4, seed=1)["caption"] == subset["caption"]
+    assert {frozenset(caption_subset(dataset, 4, seed=s)["image_id"]) for s in range(5)} != {frozenset(chosen)}
+    assert len(caption_subset(dataset, 10, seed=0)) == 30
+    one_a_row = Dataset.from_dict({"caption": [f"c{i}" for i in range(9)]})  # no image_id: a row is an image
+    assert len(caption_subset(one_a_row, 3, seed=0)) == 3

@@ -145,9 +145,25 @@ class _Data:
             extra = {"image_root": spec.image_root} if spec.image_root else {}
             dataset, _ = load_caption_dataset(spec.dataset_name, format=spec.dataset_format, split=spec.split, **extra)
             if spec.max_samples is not None:
-                dataset = dataset.select(range(min(spec.max_samples, len(dataset))))
+                dataset = caption_subset(dataset, spec.max_samples, spec.seed)
             self._splits["captioned"] = dataset
         return self._splits["captioned"]
+
+
+def caption_subset(dataset, max_images: int, seed: int = 0):
+    """A seeded random subset of `max_images` images of a captioned data set, each with all its captions (rows by
+    `image_id`, else one image a row), in their order; the whole set when it has no more images."""
+    import numpy as np
+
+    from .retrieval import image_groups
+
+    _, text_to_image = image_groups(dataset)
+    num_images = int(text_to_image.max()) + 1 if len(text_to_image) else 0
+    if max_images >= num_images:
+        return dataset
+    chosen = np.zeros(num_images, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(num_images, max_images, replace=False)] = True
+    return dataset.select(np.flatnonzero(chosen[text_to_image]))
 
 
 def run_task(model, processor, data: _Data, task: str, batch_size: int = 256, num_workers: int = 0) -> TaskResult:
