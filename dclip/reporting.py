@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluation import format_metrics_table, paired_bootstrap, zero_shot_top1_keys
+from .evaluation import compare_outcomes, format_metrics_table, zero_shot_top1_keys
 
 
 # the metrics every comparison covers, where both models have their per-query outcomes
@@ -42,7 +42,7 @@ def compare(outcomes: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, s
                   and len(outcomes[model][key]) == len(outcomes[baseline][key])]
         if shared:
             comparisons[f"{model} vs {baseline}"] = {
-                key: paired_bootstrap(outcomes[model][key], outcomes[baseline][key], seed=seed) for key in shared}
+                key: compare_outcomes(outcomes[model], outcomes[baseline], key, seed=seed) for key in shared}
     return comparisons
 
 

@@ -37,7 +37,7 @@ from dclip.arguments import DataArguments
 from dclip.cli import PUSH_FAILED, setup_logging
 from dclip.data.loading import load_data
 from dclip.data.scenes import zero_shot_tasks
-from dclip.evaluation import evaluate_checkpoint, format_metrics_table, paired_bootstrap
+from dclip.evaluation import compare_outcomes, evaluate_checkpoint, format_metrics_table
 from dclip.evaluation.benchmark import load_templates
 from dclip.evaluation.embedding import default_num_workers
 from dclip.evaluation.suite import DatasetSpec, evaluate_suite, read_suite, run_suite
@@ -130,7 +130,7 @@ def main() -> None:
                          note=f"Measured by dclip's `examples/evaluate.py` on {report['num_images']} images and "
                               f"{report['num_texts']} captions.")
         model, baseline = results["model"], results.get("baseline")
-        differences = {key: paired_bootstrap(model.outcomes[key], baseline.outcomes[key])
+        differences = {key: compare_outcomes(model.outcomes, baseline.outcomes, key)
                        for key in model.outcomes if key in baseline.outcomes and key in model.metrics} \
             if baseline else None
         card = write_model_card(args.model_name_or_path, info, model.metrics, baseline.metrics if baseline else None,

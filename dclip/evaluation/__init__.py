@@ -8,7 +8,7 @@ the whole evaluations of a model, `benchmark` the CLIP_benchmark tasks and recor
 models with paired intervals, `bootstrap` the intervals, `report` the metric tables. This package re-exports the
 public names of the first ones."""
 
-from .bootstrap import paired_bootstrap
+from .bootstrap import GROUPS_SUFFIX, compare_outcomes, paired_bootstrap
 from .checkpoint import EvaluationResult, evaluate_checkpoint, evaluate_model, evaluate_teacher, load_dual_encoder
 from .classification import (
     DEFAULT_TEMPLATES,
@@ -43,7 +43,8 @@ from .teacher import rerank_scores, teacher_hard_negatives, teacher_retrieval, t
 
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "EvaluationResult", "classification_metrics", "embed_images", "embed_texts",
+    "DEFAULT_TEMPLATES", "GROUPS_SUFFIX", "EvaluationResult", "classification_metrics", "compare_outcomes",
+    "embed_images", "embed_texts",
     "evaluate_checkpoint", "evaluate_model", "evaluate_teacher", "exact_positive_ranks", "faiss_positive_ranks",
     "format_estimate", "format_metrics_table", "hard_negative_accuracy", "image_groups", "is_estimate_detail",
     "linear_probe_accuracy", "load_clip_towers", "load_dual_encoder", "metric_order", "metrics_from_ranks",

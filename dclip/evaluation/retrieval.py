@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .bootstrap import GROUPS_SUFFIX
+
 
 logger = logging.getLogger(__package__)  # "dclip.evaluation", the logger of the module before it became a package
 
@@ -248,7 +250,8 @@ def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_
     when queries are sampled). With a search `depth`, mAP counts positives past it as never retrieved and its key
     says `mAP@<depth>`; `with_stderr` adds each figure's standard error over queries as `<key>_stderr`. A dict given
     as `outcomes` receives each metric's per-query values: per caption for `image_retrieval_*`, per image (in image
-    order) for `text_retrieval_*`."""
+    order) for `text_retrieval_*`; where images have several captions, also each caption's image as
+    `image_retrieval_*:groups`, so that a bootstrap resamples an image's captions together."""
     owner = np.asarray(text_to_image, dtype=np.int64)
     best_text_rank = np.full(owner.max() + 1 if len(owner) else 0, np.inf)
     np.minimum.at(best_text_rank, owner, text_ranks)
@@ -262,6 +265,8 @@ def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_
     per_query[f"text_retrieval_{suffix}"] = _average_precisions(text_ranks, owner)
     if outcomes is not None:
         outcomes.update({key: np.asarray(values, dtype=np.float64) for key, values in per_query.items()})
+        if len(image_ranks) == len(owner) and len(np.unique(owner)) < len(owner):  # captions sharing an image
+            outcomes.update({key + GROUPS_SUFFIX: owner for key in per_query if key.startswith("image_retrieval_")})
     results = {}
     for key, values in per_query.items():
         results[key] = float(np.mean(values)) if len(values) else float("nan")

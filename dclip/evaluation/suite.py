@@ -251,7 +251,7 @@ def comparison_rows(results: dict[str, dict[tuple[str, str], TaskResult]], num_r
     """A row per (data set, task, metric, model): the value, and for each model after the first the difference to
     the first with its paired-bootstrap 95% interval where the metric has per-sample outcomes (a mean over samples;
     not mean per-class recall, a mean over classes)."""
-    from .bootstrap import paired_bootstrap
+    from .bootstrap import compare_outcomes
 
     models = list(results)
     reference = results[models[0]]
@@ -263,7 +263,7 @@ def comparison_rows(results: dict[str, dict[tuple[str, str], TaskResult]], num_r
                 row = {"dataset": dataset, "task": task, "metric": metric, "model": model,
                        "value": result.metrics.get(metric), "reference": models[0]}
                 if model != models[0] and metric in result.outcomes and metric in first.outcomes:
-                    comparison = paired_bootstrap(result.outcomes[metric], first.outcomes[metric],
+                    comparison = compare_outcomes(result.outcomes, first.outcomes, metric,
                                                   num_resamples=num_resamples)
                     row.update(difference=comparison["difference"], low=comparison["low"],
                                high=comparison["high"], excludes_zero=comparison["excludes_zero"])
