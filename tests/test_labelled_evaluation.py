@@ -450,3 +450,23 @@ def test_a_retrieval_subset_takes_whole_images_at_random():
     assert len(caption_subset(dataset, 10, seed=0)) == 30
     one_a_row = Dataset.from_dict({"caption": [f"c{i}" for i in range(9)]})  # no image_id: a row is an image
     assert len(caption_subset(one_a_row, 3, seed=0)) == 3
+
+
+def test_an_image_folder_is_read_once_for_all_its_splits(layouts, monkeypatch):
+    """A suite data set reads a source's splits from one read of it (an image folder's files are resolved once, not
+    once per split): the same rows as reading each split on its own."""
+    import datasets
+
+    from dclip.data.labelled import load_labelled_dataset
+
+    source = layouts["sources"]["class folders"]["name_or_path"]
+    alone = {split: load_labelled_dataset(source, split) for split in ("train", "test")}
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or real(*a, **k))
+    sources: dict = {}
+    shared = {split: load_labelled_dataset(source, split, sources=sources) for split in ("train", "test")}
+    assert len(calls) == 1 and list(sources) == [source]
+    for split in ("train", "test"):
+        assert shared[split].labels.tolist() == alone[split].labels.tolist() and len(shared[split].labels) > 0
+        assert shared[split].class_names == alone[split].class_names

@@ -55,14 +55,16 @@ class LabelledData:
 def load_labelled_dataset(name_or_path: str, split: str = "test", label_column: str | None = None,
                           image_column: str | None = None, class_names_file: str | None = None,
                           image_root: str | None = None, max_samples: int | None = None, seed: int = 0,
-                          num_proc: int | None = None) -> LabelledData:
+                          num_proc: int | None = None, sources: dict | None = None) -> LabelledData:
     """
     The `split` of a labelled image data set (see the module's docstring for the sources), with an `image` and an
     integer `label` column. `label_column` / `image_column`: default, the first of `LABEL_COLUMNS` / the first
     `Image` feature or `IMAGE_COLUMNS` present. `max_samples`: a seeded random subset of that many rows, kept in
-    their order (an imagefolder is sorted by class, so its first rows would be one class).
+    their order (an imagefolder is sorted by class, so its first rows would be one class). `sources`: a dict in which
+    whole sources read are kept, so that reading another split of the same source (a probe's training split) does
+    not scan an image folder again.
     """
-    dataset, source, split = _read_split(name_or_path, split, image_root)
+    dataset, source, split = _read_split(name_or_path, split, image_root, sources)
     image_column = image_column or _first_image_column(dataset, name_or_path)
     label_column = label_column or next((c for c in LABEL_COLUMNS if c in dataset.column_names), None)
     if label_column is None or label_column not in dataset.column_names:
@@ -86,9 +88,9 @@ def load_labelled_dataset(name_or_path: str, split: str = "test", label_column: 
     return LabelledData(dataset, class_names, source, split, skipped)
 
 
-def _read_split(name_or_path: str, split: str, image_root: str | None):
+def _read_split(name_or_path: str, split: str, image_root: str | None, sources: dict | None = None):
     """One split of the source as a `datasets.Dataset`, a name for it in messages, and the split read (None where the
-    source has no splits: all its rows)."""
+    source has no splits: all its rows); a source with splits is read once into `sources`, if given."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     from .loaders import is_saved_to_disk
@@ -107,10 +109,13 @@ def _read_split(name_or_path: str, split: str, image_root: str | None):
             return loaded, str(name_or_path), None
         _check_split(loaded, split, name_or_path)
         return loaded[split], source, split
-    if path.is_dir() and not _has_data_files(path):
-        loaded = load_dataset("imagefolder", data_dir=str(path))
-    else:  # a Hub name, or a local folder of data files (parquet, csv, ...) that `datasets` reads itself
-        loaded = load_dataset(str(name_or_path))
+    sources = {} if sources is None else sources
+    if name_or_path not in sources:
+        if path.is_dir() and not _has_data_files(path):
+            sources[name_or_path] = load_dataset("imagefolder", data_dir=str(path))
+        else:  # a Hub name, or a local folder of data files (parquet, csv, ...) that `datasets` reads itself
+            sources[name_or_path] = load_dataset(str(name_or_path))
+    loaded = sources[name_or_path]
     _check_split(loaded, split, name_or_path)
     return loaded[split], source, split
 

@@ -99,7 +99,7 @@ class _Data:
     and the current model's image embeddings of each split, computed once for all its tasks."""
 
     def __init__(self, spec: DatasetSpec, num_proc: int | None = None):
-        self.spec, self._splits, self.num_proc, self.embeds = spec, {}, num_proc, {}
+        self.spec, self._splits, self.num_proc, self.embeds, self._sources = spec, {}, num_proc, {}, {}
 
     def labelled(self, split: str):
         from ..data.labelled import load_labelled_dataset
@@ -109,7 +109,7 @@ class _Data:
             self._splits[split] = load_labelled_dataset(
                 spec.dataset_name, split, label_column=spec.label_column, image_column=spec.image_column,
                 class_names_file=spec.class_names_file, image_root=spec.image_root, max_samples=spec.max_samples,
-                seed=spec.seed, num_proc=self.num_proc)
+                seed=spec.seed, num_proc=self.num_proc, sources=self._sources)
         return self._splits[split]
 
     def probe_splits(self):
