@@ -59,6 +59,11 @@ def dataset_pixel_pairs(dataset, config, image_column: str = "image") -> tuple[n
     has no images."""
     if not config.pixel_duplicates or dataset is None or image_column not in dataset.column_names:
         return None
+    gib = 2 * len(dataset) * 3 * config.pixel_size**2 * 4 / 2**30  # the thumbnails and their inverted-file copy
+    if gib > 8:
+        logger.warning("pixel duplicates over %d images hold about %.0f GiB of thumbnails in memory; "
+                       "--pixel_duplicates false skips them (the embeddings still find exact copies)",
+                       len(dataset), gib)
     pairs = pixel_duplicate_pairs(dataset_thumbnails(dataset, config.pixel_size, image_column), config)
     logger.info("pixel duplicates: %d pairs at thumbnail cosine >= %s", len(pairs[0]), config.pixel_threshold)
     return pairs
