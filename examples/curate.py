@@ -55,6 +55,9 @@ class CurationArguments:
     def __post_init__(self):
         if self.engine not in ("local", "ray"):
             raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
+        if not 0.0 <= self.max_removed_fraction <= 1.0:
+            raise ValueError(f"--max_removed_fraction is a fraction of the rows, in [0, 1], got "
+                             f"{self.max_removed_fraction}")
 
 
 INJECTED = {"exact": "exact copies", "near": "jittered re-renders", "concept": "popular-concept repeats",

@@ -188,3 +188,50 @@ def test_default_curation_of_the_embedded_data_with_injected_redundancy(tmp_path
     assert kinds["none"]["kept"] >= 0.9 * sum(kinds["none"].values())
     assert report["pixel_duplicate_pairs"] > 0
     assert len(np.load(tmp_path / "curated" / "kept_indices.npy")) == report["kept"]
+
+
+def test_unset_thresholds_never_reach_the_search_and_any_array_is_taken(tmp_path):
+    import torch
+
+    from dclip.curation import balance_cluster, duplicate_pairs
+
+    vectors = unit_rows(60, 8, seed=10)
+    with pytest.raises(ValueError, match="semantic threshold is unset"):
+        balance_cluster(vectors, vectors[0], SemanticBalanceConfig())
+    with pytest.raises(ValueError, match="duplicate threshold is unset"):
+        duplicate_pairs(None, vectors, None, np.arange(60))
+    config = SemanticBalanceConfig(num_clusters=2)
+    expected = semantic_balance(vectors, config).reason
+    for given in (torch.from_numpy(vectors), vectors.tolist()):  # calibrated from them as from the array
+        np.testing.assert_array_equal(semantic_balance(given, config).reason, expected)
+    with pytest.raises(ValueError, match=r"\(samples, dim\) array, got shape \(8,\)"):
+        semantic_balance(vectors[0], config)
+    with pytest.raises(ValueError, match=r"max_removed_fraction is a fraction of the rows, in \[0, 1\], got 50"):
+        curate_dataset(None, tmp_path, config, embeddings_file="unused.npy", max_removed_fraction=50)
+
+
+def test_a_refusal_removes_an_earlier_runs_kept_rows_but_not_a_users_own_folders(tmp_path):
+    from datasets import Dataset
+
+    np.save(tmp_path / "embeddings.npy", unit_rows(200, 8, seed=8))
+    output = tmp_path / "curated"
+    greedy = SemanticBalanceConfig(num_clusters=2, duplicate_threshold=0.3, semantic_threshold=1.0)
+    curate_dataset(None, output, greedy, embeddings_file=str(tmp_path / "embeddings.npy"), allow_large_removal=True)
+    Dataset.from_dict({"caption": ["a kept row"]}).save_to_disk(str(output / "dataset"))  # --save_dataset's
+    (output / "kept").mkdir()
+    (output / "kept" / "part-0.parquet").write_bytes(b"the Ray engine's ids")
+    curate_dataset(None, output, greedy, embeddings_file=str(tmp_path / "embeddings.npy"), allow_large_removal=True)
+    assert not (output / "kept").exists() and not (output / "dataset").exists()  # not this run's: stale
+    Dataset.from_dict({"caption": ["a kept row"]}).save_to_disk(str(output / "dataset"))
+    (output / "kept").mkdir()
+    (output / "kept" / "part-0.parquet").write_bytes(b"the Ray engine's ids")
+    with pytest.raises(RemovalRefused):
+        curate_dataset(None, output, greedy, embeddings_file=str(tmp_path / "embeddings.npy"))
+    assert not [name for name in ("kept_indices.npy", "kept", "dataset") if (output / name).exists()]
+    (output / "dataset").mkdir()  # a user's own folders of those names: not ours, left alone
+    (output / "dataset" / "notes.txt").write_text("mine")
+    (output / "kept").mkdir()
+    (output / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(RemovalRefused):
+        curate_dataset(None, output, greedy, embeddings_file=str(tmp_path / "embeddings.npy"))
+    assert (output / "dataset" / "notes.txt").is_file() and (output / "kept" / "notes.txt").is_file()

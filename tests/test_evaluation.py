@@ -632,3 +632,23 @@ def test_a_grouped_bootstrap_resamples_an_images_captions_together():
     assert compare_outcomes(model, {"m": b[images]}, "m", num_resamples=400, seed=5) == grouped
     with pytest.raises(ValueError, match="group their queries differently"):
         compare_outcomes(model, {"m": b[images], "m" + GROUPS_SUFFIX: images[::-1]}, "m")
+
+
+def test_sampled_retrieval_queries_are_grouped_by_their_own_images_and_one_group_gives_no_interval():
+    """With sampled caption queries, each outcome's group is the image of that sampled caption (here the sizes of the
+    two samples coincide, which once let the other sample's images pass for them)."""
+    from dclip.evaluation import GROUPS_SUFFIX, paired_bootstrap, retrieval_metrics
+
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((100, 8)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    text_to_image = np.repeat(np.arange(100), 5)
+    texts = images[text_to_image] + 0.5 * rng.standard_normal((500, 8)).astype(np.float32)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    outcomes: dict = {}
+    metrics = retrieval_metrics(images, texts, text_to_image, ks=(1,), backend="sampled", sample_pairs=5000, seed=0,
+                                outcomes=outcomes)
+    caption_sample = np.sort(np.random.default_rng(0).choice(500, metrics["image_retrieval_queries"], replace=False))
+    np.testing.assert_array_equal(outcomes["image_retrieval_recall@1" + GROUPS_SUFFIX], text_to_image[caption_sample])
+    lonely = paired_bootstrap([1, 0, 1, 1, 1], [0, 0, 0, 1, 0], groups=[7] * 5)  # one image: no spread to measure
+    assert np.isnan(lonely["low"]) and np.isnan(lonely["high"]) and not lonely["excludes_zero"]

@@ -150,6 +150,8 @@ def balance_cluster(vectors: np.ndarray, center: np.ndarray, config: SemanticBal
     """The reason code (`KEPT`, `SEMANTIC` or `CAPPED`) of each of one cluster's remaining members (`vectors`,
     L2-normalised, in sample order): visited from the centre outwards (or the reverse), a member redundant with one
     kept before it is dropped, then at most `max_per_cluster` stay."""
+    if config.semantic_threshold is None:
+        raise ValueError("the semantic threshold is unset: calibrate the config first (dclip.curation.calibrate)")
     reason = np.full(len(vectors), KEPT, dtype=np.int8)
     centrality = vectors @ center
     visit = np.argsort(-centrality if config.keep_order == "central" else centrality, kind="stable")
@@ -169,6 +171,7 @@ def semantic_balance(embeddings: np.ndarray, config: SemanticBalanceConfig | Non
     the embeddings' own."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    embeddings = np.asarray(embeddings)  # a memmap stays one; a tensor or a list becomes an array
     config, thresholds = calibrate(embeddings, config or SemanticBalanceConfig())  # from the rows as given
     seconds["calibration"] = round(time.perf_counter() - started, 2)
     mark = time.perf_counter()

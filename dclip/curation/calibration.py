@@ -55,6 +55,9 @@ def calibration_rows(num_samples: int, count: int, seed: int) -> np.ndarray:
 def calibrate(embeddings: np.ndarray, config):
     """`config` (a `SemanticBalanceConfig`) with its unset thresholds calibrated to `embeddings` (see the module),
     and a record of the thresholds applied and of the calibration, for the report."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or not len(embeddings):
+        raise ValueError(f"embeddings must be a non-empty (samples, dim) array, got shape {embeddings.shape}")
     record: dict = {}
     unset = [name for name in ("duplicate_threshold", "semantic_threshold") if getattr(config, name) is None]
     if unset:

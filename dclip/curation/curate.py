@@ -57,8 +57,7 @@ def write_balance_outputs(result: BalanceResult, output_dir: str | Path, config:
     if refused is None:
         np.save(output_dir / "kept_indices.npy", result.kept_indices.astype(np.int64))
     else:  # an earlier run's kept rows must not pass for this run's
-        (output_dir / "kept_indices.npy").unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "kept", ignore_errors=True)  # the Ray engine's Parquet copy
+        remove_stale_outputs(output_dir, ("kept_indices.npy", "kept", "dataset"))
     np.save(output_dir / "cluster_centers.npy", result.centers)
     report = {**result.report(), "config": asdict(config), **(extra or {})}
     if refused is not None:
@@ -66,6 +65,21 @@ def write_balance_outputs(result: BalanceResult, output_dir: str | Path, config:
     report["plot"] = plot_cluster_sizes(result, output_dir / "cluster_sizes.png")
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def remove_stale_outputs(output_dir: Path, names: tuple[str, ...]) -> None:
+    """Remove an earlier curation's kept rows from `output_dir`, by name: `kept_indices.npy`, the Ray engine's Parquet
+    ids (`kept/`, removed only when it holds nothing but Parquet files) and the kept rows saved with `save_to_disk`
+    (`dataset/`, removed only when it is such a folder): a user's own folder of that name is left alone."""
+    from ..data.loaders import is_saved_to_disk
+
+    if "kept_indices.npy" in names:
+        (output_dir / "kept_indices.npy").unlink(missing_ok=True)
+    kept = output_dir / "kept"
+    if "kept" in names and kept.is_dir() and all(path.suffix == ".parquet" for path in kept.iterdir()):
+        shutil.rmtree(kept)
+    if "dataset" in names and is_saved_to_disk(output_dir / "dataset"):
+        shutil.rmtree(output_dir / "dataset")
 
 
 def embed_images_with(model_name_or_path: str, dataset, batch_size: int = 256) -> np.ndarray:
@@ -132,6 +146,8 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
     cluster), which embeds the images too where it has an `embed(model_name_or_path, dataset, batch_size)`.
     """
     config = config or SemanticBalanceConfig()
+    if not 0.0 <= max_removed_fraction <= 1.0:
+        raise ValueError(f"--max_removed_fraction is a fraction of the rows, in [0, 1], got {max_removed_fraction}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     embeddings, embeddings_file, source = _embeddings(dataset, output_dir, model_name_or_path, embeddings_file,
@@ -151,6 +167,9 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
     report = write_balance_outputs(result, output_dir, config, extra, refused)
     if refused is not None:
         raise RemovalRefused(refused)
+    # what this run did not write again is an earlier run's, and would disagree with kept_indices.npy
+    remove_stale_outputs(output_dir, (() if getattr(engine, "writes_kept", False) else ("kept",))
+                         + (() if save_dataset and dataset is not None else ("dataset",)))
     if save_dataset and dataset is not None:
         dataset.select(result.kept_indices).save_to_disk(str(output_dir / "dataset"))
         report["dataset"] = str(output_dir / "dataset")

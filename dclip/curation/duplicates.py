@@ -61,6 +61,8 @@ def duplicate_pairs(index, vectors: np.ndarray, threshold: float, query_ids: np.
     """The pairs `(first < second)` of sample ids whose similarity reaches `threshold`, by a FAISS range search of
     `vectors` (samples `query_ids`) in `index` (whose entries are samples `index_ids`, default their own numbers),
     a sample's pair with itself left out. Both curation engines find their duplicates through this."""
+    if threshold is None:
+        raise ValueError("the duplicate threshold is unset: calibrate the config first (dclip.curation.calibrate)")
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))  # FAISS keeps scores > radius
     limits, _, neighbours = index.range_search(vectors, radius)
     queries = query_ids[np.repeat(np.arange(len(vectors)), np.diff(limits.astype(np.int64)))]

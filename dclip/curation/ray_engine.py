@@ -218,6 +218,7 @@ class RayEngine:
     num_cpus: int | None = None
     embed_workers: int | None = None  # model copies that embed images; default: one per GPU, else 2
     name: str = "ray"
+    writes_kept: bool = True  # the kept ids, as Parquet shards under the output folder's `kept/`
 
     def embed(self, model_name_or_path: str, dataset, batch_size: int = 256) -> np.ndarray:
         connect(self.address, self.num_cpus)

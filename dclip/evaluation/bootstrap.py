@@ -21,7 +21,8 @@ def paired_bootstrap(a, b, num_resamples: int = 2000, confidence: float = 0.95, 
     `(mean(a) - mean(b)) / mean(b)` (`relative`, `relative_low`, `relative_high`; NaN where `mean(b)` is 0), and
     `excludes_zero`, whether the interval of the difference lies wholly above or below 0. With `groups` (a label per
     query), whole groups are resampled and each resample's mean is over the queries of the groups drawn; without,
-    each query is its own group (the same draws, the same result as groups `0..n-1`).
+    each query is its own group (the same draws, the same result as groups `0..n-1`). With a single query or group
+    there is no interval: `low` and `high` are NaN and `excludes_zero` is false.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape or not len(a):
@@ -39,11 +40,13 @@ def paired_bootstrap(a, b, num_resamples: int = 2000, confidence: float = 0.95, 
         means_b[start:start + len(rows)] = sums_b[rows].sum(1) / size
     tail = (1 - confidence) / 2
     low, high = np.quantile(means_a - means_b, [tail, 1 - tail])
+    if len(sums_a) < 2:  # one query or group: every resample is the same, which says nothing of the spread
+        low = high = np.nan
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(means_b > 0, (means_a - means_b) / means_b, np.nan)
     base = b.mean()
-    relative_low, relative_high = np.quantile(relative, [tail, 1 - tail]) if np.isfinite(relative).all() else \
-        (np.nan, np.nan)
+    relative_low, relative_high = np.quantile(relative, [tail, 1 - tail]) \
+        if np.isfinite(relative).all() and len(sums_a) > 1 else (np.nan, np.nan)
     return {"a": float(a.mean()), "b": float(base), "difference": float(a.mean() - base), "low": float(low),
             "high": float(high), "relative": float((a.mean() - base) / base) if base else float("nan"),
             "relative_low": float(relative_low), "relative_high": float(relative_high),

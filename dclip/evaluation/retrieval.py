@@ -64,7 +64,8 @@ def retrieval_metrics(image_embeds: np.ndarray, text_embeds: np.ndarray, text_to
                     len(image_embeds), len(text_embeds), len(caption_sample), len(image_sample))
         image_ranks, text_ranks, sampled_owner = sampled_positive_ranks(image_embeds, text_embeds, text_to_image,
                                                                         caption_sample, image_sample)
-        metrics = metrics_from_ranks(image_ranks, text_ranks, sampled_owner, ks, with_stderr=True, outcomes=outcomes)
+        metrics = metrics_from_ranks(image_ranks, text_ranks, sampled_owner, ks, with_stderr=True, outcomes=outcomes,
+                                     query_images=np.asarray(text_to_image)[caption_sample])
         metrics["image_retrieval_queries"] = len(caption_sample)
         metrics["text_retrieval_queries"] = len(image_sample)
         return metrics
@@ -244,14 +245,17 @@ def ranks_from_scores(image_query_scores: torch.Tensor, text_query_scores: torch
 
 def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_image,
                        ks: tuple[int, ...] = (1, 5, 10), depth: int | None = None,
-                       with_stderr: bool = False, outcomes: dict | None = None) -> dict[str, float]:
+                       with_stderr: bool = False, outcomes: dict | None = None,
+                       query_images: np.ndarray | None = None) -> dict[str, float]:
     """Recall@K and mAP both ways from per-caption ranks (see above): `image_ranks` of captions (text-to-image) and
     `text_ranks` of captions whose images are `text_to_image` (image-to-text; the two may cover different captions
     when queries are sampled). With a search `depth`, mAP counts positives past it as never retrieved and its key
     says `mAP@<depth>`; `with_stderr` adds each figure's standard error over queries as `<key>_stderr`. A dict given
     as `outcomes` receives each metric's per-query values: per caption for `image_retrieval_*`, per image (in image
     order) for `text_retrieval_*`; where images have several captions, also each caption's image as
-    `image_retrieval_*:groups`, so that a bootstrap resamples an image's captions together."""
+    `image_retrieval_*:groups`, so that a bootstrap resamples an image's captions together. `query_images`: the
+    image of each caption of `image_ranks` (default `text_to_image`, for ranks of every caption; sampled queries
+    must give theirs)."""
     owner = np.asarray(text_to_image, dtype=np.int64)
     best_text_rank = np.full(owner.max() + 1 if len(owner) else 0, np.inf)
     np.minimum.at(best_text_rank, owner, text_ranks)
@@ -265,8 +269,11 @@ def metrics_from_ranks(image_ranks: np.ndarray, text_ranks: np.ndarray, text_to_
     per_query[f"text_retrieval_{suffix}"] = _average_precisions(text_ranks, owner)
     if outcomes is not None:
         outcomes.update({key: np.asarray(values, dtype=np.float64) for key, values in per_query.items()})
-        if len(image_ranks) == len(owner) and len(np.unique(owner)) < len(owner):  # captions sharing an image
-            outcomes.update({key + GROUPS_SUFFIX: owner for key in per_query if key.startswith("image_retrieval_")})
+        queries = owner if query_images is None else np.asarray(query_images, dtype=np.int64)
+        if len(queries) != len(image_ranks):
+            raise ValueError(f"query_images names {len(queries)} images for {len(image_ranks)} caption queries")
+        if len(np.unique(queries)) < len(queries):  # captions sharing an image: resampled together
+            outcomes.update({key + GROUPS_SUFFIX: queries for key in per_query if key.startswith("image_retrieval_")})
     results = {}
     for key, values in per_query.items():
         results[key] = float(np.mean(values)) if len(values) else float("nan")
