@@ -190,7 +190,7 @@ def markdown(results: dict, command: str, seconds: float | None = None, reused_d
         took = (f"{int(seconds // 60)} min {int(seconds % 60)} s on 2 CPU cores for the runs these figures come from"
                 + (", after the default run, which the README times; " if reused_default else "; "))
     lines = [BEGIN, "", f"Regenerate: `{command}` ({took}`REUSE_DEFAULT=1` reuses an existing default run). Every "
-             "student is a clip-tiny (277k parameters) trained 300 steps of 128 pairs with the same seed and data as "
+             "student is a clip-tiny (269k parameters) trained 300 steps of 128 pairs with the same seed and data as "
              "the one it is compared with; the teacher is the default run's region-pretrained clip-small towers "
              "(1.7M parameters) with the fused DCLIP block. Evaluation on the 1,000 test scenes; intervals are "
              "paired bootstraps over the test queries.", ""]
