@@ -187,3 +187,37 @@ def test_each_process_streams_its_own_rows_with_their_targets(webdataset_shards,
                                        atol=1e-6)
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
     assert len(seen[0]) + len(seen[1]) == len(expected) and set(seen[0]) | set(seen[1]) == set(expected)
+
+
+def test_hub_data_without_an_id_column_streams_with_its_targets(tmp_path, teacher_dir):
+    """A Hub-layout parquet set with no `image_id` (one image stored twice, under two captions): each image's id
+    comes from its bytes, the same read map-style and streamed, so that streamed rows find the targets computed on
+    the map-style read; the rows of the twice-stored image share one id."""
+    import hashlib
+
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    from dclip.shards import compute_target_shards, write_manifest
+    from dclip.streaming import TargetLookup
+
+    scenes = generate_scenes(SceneConfig(num_train=12, num_validation=1, num_test=1, seed=7), num_proc=1)["train"]
+    images = [scenes[i]["image"] for i in range(12)] + [scenes[3]["image"]]
+    captions = [scenes[i]["caption"] for i in range(12)] + ["the same picture, described again"]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    Dataset.from_dict({"image": images, "caption": captions}).cast_column("image", ImageFeature()).to_parquet(
+        str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    args = dict(dataset_name=str(tmp_path / "hub"), eval_split="train", cache_dir=str(tmp_path / "cache"),
+                max_eval_samples=4)
+    mapped = load_data(DataArguments(**args), seed=0)[0]["train"]
+    streamed = list(load_data(DataArguments(**args, streaming=True), seed=0)[0]["train"])
+    assert [row["image_id"] for row in streamed] == mapped["image_id"] and len(mapped) == 13
+    stored = mapped.cast_column("image", ImageFeature(decode=False))["image"]
+    assert mapped["image_id"][0] == "sha1:" + hashlib.sha1(stored[0]["bytes"]).hexdigest()[:20]
+    assert mapped["image_id"][3] == mapped["image_id"][12] and len(set(mapped["image_id"])) == 12
+    teacher = load_teacher(str(teacher_dir), "clip")
+    compute_target_shards(mapped, teacher, tmp_path / "targets", shard_size=5, process_index=0, num_processes=1)
+    write_manifest(mapped, teacher, tmp_path / "targets", shard_size=5)
+    found = TargetLookup(tmp_path / "targets")({"image_id": [row["image_id"] for row in streamed],
+                                               "caption": [row["caption"] for row in streamed]})
+    assert found["teacher_image_embeds"].shape[0] == 13 and np.isfinite(found["teacher_image_embeds"]).all()

@@ -5,6 +5,7 @@ image, with its captions) expanded into checked (image, caption) rows with the c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -154,6 +155,17 @@ def _normalised_boxes(boxes: Any, size: tuple[int, int], where: str) -> list[lis
     return [[min(max(value / side, 0.0), 1.0) for value, side in zip(box, scale)] for box in boxes]
 
 
+def content_id(image: dict | None, index: int) -> str:
+    """The id of an image from its content, where the data names none: a hash of its stored bytes, else its path,
+    so that every process, split and stream of the data gives a row the same id (a row number would not), and rows of
+    one image share it. A row with no image (refused anyway) keeps its number."""
+    if image and image.get("bytes"):
+        return "sha1:" + hashlib.sha1(image["bytes"]).hexdigest()[:20]
+    if image and image.get("path"):
+        return "path:" + str(image["path"])
+    return f"row:{index}"
+
+
 def _expand_batch(
     batch: dict[str, list], indices: list[int], image_column: str, caption_column: str, image_id_column: str | None,
     source: str, extra_columns: Sequence[str],
@@ -169,7 +181,7 @@ def _expand_batch(
 
     for row, index in enumerate(indices):
         where = batch["_where"][row] if "_where" in batch else f"{source} row {index}"
-        image_id = str(batch[image_id_column][row]) if image_id_column else str(index)
+        image_id = str(batch[image_id_column][row]) if image_id_column else content_id(batch[image_column][row], index)
         image = batch[image_column][row]
         problem = batch["_problem"][row] if "_problem" in batch else None  # set by the source, e.g. a bad tar
         if problem is None:

@@ -33,7 +33,8 @@ def load_hub_dataset(
     folder written by `save_to_disk`; its columns are renamed to the common ones.
 
     `caption_column` defaults to the first of caption, captions, text, sentences, sentence; a column of lists gives
-    one row per caption. `image_id_column` defaults to `image_id` when there is one, else the row index is used.
+    one row per caption. `image_id_column` defaults to `image_id` when there is one, else each image's id comes from
+    its content (`content_id`: a hash of its bytes, else its path), the same in a stream and in every process.
     `boxes` and `spans` columns are kept.
     """
     from datasets import DatasetDict, Image, load_dataset, load_from_disk
