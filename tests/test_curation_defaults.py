@@ -186,7 +186,7 @@ def test_default_curation_of_the_embedded_data_with_injected_redundancy(tmp_path
     assert kinds["exact"]["kept"] == 0 and sum(kinds["exact"].values()) > 50
     assert kinds["near"]["kept"] <= 0.5 * sum(kinds["near"].values())
     assert kinds["none"]["kept"] >= 0.9 * sum(kinds["none"].values())
-    assert report["pixel_duplicate_pairs"] > 0
+    assert report["pixel_duplicate_pairs"] > 0 and report["seconds"]["pixel_duplicates"] > 0
     assert len(np.load(tmp_path / "curated" / "kept_indices.npy")) == report["kept"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -154,11 +155,16 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
                                                       batch_size, engine)
     if dataset is not None and len(embeddings) != len(dataset):
         raise ValueError(f"{source}: {len(embeddings)} embeddings for a data set of {len(dataset)} rows")
+    started = time.perf_counter()
     pixel_pairs = dataset_pixel_pairs(dataset, config)
+    pixel_seconds = round(time.perf_counter() - started, 2)
     if engine is not None:
         result = engine(embeddings_file, config, output_dir, pixel_pairs)
     else:
         result = semantic_balance(embeddings, config, verbose=True, extra_pairs=pixel_pairs)
+    if pixel_pairs is not None:  # the thumbnails and their pairs, before the balance proper
+        result.seconds = {"pixel_duplicates": pixel_seconds, **result.seconds,
+                          "total": round(result.seconds["total"] + pixel_seconds, 2)}
     extra = {"embeddings_from": source, "rows": len(embeddings), "engine": getattr(engine, "name", "local"),
              "pixel_duplicate_pairs": None if pixel_pairs is None else len(pixel_pairs[0])}
     if dataset is not None and "redundancy" in dataset.column_names:  # the embedded data: what was injected
