@@ -12,15 +12,19 @@ from pathlib import Path
 def write_whole(folder: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(partial)` to fill `<folder>.partial` (created empty first), then swap it in for `folder`: the old
     folder, if any, is renamed to `<folder>.previous`, the new one renamed into place, the old one removed. An
-    exception from `write`, or from the swap (the old folder is put back), propagates with `folder` as it was.
+    exception from `write`, or from the swap (the old folder is put back), propagates with `folder` as it was; a
+    swap killed half-way is finished by the next call before it writes (the new folder, else the old, put in place).
     Returns `folder`."""
     folder = Path(folder)
     partial, previous = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".previous")
-    shutil.rmtree(partial, ignore_errors=True)
+    if not folder.exists() and previous.is_dir():  # an earlier swap killed half-way: finish it first
+        # the swap starts once the new folder is written whole, so `.partial` is complete where it is there
+        (partial if partial.is_dir() else previous).rename(folder)
+    _remove(partial)
     partial.mkdir(parents=True)
     write(partial)
     if folder.exists():
-        shutil.rmtree(previous, ignore_errors=True)
+        _remove(previous)
         folder.rename(previous)
     try:
         partial.rename(folder)
@@ -28,5 +32,13 @@ def write_whole(folder: str | Path, write: Callable[[Path], object]) -> Path:
         if previous.exists() and not folder.exists():  # the swap failed half-way: the old folder back in place
             previous.rename(folder)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
+    _remove(previous)
     return folder
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder or a file at `path`, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

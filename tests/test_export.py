@@ -189,3 +189,30 @@ def test_export_refuses_a_student_without_its_processor(tmp_path, tiny_clip):
     with pytest.raises(ValueError, match="processor is missing") as error:
         export_clip_folder(folder, tmp_path / "out")
     assert str(folder) in str(error.value)
+
+
+def test_a_swap_killed_half_way_is_finished_by_the_next_write(tmp_path):
+    """The states a kill can leave between the two renames of `write_whole`: the next call puts the newest complete
+    folder in place before it writes, and a stray `.previous` file does not stop it."""
+    from dclip.folders import write_whole
+
+    def writer(text):
+        return lambda partial: (partial / "weights.txt").write_text(text)
+
+    folder = tmp_path / "final"
+    write_whole(folder, writer("one"))
+    folder.rename(tmp_path / "final.previous")  # killed after moving the old folder aside...
+    (tmp_path / "final.partial").mkdir()  # ...with the new one written whole
+    (tmp_path / "final.partial" / "weights.txt").write_text("two")
+
+    def look(partial):
+        assert (folder / "weights.txt").read_text() == "two"  # the swap was finished before this write
+        (partial / "weights.txt").write_text("three")
+
+    write_whole(folder, look)
+    assert (folder / "weights.txt").read_text() == "three"
+    assert not (tmp_path / "final.previous").exists() and not (tmp_path / "final.partial").exists()
+    folder.rename(tmp_path / "final.previous")  # killed with only the old folder left
+    write_whole(folder, lambda partial: (folder / "weights.txt").read_text() == "three" or 1 / 0)
+    (tmp_path / "final.previous").write_text("a stray file")
+    assert write_whole(folder, writer("four")) == folder and (folder / "weights.txt").read_text() == "four"

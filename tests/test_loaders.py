@@ -507,3 +507,22 @@ def test_webdataset_from_brace_ranges_and_remote_urls(shards):
         assert report.skipped["corrupt_shard"] == 1  # shard-002.tar is not there: 404
     finally:
         server.shutdown()
+
+
+def test_content_ids_follow_the_pixels_and_regions_not_the_storage(tmp_path):
+    """Without an id column: an image stored as a file has the id it has stored inline (no machine path in it), and
+    one image under other boxes is another teacher input, so another id."""
+    from dclip.data.loaders.common import content_id
+
+    data = image_bytes((12, 10), seed=4, format="PNG")
+    (tmp_path / "a.png").write_bytes(data)
+    inline = content_id({"bytes": data, "path": None}, 0)
+    assert content_id({"bytes": None, "path": str(tmp_path / "a.png")}, 1) == inline
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "b.png").write_bytes(data)
+    assert content_id({"bytes": None, "path": str(moved / "b.png")}, 2) == inline
+    boxed = content_id({"bytes": data, "path": None}, 0, [[0.0, 0.0, 0.5, 0.5]])
+    assert boxed != inline and boxed == content_id({"bytes": data, "path": None}, 3, [[0.0, 0.0, 0.5, 0.5]])
+    assert boxed != content_id({"bytes": data, "path": None}, 0, [[0.5, 0.5, 1.0, 1.0]])
+    assert content_id({"bytes": None, "path": str(tmp_path / "gone.png")}, 7) == "row:7"

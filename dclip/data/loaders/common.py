@@ -155,15 +155,23 @@ def _normalised_boxes(boxes: Any, size: tuple[int, int], where: str) -> list[lis
     return [[min(max(value / side, 0.0), 1.0) for value, side in zip(box, scale)] for box in boxes]
 
 
-def content_id(image: dict | None, index: int) -> str:
-    """The id of an image from its content, where the data names none: a hash of its stored bytes, else its path,
-    so that every process, split and stream of the data gives a row the same id (a row number would not), and rows of
-    one image share it. A row with no image (refused anyway) keeps its number."""
+def content_id(image: dict | None, index: int, boxes=None) -> str:
+    """The id of an image from its content, where the data names none: a hash of its stored bytes (of the file's,
+    where only a path is stored) and of the row's `boxes`, so that every process, split, stream and machine gives a
+    row the same id (a row number or a path would not), and rows of one image and its regions share it. A row whose
+    image cannot be read (refused anyway) keeps its number."""
+    digest = hashlib.sha1()
     if image and image.get("bytes"):
-        return "sha1:" + hashlib.sha1(image["bytes"]).hexdigest()[:20]
-    if image and image.get("path"):
-        return "path:" + str(image["path"])
-    return f"row:{index}"
+        digest.update(image["bytes"])
+    elif image and image.get("path") and os.path.isfile(image["path"]):
+        with open(image["path"], "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        return f"row:{index}"
+    if boxes is not None:  # one image under other regions is another input to the teacher
+        digest.update(repr(boxes).encode())
+    return "sha1:" + digest.hexdigest()[:20]
 
 
 def _expand_batch(
@@ -181,7 +189,8 @@ def _expand_batch(
 
     for row, index in enumerate(indices):
         where = batch["_where"][row] if "_where" in batch else f"{source} row {index}"
-        image_id = str(batch[image_id_column][row]) if image_id_column else content_id(batch[image_column][row], index)
+        image_id = str(batch[image_id_column][row]) if image_id_column else content_id(
+            batch[image_column][row], index, batch["boxes"][row] if "boxes" in extra_columns else None)
         image = batch[image_column][row]
         problem = batch["_problem"][row] if "_problem" in batch else None  # set by the source, e.g. a bad tar
         if problem is None:
