@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,7 +187,16 @@ def import_yolo():
     process's environment is restored afterwards), `PIL.Image.open` is put back as it was, and run-time installs stay
     off for the life of the process.
     """
-    first = "ultralytics.utils.patches" not in sys.modules
+    return _import_ultralytics()[0]
+
+
+def ultralytics_yaml():
+    """ultralytics' own YAML reader and writer (`ultralytics.utils.YAML`), imported as [`import_yolo`] imports it."""
+    return _import_ultralytics()[1].YAML
+
+
+def _import_ultralytics():
+    """`(YOLO, ultralytics.utils)`, imported as [`import_yolo`] says."""
     opener = Image.open
     saved = {name: os.environ.get(name) for name in ULTRALYTICS_IMPORT_ENVIRONMENT}
     os.environ.update(ULTRALYTICS_IMPORT_ENVIRONMENT)
@@ -210,15 +217,9 @@ def import_yolo():
             else:
                 os.environ[name] = value
     utils.AUTOINSTALL = checks.AUTOINSTALL = False
-    if Image.open is patches.image_open:  # patched at its import, now or before us: the original back
-        Image.open = opener if first else patches._image_open
-    return YOLO
-
-
-def ultralytics_yaml():
-    """ultralytics' own YAML reader and writer (`ultralytics.utils.YAML`), imported as [`import_yolo`] imports it."""
-    import_yolo()
-    return sys.modules["ultralytics.utils"].YAML
+    if Image.open is patches.image_open:  # patched at its import, now or before us (then `opener` was the patch)
+        Image.open = patches._image_open if opener is patches.image_open else opener
+    return YOLO, utils
 
 
 def detector_config_path(weights: str | os.PathLike) -> Path:
@@ -255,8 +256,9 @@ def save_detector(detector_path: str, folder: str) -> str:
     as `detector.safetensors` and `detector.yaml`: the weights as float tensors, the architecture resolved to one
     scale, the class names and the image size it was trained at. Returns the weights' file name."""
     if str(detector_path).endswith(".safetensors"):  # already in this form: the two files as they are
-        shutil.copyfile(detector_path, os.path.join(folder, DETECTOR_WEIGHTS_NAME))
-        shutil.copyfile(detector_config_path(detector_path), os.path.join(folder, DETECTOR_CONFIG_NAME))
+        for source, name in ((detector_path, DETECTOR_WEIGHTS_NAME),
+                             (detector_config_path(detector_path), DETECTOR_CONFIG_NAME)):
+            Path(folder, name).write_bytes(Path(source).read_bytes())  # a few MB each
         return DETECTOR_WEIGHTS_NAME
     from safetensors.torch import save_file
 

@@ -117,4 +117,3 @@ def embed_captioned(model, processor, captioned, batch_size: int = 256, num_work
     image_embeds = embed_images(model, processor, images, batch_size=batch_size, num_workers=num_workers)
     text_embeds = embed_texts(model, processor, captioned["caption"], batch_size=batch_size)
     return images, image_embeds, text_embeds, text_to_image
-
