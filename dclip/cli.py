@@ -1,5 +1,6 @@
 """What the example CLIs share: logging set up once per process (INFO from dclip on the main process, warnings
-only elsewhere), for the library's loggers and those of transformers and datasets."""
+only elsewhere), for the library's loggers and those of transformers and datasets; exit statuses; and the end of a
+distributed launch (`leave_together`)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,18 @@ def setup_logging(process_index: int = 0, level: int = logging.INFO) -> None:
     logging.getLogger("dclip").setLevel(own_level)
     transformers.utils.logging.set_verbosity(logging.WARNING if process_index == 0 else logging.ERROR)
     datasets.utils.logging.set_verbosity(logging.WARNING if process_index == 0 else logging.ERROR)
+
+
+def leave_together() -> None:
+    """The end of a distributed launch: every process waits for the others, then closes the process group. A process
+    that exits while another still talks to it kills that one, and a group left open to the interpreter's shutdown can
+    abort the process itself (gloo's threads: "terminate called without an active exception"). Nothing in a single
+    process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from accelerate import PartialState
+
+        state = PartialState()
+        state.wait_for_everyone()
+        state.destroy_process_group()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments
-from dclip.cli import setup_logging
+from dclip.cli import leave_together, setup_logging
 from dclip.data.loading import load_data
 
 
@@ -63,6 +63,7 @@ def main() -> None:
                         if state.is_main_process else None)
     if manifest is not None:
         print(f"manifest: {manifest}")
+    leave_together()
 
 
 if __name__ == "__main__":

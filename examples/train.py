@@ -15,11 +15,10 @@ from __future__ import annotations
 import shlex
 import sys
 
-from accelerate import PartialState
 from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments, DCLIPTrainingArguments, DistillationArguments, ModelArguments
-from dclip.cli import PUSH_FAILED, setup_logging
+from dclip.cli import PUSH_FAILED, leave_together, setup_logging
 from dclip.pipeline import run
 from dclip.reporting import format_summary
 
@@ -33,10 +32,7 @@ def main() -> None:
     if training_args.process_index == 0:
         print(format_summary(summary))
         print(f"summary: {training_args.output_dir}/summary.json")
-    # leave together and close the process group: a rank exiting while another still talks to it aborts that one
-    state = PartialState()
-    state.wait_for_everyone()
-    state.destroy_process_group()
+    leave_together()
     if summary.get("push_error"):  # the run itself is complete; only publishing failed
         print(f"error: {summary['push_error']}", file=sys.stderr)
         sys.exit(PUSH_FAILED)

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import CORPUS, IMAGE_SIZE, tiny_clip_config_kwargs  # noqa: E402
 
+from dclip.cli import leave_together  # noqa: E402
 from dclip.data.collator import DCLIPCollator  # noqa: E402
 from dclip.trainer import DCLIPTrainer  # noqa: E402
 from dclip.training import save_final, train_stage  # noqa: E402
@@ -85,9 +86,8 @@ def main(output: str, per_device_batch: int, tokenizer_dir: str, fsdp: bool = Fa
         }
         torch.save({"loss": logged["loss"], "world_size": trainer.accelerator.num_processes, "weights": weights,
                     "initial": initial, "sharded": sharded}, output)
-    # every rank leaves together: a rank exiting while gloo still talks to it aborts the other ("terminate called")
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    leave_together()  # as the example CLIs end: every rank waits for the others, then the group is closed
+    print(f"rank {trainer.accelerator.process_index}: left", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
