@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,17 +15,30 @@ import torch
 SCRIPT = Path(__file__).with_name("distributed_step.py")
 
 
+def _aborted_after_leaving(stderr: str, processes: int) -> bool:
+    """Whether a launch's only fault is gloo's abort at exit: every rank printed that it had left (after
+    `leave_together`, the last line of distributed_step.py) before a process aborted."""
+    aborted = "terminate called without an active exception" in stderr
+    return aborted and all(f"rank {rank}: left" in stderr for rank in range(processes))
+
+
 def _launch(tmp_path: Path, processes: int, per_device_batch: int, tokenizer_dir: Path, fsdp: bool = False) -> dict:
     output = tmp_path / f"{processes}proc{'-fsdp' if fsdp else ''}" / "result.pt"
     output.parent.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONFAULTHANDLER": "1"}  # an abort prints every thread's Python stack: where each rank was
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu" if processes > 1 else "--cpu",
                "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(29500 + processes + 10 * fsdp), str(SCRIPT), str(output), str(per_device_batch),
                str(tokenizer_dir), *(["fsdp"] if fsdp else [])]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if result.returncode != 0 and _aborted_after_leaving(result.stderr, processes) and output.is_file():
+        # FSDP2 on gloo, about 1 launch in 80 here: the work is done and saved, and every rank has closed its group
+        warnings.warn(f"{processes}-process launch: gloo aborted in the interpreter's shutdown, after every rank "
+                      f"had left; its results are complete:\n{result.stderr[-1500:]}", stacklevel=2)
+    else:
+        assert result.returncode == 0, result.stderr[-3000:]
     import torch.distributed.tensor  # noqa: F401 - FSDP2's saved weights are DTensors: loading them needs the class
 
     return torch.load(output)
@@ -105,3 +119,10 @@ def test_every_example_that_starts_a_process_group_leaves_together():
     assert {path.name for path in starting} >= {"train.py", "compute_targets.py"}
     for path in starting:
         assert "leave_together()" in path.read_text(), path.name
+
+
+def test_only_an_abort_after_every_rank_left_counts_as_teardown():
+    left = "rank 0: left\nrank 1: left\n"
+    assert _aborted_after_leaving(left + "terminate called without an active exception\n", 2)
+    assert not _aborted_after_leaving("rank 0: left\nterminate called without an active exception\n", 2)
+    assert not _aborted_after_leaving(left + "Segmentation fault\n", 2)
