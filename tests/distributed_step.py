@@ -48,7 +48,7 @@ def force_fsdp2(trainer) -> None:
 
 
 def main(output: str, per_device_batch: int, tokenizer_dir: str, fsdp: bool = False) -> None:
-    # one tokenizer for every process: BPE training can break ties differently in each
+    # one tokenizer for every process, saved by the test: as a run's processor is
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})

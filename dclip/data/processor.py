@@ -27,10 +27,9 @@ def build_default_processor(data_args: DataArguments, scenes, detector_path: str
 def build_processor(model_args: ModelArguments, data_args: DataArguments, data, detector_path: str | None,
                     folder: Path):
     """
-    The run's processor, saved once in `folder` and read back by every later stage, process and resumed run (a BPE
-    tokenizer trained twice on the same captions can differ in tie-breaks): the student's own (tokenizer, image
-    processor) when it starts from a checkpoint, else the embedded default's. A saved one made for another student
-    or data set is rebuilt.
+    The run's processor, saved once in `folder` and read back by every later stage, process and resumed run (its
+    tokenizer and detector are not trained again): the student's own (tokenizer, image processor) when it starts from
+    a checkpoint, else the embedded default's. A saved one made for another student or data set is rebuilt.
     """
     from processing_dclip import DCLIPProcessor
 
