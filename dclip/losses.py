@@ -24,20 +24,32 @@ def gather_features(features: torch.Tensor, gather_with_grad: bool = True) -> to
     """
     Concatenate `(local_batch, dim)` features from all processes into `(global_batch, dim)`, in rank order.
 
-    With `gather_with_grad`, gradients flow to every process's features (`torch.distributed.nn.all_gather`); without
+    With `gather_with_grad`, gradients flow to every process's features (`_all_gather_with_grad`); without
     it, only this process's own slice carries gradients (open_clip's default, cheaper, same loss value).
     """
     rank, world_size = _world()
     if world_size == 1:
         return features
     if gather_with_grad:
-        from torch.distributed.nn import all_gather as all_gather_with_grad
-
-        return torch.cat(all_gather_with_grad(features), dim=0)
+        return _all_gather_with_grad(features)
     gathered = [torch.zeros_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features)
     gathered[rank] = features
     return torch.cat(gathered, dim=0)
+
+
+def _all_gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """All processes' features, concatenated in rank order, with a backward that sums each process's gradient into
+    its own slice: torch's functional collective (`all_gather_single_autograd`), or on a torch without it, the older
+    `torch.distributed.nn.all_gather` (deprecated where the functional one exists)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    gather = getattr(collectives, "all_gather_single_autograd", None)
+    if gather is None:
+        from torch.distributed.nn import all_gather
+
+        return torch.cat(all_gather(features), dim=0)
+    return gather(features.contiguous(), 0, dist.group.WORLD)
 
 
 class ClipLoss(nn.Module):
