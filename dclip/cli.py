@@ -31,11 +31,12 @@ def leave_together() -> None:
     that exits while another still talks to it kills that one, and a group left open to the interpreter's shutdown can
     abort the process itself (gloo's threads: "terminate called without an active exception"). Nothing in a single
     process."""
+    import torch
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        from accelerate import PartialState
-
-        state = PartialState()
-        state.wait_for_everyone()
-        state.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():  # torch's own calls: whoever started the group
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -51,7 +51,7 @@ def teachers(tmp_path_factory, captions):
     """A 48 px CLIP of width 48 and a 48 px SigLIP of width 40, each with its own 600-token BPE (the student's
     has 1,024) and normalisation, saved with their processors as `save_pretrained` writes them."""
     root = tmp_path_factory.mktemp("teachers")
-    tokenizer = train_clip_tokenizer(captions[1][::-1], vocab_size=600, model_max_length=24)  # in another order
+    tokenizer = train_clip_tokenizer(captions[1], vocab_size=600, model_max_length=24)
     tower = dict(intermediate_size=96, num_hidden_layers=1, num_attention_heads=2)
     clip = CLIPModel(CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=48, max_position_embeddings=24, **tower,

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -181,11 +182,20 @@ def _distributed_worker(rank, world_size, store, queue):
     images, texts = normalized(8, 4, seed=1), normalized(8, 4, seed=2)
     per_rank = 8 // world_size
     results = {}
-    for name, loss_fn in (("global", ClipLoss()), ("local", ClipLoss(local_loss=True))):
+    for name, loss_fn in (("global", ClipLoss()), ("local", ClipLoss(local_loss=True)), ("older torch", ClipLoss())):
         local_images = images[rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_(True)
         local_texts = texts[rank * per_rank : (rank + 1) * per_rank].clone().requires_grad_(True)
-        loss = loss_fn(local_images, local_texts, torch.tensor(math.log(5.0)))
-        loss.backward()
+        from torch.distributed import _functional_collectives as collectives
+
+        gather = collectives.all_gather_single_autograd
+        with warnings.catch_warnings():
+            if name == "older torch":  # a torch without the functional gather: torch.distributed.nn's (deprecated here)
+                collectives.all_gather_single_autograd = None
+            else:
+                warnings.simplefilter("error", FutureWarning)  # no deprecated call where torch has the new one
+            loss = loss_fn(local_images, local_texts, torch.tensor(math.log(5.0)))
+            loss.backward()
+        collectives.all_gather_single_autograd = gather
         results[name] = (loss.item(), local_images.grad.tolist())  # plain lists: no shared memory
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     instance = InstanceDistillLoss()(images[rows], texts[rows], normalized(8, 4, seed=3)[rows],
@@ -230,6 +240,7 @@ def test_two_process_gather_with_gradients(tmp_path):
             torch.tensor(grad), world_size * images.grad[rank * 4 : (rank + 1) * 4], atol=1e-6, rtol=1e-5
         )
         local_losses.append(results[rank]["local"][0])
+        assert results[rank]["older torch"] == results[rank]["global"]  # the same gather, value and gradient
     # local losses (own rows against the global batch) average to the global loss
     assert sum(local_losses) / world_size == pytest.approx(full.item(), rel=1e-5)
     # the instance term scores each rank's student rows against the gathered teacher batch
