@@ -1,10 +1,11 @@
 """What the example CLIs share: logging set up once per process (INFO from dclip on the main process, warnings
 only elsewhere), for the library's loggers and those of transformers and datasets; exit statuses; and the end of a
-distributed launch (`leave_together`)."""
+distributed launch (`leave_together`), or the refusal of one (`require_one_process`)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -40,3 +41,12 @@ def leave_together() -> None:
         else:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def require_one_process(parser, script: str) -> None:
+    """Stop a CLI that runs in one process when it was launched as several (`accelerate launch --num_processes N`,
+    torchrun): each process would repeat the whole job and write the same files. Exits through `parser.error`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:
+        parser.error(f"{script} runs in one process, but was launched as {launched} (WORLD_SIZE={launched}): each "
+                     f"would repeat the whole job and write the same files. Run it as `python {script} ...`")

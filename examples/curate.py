@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments
-from dclip.cli import REFUSED, setup_logging
+from dclip.cli import REFUSED, require_one_process, setup_logging
 from dclip.curation import DEFAULT_MAX_REMOVED_FRACTION, RemovalRefused, SemanticBalanceConfig, curate_dataset
 from dclip.data.loading import load_data
 
@@ -79,6 +79,7 @@ def injected_table(kinds: dict) -> str:
 def main() -> None:
     parser = HfArgumentParser((CurationArguments, DataArguments, SemanticBalanceConfig))
     args, data_args, config = parser.parse_args_into_dataclasses()
+    require_one_process(parser, "examples/curate.py")
     setup_logging()
     dataset = None
     if args.embeddings is None or data_args.dataset_name is not None or args.save_dataset:

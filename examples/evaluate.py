@@ -34,7 +34,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments
-from dclip.cli import PUSH_FAILED, setup_logging
+from dclip.cli import PUSH_FAILED, require_one_process, setup_logging
 from dclip.data.loading import load_data
 from dclip.data.scenes import zero_shot_tasks
 from dclip.evaluation import compare_outcomes, evaluate_checkpoint, format_metrics_table
@@ -91,6 +91,7 @@ class EvaluateArguments:
 def main() -> None:
     parser = HfArgumentParser((EvaluateArguments, DataArguments))
     args, data_args = parser.parse_args_into_dataclasses()
+    require_one_process(parser, "examples/evaluate.py")
     setup_logging()
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")

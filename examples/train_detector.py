@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from dclip.cli import setup_logging
+from dclip.cli import require_one_process, setup_logging
 from dclip.data.scenes import SceneConfig, load_scenes
 from dclip.detector import train_scene_detector
 
@@ -35,7 +35,9 @@ class DetectorArguments:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(DetectorArguments).parse_args_into_dataclasses()
+    parser = HfArgumentParser(DetectorArguments)
+    (args,) = parser.parse_args_into_dataclasses()
+    require_one_process(parser, "examples/train_detector.py")
     setup_logging()
     scenes = load_scenes(SceneConfig(seed=args.seed), cache_dir=args.cache_dir)
     metrics = train_scene_detector(

@@ -65,3 +65,23 @@ def test_a_sharded_config_on_a_machine_without_gpus_is_named(monkeypatch, caplog
         args = DCLIPTrainingArguments(output_dir="unused", report_to=[])
     assert args.use_cpu and len(caplog.records) == 1
     assert f"asks for {name}, but this process sees no GPU" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("script, arguments", [
+    ("evaluate.py", ["--model_name_or_path", "missing"]),
+    ("curate.py", ["--embeddings", "missing.npy"]),
+    ("train_detector.py", []),
+])
+def test_a_one_process_cli_launched_as_several_stops_before_any_work(tmp_path, script, arguments):
+    """`accelerate launch --num_processes 2 examples/evaluate.py` would run the whole evaluation twice, both writing
+    the same files: it stops at once (argparse's exit status 2), naming the script and how to run it."""
+    import os
+
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / script), *arguments,
+                             "--output_dir" if script != "evaluate.py" else "--output_file", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"examples/{script} runs in one process, but was launched as 2" in result.stderr
+    assert f"python examples/{script}" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
