@@ -45,8 +45,10 @@ def leave_together() -> None:
 
 def require_one_process(parser, script: str) -> None:
     """Stop a CLI that runs in one process when it was launched as several (`accelerate launch --num_processes N`,
-    torchrun): each process would repeat the whole job and write the same files. Exits through `parser.error`."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    torchrun; any launcher that sets `WORLD_SIZE`): each process would repeat the whole job and write the same
+    files. Exits with status 2 and one line, as `parser.error` does without the usage."""
+    launched = int(os.environ.get("WORLD_SIZE") or 1)
     if launched > 1:
-        parser.error(f"{script} runs in one process, but was launched as {launched} (WORLD_SIZE={launched}): each "
-                     f"would repeat the whole job and write the same files. Run it as `python {script} ...`")
+        parser.exit(2, f"{parser.prog}: error: {script} runs in one process, but was launched as {launched} "
+                       f"(WORLD_SIZE={launched}): each would repeat the whole job and write the same files. Run it "
+                       f"as `python {script} ...`, or unset WORLD_SIZE where no launcher started this process\n")
