@@ -164,6 +164,8 @@ def naive_affinity_loss(student_images, student_texts, teacher_images, teacher_t
         weights = [math.exp(v - top) for v in row]
         return [w / sum(weights) for w in weights]
 
+    student_images, student_texts, teacher_images, teacher_texts = (  # plain numbers: no graph to convert
+        tensor.detach() for tensor in (student_images, student_texts, teacher_images, teacher_texts))
     n, total = student_images.shape[0], 0.0
     for i in range(n):
         for student_a, student_b, teacher_a, teacher_b in ((student_images, student_texts, teacher_images,

@@ -124,6 +124,8 @@ def test_cluster_margin_loss_rejects_bad_arguments():
 
 def naive_instance_loss(student_images, student_texts, teacher_images, teacher_texts, scale):
     """Cross-modal student->teacher InfoNCE written out sample by sample."""
+    student_images, student_texts, teacher_images, teacher_texts = (  # plain numbers: no graph to convert
+        tensor.detach() for tensor in (student_images, student_texts, teacher_images, teacher_texts))
     n, total = student_images.shape[0], 0.0
     for i in range(n):
         for student, teacher in ((student_images, teacher_texts), (student_texts, teacher_images)):
