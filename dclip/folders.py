@@ -1,9 +1,11 @@
-"""Folders written whole or not at all: what a run publishes (final models, plain-CLIP exports) is written beside its
-place as `<folder>.partial` and swapped in by renames, so that an error or a kill while writing leaves the previous
-complete folder where it was, and a complete folder is at every moment under one of two names."""
+"""Files and folders on disk. Folders written whole or not at all: what a run publishes (final models, plain-CLIP
+exports) is written beside its place as `<folder>.partial` and swapped in by renames, so that an error or a kill while
+writing leaves the previous complete folder where it was, and a complete folder is at every moment under one of two
+names. Files hashed by content (`file_hash`), for checksums and content ids."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -42,3 +44,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def file_hash(path: str | Path, algorithm: str = "sha256"):
+    """A `hashlib` object (`algorithm`) fed with the file's bytes, read 1 MiB at a time (never whole in memory); the
+    caller may feed it more before taking its digest."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .columns import CAPTION, IMAGE, IMAGE_ID, SAMPLE_ID, TEACHER_IMAGE_EMBEDS, TEACHER_TARGETS, TEACHER_TEXT_EMBEDS
+from .folders import file_hash
 
 
 logger = logging.getLogger(__name__)
@@ -159,11 +160,7 @@ def settings_key(settings: dict) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_hash(path).hexdigest()
 
 
 def shard_is_complete(output_dir: Path, number: int, key: str, start: int, stop: int) -> bool:

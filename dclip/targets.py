@@ -27,6 +27,7 @@ from .columns import (
     TEACHER_TEXT_SIDE_INPUTS,
 )
 from .data.collator import teacher_inputs
+from .folders import file_hash
 
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,7 @@ def _place_teacher(teacher: torch.nn.Module, device) -> tuple[torch.nn.Module, t
 def _file_digest(path: str | None) -> str | None:
     if path is None or not os.path.isfile(path):
         return path
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_hash(path).hexdigest()[:16]
 
 
 def _processor_key(processor) -> str:

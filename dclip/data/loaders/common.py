@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ...folders import file_hash
+
 
 if TYPE_CHECKING:
     from datasets import Dataset, IterableDataset
@@ -160,13 +162,10 @@ def content_id(image: dict | None, index: int, boxes=None) -> str:
     where only a path is stored) and of the row's `boxes`, so that every process, split, stream and machine gives a
     row the same id (a row number or a path would not), and rows of one image and its regions share it. A row whose
     image cannot be read (refused anyway) keeps its number."""
-    digest = hashlib.sha1()
     if image and image.get("bytes"):
-        digest.update(image["bytes"])
+        digest = hashlib.sha1(image["bytes"])
     elif image and image.get("path") and os.path.isfile(image["path"]):
-        with open(image["path"], "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest = file_hash(image["path"], "sha1")
     else:
         return f"row:{index}"
     if boxes is not None:  # one image under other regions is another input to the teacher
