@@ -26,7 +26,13 @@ from transformers import HfArgumentParser
 
 from dclip.arguments import DataArguments
 from dclip.cli import REFUSED, require_one_process, setup_logging
-from dclip.curation import DEFAULT_MAX_REMOVED_FRACTION, RemovalRefused, SemanticBalanceConfig, curate_dataset
+from dclip.curation import (
+    DEFAULT_MAX_REMOVED_FRACTION,
+    RemovalRefused,
+    SemanticBalanceConfig,
+    check_max_removed_fraction,
+    curate_dataset,
+)
 from dclip.data.loading import load_data
 
 
@@ -55,9 +61,7 @@ class CurationArguments:
     def __post_init__(self):
         if self.engine not in ("local", "ray"):
             raise ValueError(f"--engine must be local or ray, got {self.engine!r}")
-        if not 0.0 <= self.max_removed_fraction <= 1.0:
-            raise ValueError(f"--max_removed_fraction is a fraction of the rows, in [0, 1], got "
-                             f"{self.max_removed_fraction}")
+        check_max_removed_fraction(self.max_removed_fraction)
 
 
 INJECTED = {"exact": "exact copies", "near": "jittered re-renders", "concept": "popular-concept repeats",

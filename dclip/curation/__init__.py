@@ -25,6 +25,7 @@ from .calibration import EXACT_COPY_DISTANCE, calibrate, nearest_neighbour_dista
 from .curate import (
     DEFAULT_MAX_REMOVED_FRACTION,
     RemovalRefused,
+    check_max_removed_fraction,
     curate_dataset,
     embed_images_with,
     plot_cluster_sizes,
@@ -46,6 +47,7 @@ from .vectors import (
 __all__ = [
     "CAPPED", "DUPLICATE", "EXACT_COPY_DISTANCE", "KEPT", "REASONS", "SEMANTIC", "DEFAULT_MAX_REMOVED_FRACTION",
     "BalanceResult", "RemovalRefused", "SemanticBalanceConfig", "assign_clusters", "balance_cluster", "calibrate",
+    "check_max_removed_fraction",
     "cluster_count", "curate_dataset", "dataset_pixel_pairs", "drop_later_duplicates", "duplicate_pairs",
     "embed_images_with", "find_duplicate_pairs", "find_duplicates", "fit_centers", "greedy_diverse_subset",
     "ivf_index", "kmeans_sample", "nearest_neighbour_distances", "normalize_embeddings", "pixel_duplicate_pairs",

@@ -95,6 +95,12 @@ def embed_images_with(model_name_or_path: str, dataset, batch_size: int = 256) -
     return embed_images(model, processor, dataset, batch_size=batch_size)
 
 
+def check_max_removed_fraction(value: float) -> None:
+    """Raise a `ValueError` unless `value` is a fraction of the rows, in [0, 1] (the CLI checks it before any work)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--max_removed_fraction is a fraction of the rows, in [0, 1], got {value}")
+
+
 def removal_refusal(report: dict, max_removed_fraction: float) -> str | None:
     """Why a balance `report` is refused: it removes more than `max_removed_fraction` of the rows; else None."""
     if report["removed_fraction"] <= max_removed_fraction:
@@ -147,8 +153,7 @@ def curate_dataset(dataset, output_dir: str | Path, config: SemanticBalanceConfi
     cluster), which embeds the images too where it has an `embed(model_name_or_path, dataset, batch_size)`.
     """
     config = config or SemanticBalanceConfig()
-    if not 0.0 <= max_removed_fraction <= 1.0:
-        raise ValueError(f"--max_removed_fraction is a fraction of the rows, in [0, 1], got {max_removed_fraction}")
+    check_max_removed_fraction(max_removed_fraction)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     embeddings, embeddings_file, source = _embeddings(dataset, output_dir, model_name_or_path, embeddings_file,
